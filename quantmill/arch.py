@@ -1,0 +1,98 @@
+"""Architecture knowledge as data: where the decoder blocks and their linear layers are.
+
+Each entry lists the block's linear layers in execution order, grouped by
+the input they share (q/k/v read the same normed hidden states), so a
+statistic such as a Hessian is collected once per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from quantmill.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    blocks: str  # dotted path from the model to the ModuleList of decoder blocks
+    linear_groups: tuple[tuple[str, ...], ...]  # names inside a block, by shared input
+    # GPT-2 stores weights as transformers' Conv1D ([in, out]) rather than nn.Linear.
+    conv1d: bool = False
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.linear_groups for name in group)
+
+
+_LLAMA = ArchSpec(
+    blocks="model.layers",
+    linear_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "opt": ArchSpec(
+        blocks="model.decoder.layers",
+        linear_groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    "gpt2": ArchSpec(
+        blocks="transformer.h",
+        linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        conv1d=True,
+    ),
+    "gpt_neox": ArchSpec(
+        blocks="gpt_neox.layers",
+        linear_groups=(
+            ("attention.query_key_value",),
+            ("attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+    ),
+}
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    """The entry for ``model.config.model_type``; an error lists the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]  # type: ignore[index]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported; supported model_type values: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchSpec entry to "
+            "quantmill/arch.py to support it."
+        ) from None
+
+
+def decoder_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    blocks = model.get_submodule(spec.blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise UnsupportedArchitectureError(f"{spec.blocks} is not a ModuleList of decoder blocks")
+    return blocks
+
+
+def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """The block's linear layers by their name inside the block, in execution order."""
+    try:
+        return {name: block.get_submodule(name) for name in spec.linears}
+    except AttributeError as exc:
+        raise UnsupportedArchitectureError(
+            f"decoder block {type(block).__name__} does not have the layers the architecture "
+            f"table lists ({exc}); the model does not match its model_type entry"
+        ) from None

@@ -1,0 +1,113 @@
+"""Validated configs: quantization schemes, method steps, calibration, evaluation.
+
+Every config is a pydantic model with ``extra="forbid"`` so a misspelt field is
+an error, and each round-trips through ``model_dump()`` / ``model_validate()``.
+That dict is what the CLI reads, what the pipeline passes as a parameter and
+what is saved beside a checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantScheme(StrictModel):
+    """How weights are mapped to integers: ``w ≈ (q - zero) * scale``."""
+
+    bits: int = Field(4, ge=2, le=8, description="integer width of each weight")
+    # None (or -1 in a file) means one scale per output channel (per-channel).
+    group_size: int | None = Field(
+        64, description="input columns sharing one scale; null or -1 for per-channel"
+    )
+    symmetric: bool = Field(True, description="zero point fixed at 0 when true")
+    # "mse" searches a shrink factor per group that minimises the rounding error;
+    # it matters most at 3 bits and below, where min-max wastes grid points on outliers.
+    observer: Literal["minmax", "mse"] = "minmax"
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _group_size(cls, value: object) -> object:
+        if value == -1:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value < 8:
+            raise ValueError("must be null or -1 (per-channel) or an integer >= 8")
+        return value
+
+    @property
+    def q_min(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def q_max(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def label(self) -> str:
+        group = "pc" if self.group_size is None else f"g{self.group_size}"
+        return f"w{self.bits}{group}{'s' if self.symmetric else 'a'}"
+
+
+class MethodConfig(StrictModel):
+    """Fields every method step shares: what it quantizes and how."""
+
+    method: str
+    weights: QuantScheme = Field(default_factory=QuantScheme)
+    # Patterns over module names: "re:<regex>" or a shell-style glob ("*.q_proj").
+    targets: list[str] = Field(default_factory=lambda: ["*"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return value
+
+    def selects(self, name: str) -> bool:
+        """True when module ``name`` is targeted and not ignored."""
+        return _matches_any(name, self.targets) and not _matches_any(name, self.ignore)
+
+
+def _matches_any(name: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern) or name.split(".")[-1] == pattern:
+            return True
+    return False
+
+
+class CalibrationSpec(StrictModel):
+    """Which text calibrates the model, and how much of it."""
+
+    # A datasets name on the Hub ("wikitext") or a path to a local text file.
+    dataset: str = "wikitext"
+    dataset_config: str | None = "wikitext-2-raw-v1"
+    split: str = "train"
+    num_samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int = Field(512, ge=8, le=32_768)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="samples per forward pass")
+
+
+class EvalSpec(StrictModel):
+    """Perplexity protocol of the GPTQ paper: non-overlapping windows of the test text."""
+
+    dataset: str = "wikitext"
+    dataset_config: str | None = "wikitext-2-raw-v1"
+    split: str = "test"
+    seq_len: int = Field(2048, ge=8, le=32_768)
+    # None evaluates every window; a cap keeps evaluation inside a CPU budget.
+    max_windows: int | None = Field(8, ge=1)

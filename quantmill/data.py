@@ -1,0 +1,80 @@
+"""Calibration samples and evaluation text, from ``datasets`` or a local file.
+
+A spec's ``dataset`` is either a path to a local text file or a dataset name
+on the Hub (loaded through ``datasets``, e.g. ``wikitext`` /
+``wikitext-2-raw-v1``). Rows are joined with "\\n\\n" as in the GPTQ paper.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from quantmill.config import CalibrationSpec, EvalSpec
+from quantmill.errors import CalibrationDataError
+
+log = logging.getLogger(__name__)
+
+
+def load_rows(dataset: str, config: str | None, split: str) -> list[str]:
+    """The text rows of a local file (its lines) or of a ``datasets`` split."""
+    path = Path(dataset).expanduser()
+    if path.exists() or dataset.startswith((".", "/", "~")) or path.suffix in {".txt", ".raw"}:
+        if not path.is_file():
+            raise CalibrationDataError(f"data file {path} does not exist")
+        # Keep line ends: the Hub's wikitext rows are the raw file's lines with their "\n".
+        return path.read_text(encoding="utf-8").splitlines(keepends=True)
+    try:
+        import datasets
+
+        data = datasets.load_dataset(dataset, config, split=split)
+    except Exception as exc:  # datasets raises many types for offline/missing data
+        raise CalibrationDataError(
+            f"could not load dataset {dataset!r} (config {config!r}, split {split!r}) through "
+            f"datasets: {exc}. Pass a local text file as the dataset instead."
+        ) from exc
+    column = "text" if "text" in data.column_names else data.column_names[0]
+    return list(data[column])
+
+
+def join_rows(rows: list[str]) -> str:
+    return "\n\n".join(rows)
+
+
+def calibration_ids(tokenizer, spec: CalibrationSpec) -> Tensor:
+    """``[num_samples, seq_len]`` token ids: random windows of the joined text (GPTQ protocol)."""
+    text = join_rows(load_rows(spec.dataset, spec.dataset_config, spec.split))
+    ids = _tokenize(tokenizer, text)
+    if ids.numel() <= spec.seq_len:
+        raise CalibrationDataError(
+            f"calibration data {spec.dataset!r} has {ids.numel()} tokens; "
+            f"calibration.seq_len = {spec.seq_len} needs more. Use more text or a shorter seq_len."
+        )
+    generator = torch.Generator().manual_seed(spec.seed)
+    starts = torch.randint(0, ids.numel() - spec.seq_len, (spec.num_samples,), generator=generator)
+    return torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
+
+
+def eval_ids(tokenizer, spec: EvalSpec) -> Tensor:
+    """``[windows, seq_len]``: non-overlapping windows of the joined test text, capped."""
+    text = join_rows(load_rows(spec.dataset, spec.dataset_config, spec.split))
+    ids = _tokenize(tokenizer, text)
+    windows = ids.numel() // spec.seq_len
+    if windows == 0:
+        raise CalibrationDataError(
+            f"evaluation data {spec.dataset!r} has {ids.numel()} tokens, fewer than one "
+            f"window of evaluation.seq_len = {spec.seq_len}"
+        )
+    if spec.max_windows is not None:
+        windows = min(windows, spec.max_windows)
+    return ids[: windows * spec.seq_len].view(windows, spec.seq_len)
+
+
+def _tokenize(tokenizer, text: str) -> Tensor:
+    if not text.strip():
+        raise CalibrationDataError("the data holds no text (empty file or split)")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids.to(torch.long)

@@ -1,0 +1,144 @@
+"""The sequential calibration driver shared by every method.
+
+Capture the inputs of the first decoder block once; then, block by block,
+let each method observe the block (hooks, always removed), quantize its
+layers, and re-run the block so the next one sees quantized outputs
+(the scheme of IST-DASLab's ``opt_sequential``). Only one block's
+statistics and one set of hidden states live at a time, beside the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantmill.arch import ArchSpec, arch_for, block_linears, decoder_blocks
+from quantmill.config import MethodConfig
+from quantmill.errors import CalibrationDataError
+from quantmill.methods.base import LayerQuant, LayerReport, Method, StopForward, hooks_removed
+from quantmill.registry import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering the current block, per batch, with the other call arguments."""
+
+    hidden: list[Tensor]  # each [batch, seq, hidden]
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class QuantizeOutcome:
+    layers: dict[str, LayerQuant]  # full module name → the grid its weights lie on
+    reports: list[LayerReport]
+    seconds: float
+
+
+def quantize_model(
+    model: nn.Module,
+    steps: list[MethodConfig],
+    calib_ids: Tensor | None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizeOutcome:
+    """Apply ``steps`` in order to every decoder block of ``model`` in place.
+
+    ``calib_ids`` is ``[num_samples, seq_len]`` token ids; it may be ``None``
+    only when no step needs calibration.
+    """
+    start = time.perf_counter()
+    spec = arch_for(model)
+    blocks = decoder_blocks(model, spec)
+    methods = [get_method(step.method).impl(step, spec.conv1d) for step in steps]
+    calibrated = any(m.needs_calibration for m in methods)
+    inputs = None
+    if calibrated:
+        if calib_ids is None or calib_ids.numel() == 0:
+            raise CalibrationDataError(
+                "the recipe's methods need calibration data but none was given "
+                "(calibration.num_samples samples of calibration.seq_len tokens)"
+            )
+        inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size)
+    layers: dict[str, LayerQuant] = {}
+    reports: list[LayerReport] = []
+    label = "+".join(step.method for step in steps)
+    for index, block in enumerate(tqdm(blocks, desc=f"{label} blocks", disable=not progress)):
+        prefix = f"{spec.blocks}.{index}."
+        for method in methods:
+            _quantize_block(method, block, spec, prefix, inputs, layers, reports)
+        if inputs is not None and index + 1 < len(blocks):
+            run_block(block, inputs, keep_outputs=True)
+    return QuantizeOutcome(layers, reports, time.perf_counter() - start)
+
+
+def _quantize_block(
+    method: Method,
+    block: nn.Module,
+    spec: ArchSpec,
+    prefix: str,
+    inputs: BlockInputs | None,
+    layers: dict[str, LayerQuant],
+    reports: list[LayerReport],
+) -> None:
+    selected = {
+        name: module
+        for name, module in block_linears(block, spec).items()
+        if method.config.selects(prefix + name)
+    }
+    if not selected:
+        return
+    if method.needs_calibration and inputs is not None:
+        groups = [[(n, selected[n]) for n in group if n in selected] for group in spec.linear_groups]
+        with method.observe([g for g in groups if g], stop_after_last=True):
+            run_block(block, inputs, keep_outputs=False)
+    for name, module in selected.items():
+        quant, report = method.quantize_layer(prefix + name, module)
+        layers[prefix + name] = quant
+        reports.append(report)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, ids: Tensor, batch_size: int
+) -> BlockInputs:
+    """Run the model up to its first block and keep what the block is called with."""
+    inputs = BlockInputs(hidden=[])
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        inputs.hidden.append(hidden)
+        inputs.args.append(rest)
+        inputs.kwargs.append(kwargs)
+        raise StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    with hooks_removed([handle]):
+        for batch in ids.split(batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except StopForward:
+                pass
+    return inputs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool) -> None:
+    """Run every batch through ``block``; with ``keep_outputs`` replace inputs by outputs."""
+    for b, hidden in enumerate(inputs.hidden):
+        try:
+            out = block(hidden, *inputs.args[b], **inputs.kwargs[b])
+        except StopForward:
+            continue
+        if keep_outputs:
+            inputs.hidden[b] = out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,31 @@
+"""Errors a user can act on: each message names the input at fault and the fix."""
+
+from __future__ import annotations
+
+
+class QuantmillError(Exception):
+    """Base class for every error quantmill raises on purpose."""
+
+
+class ConfigError(QuantmillError, ValueError):
+    """A recipe or config value is invalid (raised before any work starts)."""
+
+
+class ModelSourceError(QuantmillError):
+    """A model id, path or preset cannot be resolved or loaded."""
+
+
+class UnsupportedArchitectureError(QuantmillError):
+    """The model's architecture has no entry in the architecture table."""
+
+
+class CalibrationDataError(QuantmillError):
+    """Calibration or evaluation data is missing, empty or too short."""
+
+
+class CheckpointError(QuantmillError):
+    """A checkpoint on disk is corrupted, incomplete or holds invalid values."""
+
+
+class ExportError(QuantmillError):
+    """A quantized model cannot be written in the requested format."""

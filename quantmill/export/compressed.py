@@ -1,0 +1,120 @@
+"""Write a quantized model as a compressed-tensors checkpoint that transformers loads.
+
+Module rewiring stays out of here: this module turns the grids found by the
+methods (``LayerQuant``) into compressed-tensors schemes and per-module
+compressed state dicts, using the compressed-tensors compressors:
+``pack-quantized`` (sub-8-bit integers packed into int32, asymmetric zero
+points packed too) and ``int-quantized`` for 8 bits (int8 weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+)
+from torch import nn
+
+from quantmill.config import QuantScheme
+from quantmill.quant.grid import SCALE_DTYPE
+from quantmill.errors import ExportError
+from quantmill.methods.base import LayerQuant
+
+
+def compression_format(scheme: QuantScheme) -> CompressionFormat:
+    # 8-bit weights gain nothing from int32 packing: store them as int8.
+    return CompressionFormat.int_quantized if scheme.bits == 8 else CompressionFormat.pack_quantized
+
+
+def quantization_args(scheme: QuantScheme, in_features: int) -> QuantizationArgs:
+    """The compressed-tensors description of ``scheme`` for a layer of ``in_features``."""
+    common: dict[str, Any] = {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "observer": scheme.observer if scheme.observer == "mse" else "minmax",
+    }
+    group = scheme.group_size
+    if scheme.symmetric and group is None:
+        return QuantizationArgs(strategy="channel", **common)
+    if scheme.symmetric and in_features % group == 0:
+        return QuantizationArgs(strategy="group", group_size=group, **common)
+    # "block" with one-row blocks is the same grid as "group", and compressed-tensors
+    # handles it in two cases where "group"/"channel" fail:
+    # - a partial last group: "group" requires exact division, "block" pads;
+    # - asymmetric: "group"/"channel" pack zero points into int32, but the empty model
+    #   that transformers builds before loading expects them unpacked (compressed-tensors
+    #   0.20 skips the packing on the meta device), so such checkpoints do not load.
+    #   "block" stores zero points as int8 on both paths.
+    return QuantizationArgs(strategy="block", block_structure=[1, group or in_features], **common)
+
+
+def build_schemes(
+    layers: dict[str, LayerQuant], in_features: dict[str, int]
+) -> dict[str, QuantizationScheme]:
+    """One compressed-tensors scheme per distinct (args, format), targeting exact module names."""
+    by_key: dict[str, tuple[QuantizationArgs, CompressionFormat, list[str]]] = {}
+    for name, quant in layers.items():
+        args = quantization_args(quant.scheme, in_features[name])
+        fmt = compression_format(quant.scheme)
+        key = args.model_dump_json() + fmt.value
+        by_key.setdefault(key, (args, fmt, []))[2].append(name)
+    return {
+        f"group_{i}": QuantizationScheme(targets=names, weights=args, format=fmt.value)
+        for i, (args, fmt, names) in enumerate(by_key.values())
+    }
+
+
+def quantization_config(schemes: dict[str, QuantizationScheme]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json``."""
+    formats = {scheme.format for scheme in schemes.values()}
+    fmt = formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value
+    config = QuantizationConfig(
+        config_groups=schemes,
+        format=fmt,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=[],
+    )
+    return config.model_dump(exclude_none=True)
+
+
+def compressed_state_dict(
+    model: nn.Module, layers: dict[str, LayerQuant], schemes: dict[str, QuantizationScheme]
+) -> dict[str, torch.Tensor]:
+    """The model's state dict with every quantized layer's weight compressed."""
+    scheme_of = {name: s for s in schemes.values() for name in s.targets}
+    state: dict[str, torch.Tensor] = {}
+    compressed_prefixes = set()
+    for name, module in model.named_modules():
+        if name not in layers:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ExportError(
+                f"{name} is a {type(module).__name__}, not nn.Linear; compressed-tensors stores "
+                "only nn.Linear weights. Export this architecture with --format fake."
+            )
+        quant = layers[name]
+        scheme = scheme_of[name]
+        local = {
+            "weight": module.weight.data.float(),
+            "weight_scale": quant.scale.to(SCALE_DTYPE).contiguous(),
+        }
+        if quant.zero is not None:
+            local["weight_zero_point"] = quant.zero.to(torch.int8).contiguous()
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        for key, tensor in compressor.compress(local, scheme).items():
+            state[f"{name}.{key}"] = tensor.contiguous()
+        compressed_prefixes.add(name + ".")
+    for key, tensor in model.state_dict().items():
+        prefix = key.rsplit(".", 1)[0] + "."
+        if prefix in compressed_prefixes and key.endswith(".weight"):
+            continue
+        state.setdefault(key, tensor)
+    return state

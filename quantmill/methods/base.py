@@ -1,0 +1,87 @@
+"""What every method provides to the sequential driver, per decoder block.
+
+The driver calls, for each block: ``observe`` (hooks are registered for the
+duration of a ``with`` block while the driver runs calibration inputs through
+it; hooks are always removed), then ``quantize_layer`` for each selected
+layer. Methods never walk the model themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from quantmill.config import MethodConfig, QuantScheme
+
+
+class StopForward(Exception):
+    """Raised by a hook once every statistic it needs for this batch is collected."""
+
+
+@dataclass
+class LayerQuant:
+    """The grid a layer's weights now lie on: ``w = (q - zero) * scale``."""
+
+    scheme: QuantScheme
+    scale: Tensor  # [out, n_groups]
+    zero: Tensor | None
+
+
+@dataclass
+class LayerReport:
+    name: str
+    method: str
+    loss: float  # the method's own error measure for this layer
+    seconds: float
+    extra: dict[str, float | str] = field(default_factory=dict)
+
+
+def get_weight(layer: nn.Module, conv1d: bool) -> Tensor:
+    """The layer's weight as ``[out, in]`` (Conv1D stores ``[in, out]``)."""
+    weight = layer.weight.data
+    return weight.t() if conv1d else weight
+
+
+def set_weight(layer: nn.Module, W: Tensor, conv1d: bool) -> None:
+    """Write ``W`` ``[out, in]`` into the layer in place (keeping its dtype)."""
+    layer.weight.data.copy_(W.t() if conv1d else W)
+
+
+class Method:
+    """Base class; subclasses register with ``@register_method``."""
+
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:
+        self.config = config
+        self.conv1d = conv1d
+
+    @contextmanager
+    def observe(
+        self, groups: list[list[tuple[str, nn.Module]]], stop_after_last: bool
+    ) -> Iterator[None]:
+        """Collect statistics from the selected layers of one block, grouped by shared input."""
+        yield
+
+    def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _timed_report(name: str, method: str, loss: float, start: float, **extra) -> LayerReport:
+        return LayerReport(name, method, loss, time.perf_counter() - start, dict(extra))
+
+
+@contextmanager
+def hooks_removed(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Remove every hook handle on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

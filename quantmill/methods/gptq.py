@@ -1,0 +1,102 @@
+"""GPTQ as a pipeline method: Hessians from hooks, math in ``quant/gptq.py``.
+
+Paper: Frantar et al., "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", ICLR 2023.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from quantmill.config import MethodConfig
+from quantmill.methods.base import (
+    LayerQuant,
+    LayerReport,
+    Method,
+    StopForward,
+    get_weight,
+    hooks_removed,
+    set_weight,
+)
+from quantmill.quant.gptq import (
+    HessianAccumulator,
+    HessianNotPositiveDefinite,
+    gptq_quantize_weight,
+)
+from quantmill.quant.grid import compute_qparams, fake_quantize
+from quantmill.registry import register_method
+
+log = logging.getLogger(__name__)
+
+
+class GPTQConfig(MethodConfig):
+    method: Literal["gptq"] = "gptq"
+    block_size: int = Field(128, ge=1, le=8192, description="columns per lazy batch update")
+    dampening: float = Field(0.01, gt=0, le=1, description="λ as a fraction of mean(diag H)")
+    # Quantize columns in order of decreasing Hessian diagonal (the paper's "act-order").
+    actorder: bool = True
+    # Group parameters from the original weights rather than the error-updated ones.
+    static_groups: bool = False
+
+
+@register_method("gptq", config=GPTQConfig)
+class GPTQ(Method):
+    needs_calibration = True
+    config: GPTQConfig
+
+    def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:
+        super().__init__(config, conv1d)
+        self._hessians: dict[str, HessianAccumulator] = {}
+
+    @contextmanager
+    def observe(
+        self, groups: list[list[tuple[str, nn.Module]]], stop_after_last: bool
+    ) -> Iterator[None]:
+        self._hessians = {}
+        handles = []
+        for index, group in enumerate(groups):
+            first = group[0][1]
+            acc = HessianAccumulator(get_weight(first, self.conv1d).shape[1])
+            for name, _ in group:  # layers sharing an input share one Hessian
+                self._hessians[name] = acc
+            stop = stop_after_last and index == len(groups) - 1
+            handles.append(first.register_forward_pre_hook(_accumulate(acc, stop)))
+        with hooks_removed(handles):
+            yield
+
+    def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
+        start = time.perf_counter()
+        cfg = self.config
+        W = get_weight(layer, self.conv1d).float()
+        H = self._hessians.pop(name).hessian()
+        try:
+            result = gptq_quantize_weight(
+                W, H, cfg.weights, cfg.block_size, cfg.dampening, cfg.actorder, cfg.static_groups
+            )
+        except HessianNotPositiveDefinite as exc:
+            # Fall back to round-to-nearest for this layer and say so in its report.
+            log.warning("%s: %s; falling back to RTN for this layer", name, exc)
+            scale, zero = compute_qparams(W, cfg.weights)
+            Q = fake_quantize(W, scale, zero, cfg.weights)
+            set_weight(layer, Q, self.conv1d)
+            report = self._timed_report(name, "gptq", float("nan"), start, fallback="rtn")
+            return LayerQuant(cfg.weights, scale, zero), report
+        set_weight(layer, result.weight, self.conv1d)
+        report = self._timed_report(name, "gptq", result.loss, start, dampening=result.dampening)
+        return LayerQuant(cfg.weights, result.scale, result.zero), report
+
+
+def _accumulate(acc: HessianAccumulator, stop: bool):
+    def hook(module: nn.Module, args: tuple) -> None:
+        acc.add(args[0])
+        if stop:  # nothing after this layer is needed for statistics
+            raise StopForward
+
+    return hook

@@ -1,0 +1,63 @@
+"""Load a resolved model and its tokenizer, refusing checkpoints that cannot be trusted."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from quantmill.errors import CheckpointError, ModelSourceError
+from quantmill.sources import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+
+def load_model(
+    resolved: ResolvedModel,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, object]:
+    """The model (eval mode, float32 by default) and its tokenizer.
+
+    Remote code is never run unless ``trust_remote_code`` is passed explicitly.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelSourceError(
+                f"model {resolved.source!r} needs its own code to load; quantmill does not run "
+                "remote code unless you pass --trust-remote-code"
+            ) from exc
+        raise CheckpointError(f"model {resolved.source!r} could not be loaded: {exc}") from exc
+    except Exception as exc:  # safetensors, OSError, JSON errors: all mean a bad checkpoint
+        raise CheckpointError(
+            f"model {resolved.source!r} at {resolved.path} could not be loaded "
+            f"({type(exc).__name__}: {exc}); the files may be corrupted or incomplete — "
+            "re-download or re-convert them"
+        ) from exc
+    if resolved.gguf_file:
+        # transformers dequantizes GGUF on load; the marker would mislead later saves.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+    check_finite(model, resolved.source)
+    model.eval()
+    return model, tokenizer
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Raise ``CheckpointError`` naming the first parameter holding NaN or inf."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise CheckpointError(
+                f"model {source!r}: parameter {name} holds NaN or inf values; "
+                "the checkpoint is corrupted and cannot be quantized"
+            )

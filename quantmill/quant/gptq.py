@@ -1,0 +1,164 @@
+"""GPTQ: Frantar et al., "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (ICLR 2023), Algorithm 1.
+
+Columns are quantized one at a time in (optionally) activation order; the
+error of each is spread over the columns not yet quantized through the
+upper Cholesky factor of ``H^-1``, with lazy block updates of ``block_size``
+columns. Notation follows the paper: ``W`` ``[rows, cols]``, ``H = 2 X Xᵀ / n``
+``[cols, cols]``, ``Hinv`` the upper Cholesky factor of ``(H + λI)^-1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantmill.config import QuantScheme
+from quantmill.quant.grid import compute_qparams, fake_quantize_column, group_count
+
+log = logging.getLogger(__name__)
+
+# Each retry multiplies the dampening by this factor before giving up.
+DAMP_GROWTH = 10.0
+DAMP_TRIES = 4
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    """``H + λI`` stayed singular after every dampening retry."""
+
+
+@dataclass
+class GPTQResult:
+    weight: Tensor  # dequantized weights [rows, cols], float32
+    scale: Tensor  # [rows, n_groups]
+    zero: Tensor | None  # [rows, n_groups], None when symmetric
+    loss: float  # Σ (w - q)² / [H^-1]_ii² / 2, the paper's reconstruction proxy
+    dampening: float  # the fraction of mean(diag H) actually added
+
+
+class HessianAccumulator:
+    """Running ``X Xᵀ`` over calibration inputs ``x`` ``[..., cols]``."""
+
+    def __init__(self, cols: int) -> None:
+        self.H = torch.zeros(cols, cols, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.H.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> Tensor:
+        if self.count == 0:
+            raise ValueError("no calibration inputs reached this layer")
+        return self.H * (2.0 / self.count)
+
+
+def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)^-1`` and the λ used.
+
+    When ``H + λI`` is not positive definite, λ grows tenfold up to
+    ``DAMP_TRIES`` times before ``HessianNotPositiveDefinite`` is raised.
+    """
+    mean_diag = torch.diag(H).mean()
+    damp = dampening
+    for _ in range(DAMP_TRIES):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, damp
+        log.warning("Hessian not positive definite with dampening %.3g; retrying", damp)
+        damp *= DAMP_GROWTH
+    raise HessianNotPositiveDefinite(
+        f"H + λI is not positive definite even with λ = {damp / DAMP_GROWTH:.3g}·mean(diag H)"
+    )
+
+
+def gptq_quantize_weight(
+    W: Tensor,
+    H: Tensor,
+    scheme: QuantScheme,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    actorder: bool = True,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """Quantize ``W`` ``[rows, cols]`` given the layer-input Hessian ``H`` ``[cols, cols]``.
+
+    Groups are always contiguous runs of ``group_size`` input columns in the
+    original order (what compressed-tensors stores; the last may be partial).
+    With ``static_groups`` their parameters come from the original weights;
+    otherwise from the error-updated weights when the group's first column
+    is reached, which in activation order may be any of its columns.
+    """
+    if not torch.isfinite(H).all():
+        raise ValueError("the Hessian holds NaN or inf: calibration activations are not finite")
+    rows, cols = W.shape
+    H = H.detach().float().clone()
+    Wt = W.detach().float().t().contiguous()  # [cols, rows]: a column of W is a row here
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Wt[dead, :] = 0
+
+    n_groups = group_count(cols, scheme.group_size)
+    scale = torch.empty(rows, n_groups)
+    zero = None if scheme.symmetric else torch.empty(rows, n_groups)
+    ready = [False] * n_groups
+    if static_groups or scheme.group_size is None:
+        s, z = compute_qparams(Wt.t(), scheme)
+        scale.copy_(s)
+        if zero is not None and z is not None:
+            zero.copy_(z)
+        ready = [True] * n_groups
+
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols)
+    Wt, H = Wt[perm], H[perm][:, perm]
+    group_at = (perm // (scheme.group_size or cols)).tolist()  # group of each permuted column
+    members: dict[int, list[int]] = {}
+    for position, group in enumerate(group_at):
+        members.setdefault(group, []).append(position)
+
+    Hinv, damp = inverse_cholesky(H, dampening)
+    del H
+    Qt = torch.empty_like(Wt)
+    losses = torch.zeros(rows)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = Wt[i1:i2]  # a view: updates land in Wt, so later groups see them
+        Err1 = torch.empty(i2 - i1, rows)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = group_at[i1 + i]
+            if not ready[g]:
+                _set_group_params(Wt[members[g]].t(), scheme, scale, zero, g)
+                ready[g] = True
+            w = W1[i]
+            d = Hinv1[i, i]
+            q = fake_quantize_column(w, scale[:, g], None if zero is None else zero[:, g], scheme)
+            Qt[i1 + i] = q
+            err = (w - q) / d
+            losses.add_(err.square() / 2)
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+
+    invperm = torch.argsort(perm)
+    weight = Qt[invperm].t().contiguous()
+    return GPTQResult(weight, scale, zero, float(losses.sum()), damp)
+
+
+def _set_group_params(
+    Wg: Tensor, scheme: QuantScheme, scale: Tensor, zero: Tensor | None, g: int
+) -> None:
+    """Parameters of one group from its current columns ``Wg`` ``[rows, ≤group_size]``."""
+    per_group = scheme.model_copy(update={"group_size": None})
+    s, z = compute_qparams(Wg, per_group)
+    scale[:, g] = s[:, 0]
+    if zero is not None and z is not None:
+        zero[:, g] = z[:, 0]

