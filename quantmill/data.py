@@ -18,6 +18,8 @@ from quantmill.errors import CalibrationDataError
 
 log = logging.getLogger(__name__)
 
+JOIN = "\n\n"  # rows are joined this way in the GPTQ paper's protocol
+
 
 def load_rows(dataset: str, config: str | None, split: str) -> list[str]:
     """The text rows of a local file (its lines) or of a ``datasets`` split."""
@@ -40,14 +42,9 @@ def load_rows(dataset: str, config: str | None, split: str) -> list[str]:
     return list(data[column])
 
 
-def join_rows(rows: list[str]) -> str:
-    return "\n\n".join(rows)
-
-
 def calibration_ids(tokenizer, spec: CalibrationSpec) -> Tensor:
     """``[num_samples, seq_len]`` token ids: random windows of the joined text (GPTQ protocol)."""
-    text = join_rows(load_rows(spec.dataset, spec.dataset_config, spec.split))
-    ids = _tokenize(tokenizer, text)
+    ids = tokenize_rows(tokenizer, load_rows(spec.dataset, spec.dataset_config, spec.split))
     if ids.numel() <= spec.seq_len:
         raise CalibrationDataError(
             f"calibration data {spec.dataset!r} has {ids.numel()} tokens; "
@@ -60,8 +57,9 @@ def calibration_ids(tokenizer, spec: CalibrationSpec) -> Tensor:
 
 def eval_ids(tokenizer, spec: EvalSpec) -> Tensor:
     """``[windows, seq_len]``: non-overlapping windows of the joined test text, capped."""
-    text = join_rows(load_rows(spec.dataset, spec.dataset_config, spec.split))
-    ids = _tokenize(tokenizer, text)
+    rows = load_rows(spec.dataset, spec.dataset_config, spec.split)
+    # Whole-text tokenization here, so windows match the published protocol exactly.
+    ids = tokenize_rows(tokenizer, rows, chunk_chars=None)
     windows = ids.numel() // spec.seq_len
     if windows == 0:
         raise CalibrationDataError(
@@ -73,8 +71,29 @@ def eval_ids(tokenizer, spec: EvalSpec) -> Tensor:
     return ids[: windows * spec.seq_len].view(windows, spec.seq_len)
 
 
-def _tokenize(tokenizer, text: str) -> Tensor:
-    if not text.strip():
+def tokenize_rows(tokenizer, rows: list[str], chunk_chars: int | None = 1 << 16) -> Tensor:
+    """Token ids of ``"\n\n".join(rows)``, tokenized in pieces of about ``chunk_chars``.
+
+    Pieces end on row boundaries and are joined by the separator's own tokens,
+    so the result matches tokenizing the whole text except where a token
+    would span a piece boundary; it keeps the tokenizer's memory small.
+    ``chunk_chars=None`` tokenizes the whole text at once.
+    """
+    if not any(row.strip() for row in rows):
         raise CalibrationDataError("the data holds no text (empty file or split)")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids.to(torch.long)
+    separator = _encode(tokenizer, JOIN)
+    pieces: list[Tensor] = []
+    start, size = 0, 0
+    for end, row in enumerate(rows, start=1):
+        size += len(row) + len(JOIN)
+        if (chunk_chars is not None and size >= chunk_chars) or end == len(rows):
+            if pieces:
+                pieces.append(separator)
+            pieces.append(_encode(tokenizer, JOIN.join(rows[start:end])))
+            start, size = end, 0
+    return torch.cat(pieces)
+
+
+def _encode(tokenizer, text: str) -> Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False).input_ids
+    return torch.tensor(ids, dtype=torch.long)

@@ -96,7 +96,9 @@ def _quantize_block(
     if not selected:
         return
     if method.needs_calibration and inputs is not None:
-        groups = [[(n, selected[n]) for n in group if n in selected] for group in spec.linear_groups]
+        groups = [
+            [(prefix + n, selected[n]) for n in group if n in selected] for group in spec.linear_groups
+        ]
         with method.observe([g for g in groups if g], stop_after_last=True):
             run_block(block, inputs, keep_outputs=False)
     for name, module in selected.items():

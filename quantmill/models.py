@@ -48,9 +48,22 @@ def load_model(
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
+    _decompress(model)
     check_finite(model, resolved.source)
     model.eval()
     return model, tokenizer
+
+
+def _decompress(model: nn.Module) -> None:
+    """Unpack a compressed-tensors checkpoint now rather than on the first full forward.
+
+    transformers leaves packed weights in place and decompresses them in a
+    forward pre-hook on the top-level model; code that calls a submodule first
+    (the decoder alone, one block) would otherwise meet layers with no weight.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if getattr(model, "ct_decompress_hook", None) is not None and quantizer is not None:
+        quantizer.compressor.decompress_model(model)
 
 
 def check_finite(model: nn.Module, source: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
 from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, StrictModel
 from quantmill.errors import ConfigError
@@ -20,7 +20,8 @@ from quantmill.registry import get_method, method_names
 
 class Recipe(StrictModel):
     name: str = "recipe"
-    steps: list[MethodConfig] = Field(min_length=1)
+    # SerializeAsAny: dump each step with its own method config fields, not the base ones
+    steps: list[SerializeAsAny[MethodConfig]] = Field(min_length=1)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
 
@@ -29,17 +30,24 @@ class Recipe(StrictModel):
     def _steps(cls, value: Any) -> Any:
         if not isinstance(value, list):
             return value
-        steps = []
-        for item in value:
+        steps, problems = [], []
+        for index, item in enumerate(value):
             if isinstance(item, MethodConfig):
                 steps.append(item)
                 continue
             name = item.get("method") if isinstance(item, dict) else None
             if name not in method_names():
-                raise ValueError(
-                    f"unknown method {name!r}; allowed: {', '.join(method_names())}"
+                problems.append(
+                    f"steps.{index}.method = {name!r}: unknown method; "
+                    f"allowed: {', '.join(method_names())}"
                 )
-            steps.append(get_method(name).config.model_validate(item))
+                continue
+            try:
+                steps.append(get_method(name).config.model_validate(item))
+            except ValidationError as exc:
+                problems += _problem_lines(exc, prefix=f"steps.{index}.")
+        if problems:
+            raise StepErrors(problems)
         return steps
 
     def needs_calibration(self) -> bool:
@@ -81,13 +89,29 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+class StepErrors(ValueError):
+    """Problems in method steps, already formatted with their full field paths."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
 def format_validation_error(exc: ValidationError, what: str) -> str:
     """One line per problem: the field path, the value given and what is allowed."""
-    lines = [f"invalid {what}:"]
+    return "\n".join([f"invalid {what}:"] + [f"  {line}" for line in _problem_lines(exc)])
+
+
+def _problem_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
     for err in exc.errors():
+        nested = (err.get("ctx") or {}).get("error")
+        if isinstance(nested, StepErrors):
+            lines += nested.lines
+            continue
         loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function"))
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc or '(top level)'}{shown}: {message}")
-    return "\n".join(lines)
+        lines.append(f"{prefix}{loc or '(top level)'}{shown}: {message}")
+    return lines

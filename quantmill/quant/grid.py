@@ -66,7 +66,13 @@ def minmax_params(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> tuple[Tens
 
 
 def _storable(scale: Tensor) -> Tensor:
-    return scale.clamp(MIN_SCALE, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
+    """``scale`` rounded *up* to the storage dtype, so the grid still spans the range."""
+    scale = scale.clamp(MIN_SCALE, torch.finfo(SCALE_DTYPE).max)
+    stored = scale.to(SCALE_DTYPE)
+    low = stored.float() < scale
+    # one float16 step up: the relative spacing is 2^-10, nearest rounding lands there
+    stored[low] = (stored[low].float() * (1 + 2.0**-10)).to(SCALE_DTYPE)
+    return stored.float()
 
 
 def compute_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:

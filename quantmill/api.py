@@ -1,0 +1,152 @@
+"""One call from a model source and a recipe to an evaluated, packed checkpoint.
+
+Order matters for users: everything that can be checked cheaply (recipe,
+output folder, model source, architecture, data) is checked before the
+expensive work starts, and the checkpoint appears only once complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantmill import __version__
+from quantmill.arch import arch_for
+from quantmill.data import calibration_ids, eval_ids
+from quantmill.driver import quantize_model
+from quantmill.evaluate import bits_per_weight, perplexity, size_on_disk
+from quantmill.export.checkpoint import ExportFormat, save_quantized, staged_output, write_json
+from quantmill.models import load_model
+from quantmill.recipe import Recipe, save_recipe
+from quantmill.sources import ResolvedModel, cache_root, resolve_model
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "quantmill_recipe.yaml"
+SUMMARY_FILE = "quantmill_eval.json"
+LAYERS_FILE = "quantmill_layers.json"
+
+
+@dataclass
+class QuantizeSummary:
+    """What a run produced; saved as ``quantmill_eval.json`` beside the checkpoint."""
+
+    out_dir: str
+    model: dict[str, Any]
+    recipe: dict[str, Any]
+    quant_seconds: float
+    size_bytes: int
+    original_size_bytes: int
+    bits_per_weight: float | None
+    original: dict[str, Any] | None = None  # perplexity of the unquantized model
+    quantized: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    quantmill_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quantize(
+    model: str,
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    revision: str | None = None,
+    evaluate: bool = True,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    export_format: ExportFormat = "packed",
+    progress: bool = True,
+) -> QuantizeSummary:
+    """Quantize ``model`` (preset, path or Hub id) with ``recipe`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    with staged_output(out_dir, overwrite=overwrite) as tmp:
+        resolved = resolve_model(model, revision)
+        net, tokenizer = load_model(resolved, trust_remote_code)
+        arch_for(net)  # an unsupported architecture fails before any data is read
+        calib = calibration_ids(tokenizer, recipe.calibration) if recipe.needs_calibration() else None
+        windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
+        original = _original_perplexity(net, resolved, recipe, windows, progress)
+        net.config.use_cache = False
+        outcome = quantize_model(net, recipe.steps, calib, recipe.calibration.batch_size, progress)
+        del calib
+        save_quantized(net, tokenizer, outcome.layers, tmp, export_format)
+        del net
+        gc.collect()
+        quantized = None
+        if windows is not None:
+            # Evaluate what was written, loaded the way users load it.
+            reloaded, _ = load_model(ResolvedModel(str(out_dir), "local", tmp, "staged"))
+            quantized = perplexity(reloaded, windows, progress).to_dict()
+            del reloaded
+        summary = QuantizeSummary(
+            out_dir=str(out_dir),
+            model=resolved.to_dict(),
+            recipe=recipe.to_dict(),
+            quant_seconds=outcome.seconds,
+            size_bytes=size_on_disk(tmp),
+            original_size_bytes=_source_size(resolved),
+            bits_per_weight=bits_per_weight(tmp),
+            original=original,
+            quantized=quantized,
+            layers=[asdict(report) for report in outcome.reports],
+        )
+        save_recipe(recipe, tmp / RECIPE_FILE)
+        write_json(tmp, LAYERS_FILE, summary.layers)
+        write_json(tmp, SUMMARY_FILE, {k: v for k, v in summary.to_dict().items() if k != "layers"})
+    return summary
+
+
+def evaluate_checkpoint(
+    model: str, recipe: Recipe, *, revision: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Perplexity, size and bits per weight of any model source (quantized or not)."""
+    resolved = resolve_model(model, revision)
+    net, tokenizer = load_model(resolved)
+    windows = eval_ids(tokenizer, recipe.evaluation)
+    result = perplexity(net, windows, progress).to_dict()
+    folder = resolved.path
+    quantized = (folder / "config.json").is_file() and bits_per_weight(folder) is not None
+    return {
+        "model": resolved.to_dict(),
+        "evaluation": recipe.evaluation.model_dump(),
+        **result,
+        "size_bytes": _source_size(resolved),
+        "bits_per_weight": bits_per_weight(folder) if quantized else None,
+    }
+
+
+def _original_perplexity(
+    net: torch.nn.Module,
+    resolved: ResolvedModel,
+    recipe: Recipe,
+    windows: torch.Tensor | None,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """The unquantized model's perplexity, cached per model revision and eval spec."""
+    if windows is None:
+        return None
+    key_src = json.dumps(
+        [resolved.revision, recipe.evaluation.model_dump(), windows.shape, int(windows.sum())]
+    )
+    cache = cache_root() / "eval" / (hashlib.sha256(key_src.encode()).hexdigest()[:24] + ".json")
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    result = perplexity(net, windows, progress).to_dict()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def _source_size(resolved: ResolvedModel) -> int:
+    if resolved.gguf_file:
+        return (resolved.path / resolved.gguf_file).stat().st_size
+    return size_on_disk(resolved.path)

@@ -1,0 +1,121 @@
+"""Command line: ``quantmill quantize`` and ``quantmill eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from quantmill.errors import QuantmillError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantmill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model with a recipe and evaluate it")
+    _model_args(q)
+    q.add_argument("--recipe", required=True, help="recipe file (YAML or JSON), see recipes/")
+    q.add_argument("--out", required=True, help="output folder for the packed checkpoint")
+    q.add_argument("--calib-data", help="calibration text file (overrides the recipe)")
+    q.add_argument("--calib-samples", type=int, help="number of calibration samples")
+    q.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--format", choices=["packed", "fake"], default="packed",
+                   help="packed: compressed-tensors integers (default); fake: float weights")
+    _eval_args(q)
+
+    e = sub.add_parser("eval", help="perplexity, size and bits per weight of any checkpoint")
+    _model_args(e)
+    e.add_argument("--recipe", help="take the evaluation settings from this recipe")
+    _eval_args(e)
+
+    sub.add_parser("methods", help="list the registered quantization methods")
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="preset (smollm2-135m), local folder, .gguf file or Hub repo id")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code to run (off by default)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-data", help="evaluation text file (overrides the recipe)")
+    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows (0: all)")
+    p.add_argument("--eval-seq-len", type=int, help="evaluation window length in tokens")
+
+
+def _apply_overrides(recipe_dict: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    calib = recipe_dict.setdefault("calibration", {})
+    evaluation = recipe_dict.setdefault("evaluation", {})
+    if getattr(args, "calib_data", None):
+        calib.update(dataset=args.calib_data)
+    if getattr(args, "calib_samples", None) is not None:
+        calib.update(num_samples=args.calib_samples)
+    if args.eval_data:
+        evaluation.update(dataset=args.eval_data)
+    if args.eval_windows is not None:
+        evaluation.update(max_windows=args.eval_windows or None)
+    if args.eval_seq_len is not None:
+        evaluation.update(seq_len=args.eval_seq_len)
+    return recipe_dict
+
+
+def _recipe(args: argparse.Namespace, default_steps: bool = False):
+    import yaml
+
+    from quantmill.recipe import load_recipe, parse_recipe
+
+    if args.recipe:
+        data = load_recipe(args.recipe).to_dict()
+    else:
+        data = {"name": "eval", "steps": [{"method": "rtn"}]} if default_steps else {}
+    return parse_recipe(_apply_overrides(yaml.safe_load(yaml.safe_dump(data)), args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except QuantmillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from quantmill import report
+
+    if args.command == "methods":
+        from quantmill.registry import method_names
+
+        print("\n".join(method_names()))
+        return 0
+    recipe = _recipe(args, default_steps=args.command == "eval")
+    if args.command == "quantize":
+        from quantmill.api import quantize
+
+        summary = quantize(
+            args.model, recipe, args.out, revision=args.revision, evaluate=not args.no_eval,
+            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+            export_format=args.format, progress=not args.quiet,
+        )
+        data = {k: v for k, v in summary.to_dict().items() if k != "layers"}
+        print(json.dumps(data, indent=2) if args.json else report.summary_table(data))
+        return 0
+    from quantmill.api import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.model, recipe, revision=args.revision, progress=not args.quiet)
+    print(json.dumps(result, indent=2) if args.json else report.eval_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models of each supported architecture, the real
+SmolLM2 preset, and the WikiText-2 files from the shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("QUANTMILL_DATA_DIR", REPO.parent / "shared" / "data"))
+WIKI_VALID = DATA_DIR / "wikitext-2" / "wiki.valid.tokens"
+WIKI_TEST = DATA_DIR / "wikitext-2" / "wiki.test.raw"
+
+
+def tiny_config(model_type: str, vocab_size: int = 256):
+    """A two-block config of ``model_type`` small enough for unit tests."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size, num_attention_heads=4)
+    sizes = {
+        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2),
+        "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2),
+        "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2),
+        "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64),
+        "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+        "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
+    }[model_type]
+    if model_type == "gpt2":
+        common.pop("num_attention_heads")
+    return AutoConfig.for_model(model_type, **common, **sizes)
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model("opt")`` → a seeded random causal LM in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    def make(model_type: str = "llama", seed: int = 0):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct preset, converted once to safetensors."""
+    from quantmill.sources import resolve_model
+
+    return resolve_model("smollm2-135m").path
+
+
+@pytest.fixture(scope="session")
+def wiki_files() -> tuple[Path, Path]:
+    if not WIKI_VALID.is_file() or not WIKI_TEST.is_file():
+        pytest.fail(f"WikiText-2 files not found under {DATA_DIR}; set QUANTMILL_DATA_DIR")
+    return WIKI_VALID, WIKI_TEST

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from quantmill.config import QuantScheme
+from quantmill.quant.grid import (
+    compute_qparams,
+    dequantize,
+    expand_groups,
+    fake_quantize,
+    group_count,
+    quantize,
+)
+
+SCHEMES = [
+    QuantScheme(bits=b, group_size=g, symmetric=s)
+    for b in (2, 3, 4, 8)
+    for g in (None, 16, 32)
+    for s in (True, False)
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+def test_rtn_is_exact_on_values_already_on_the_grid(scheme):
+    torch.manual_seed(0)
+    rows, cols = 8, 80  # 80 is not a multiple of 32: a partial last group
+    n = group_count(cols, scheme.group_size)
+    scale = (torch.rand(rows, n) + 0.5).half().float() / 16
+    # with both ends present the range spans 0, which min-max maps to zero point 0
+    zero = None if scheme.symmetric else torch.zeros(rows, n)
+    q = torch.randint(scheme.q_min, scheme.q_max + 1, (rows, cols), dtype=torch.int8)
+    # every group touches both ends of the grid, so min-max finds the same scale
+    for start in range(0, cols, scheme.group_size or cols):
+        q[:, start], q[:, start + 1] = scheme.q_min, scheme.q_max
+    W = dequantize(q, scale, zero, scheme)
+    s2, z2 = compute_qparams(W, scheme)
+    assert torch.equal(fake_quantize(W, s2, z2, scheme), W)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+def test_quantize_dequantize_round_trip_and_range(scheme):
+    torch.manual_seed(1)
+    W = torch.randn(16, 72)
+    scale, zero = compute_qparams(W, scheme)
+    q = quantize(W, scale, zero, scheme)
+    assert q.dtype == torch.int8
+    assert int(q.min()) >= scheme.q_min and int(q.max()) <= scheme.q_max
+    assert torch.equal(dequantize(q, scale, zero, scheme), fake_quantize(W, scale, zero, scheme))
+    # error bounded by half a step, everywhere (min-max never clips)
+    step = expand_groups(scale, 72, scheme.group_size)
+    assert ((fake_quantize(W, scale, zero, scheme) - W).abs() <= step * (0.5 + 1e-4)).all()
+
+
+def test_partial_last_group_has_its_own_scale():
+    scheme = QuantScheme(bits=4, group_size=128)
+    W = torch.ones(2, 576)
+    W[:, 512:] = 100.0  # the partial last group (64 columns) holds the large values
+    scale, _ = compute_qparams(W, scheme)
+    assert scale.shape == (2, 5)
+    assert torch.all(scale[:, :4] < scale[:, 4:])
+    assert torch.allclose(fake_quantize(W, scale, None, scheme), W, rtol=1e-2)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_observer_never_worse_than_minmax(symmetric):
+    torch.manual_seed(2)
+    W = torch.randn(64, 256) * torch.rand(64, 1)
+    W[0, 0] = 25.0  # an outlier that min-max wastes its range on
+    errs = {}
+    for observer in ("minmax", "mse"):
+        scheme = QuantScheme(bits=3, group_size=64, symmetric=symmetric, observer=observer)
+        s, z = compute_qparams(W, scheme)
+        errs[observer] = float((fake_quantize(W, s, z, scheme) - W).square().sum())
+    assert errs["mse"] < errs["minmax"]
+
+
+def test_symmetric_grid_uses_the_negative_end():
+    scheme = QuantScheme(bits=4, group_size=None, symmetric=True)
+    W = torch.tensor([[-8.0, 0.0, 7.0]])
+    s, _ = compute_qparams(W, scheme)
+    assert float(s) == 1.0
+    assert quantize(W, s, None, scheme).tolist() == [[-8, 0, 7]]

@@ -1,0 +1,19 @@
+import subprocess
+import sys
+
+
+def test_import_quantmill_leaves_prefect_and_mlflow_out():
+    code = (
+        "import sys, quantmill, quantmill.api, quantmill.cli, quantmill.methods;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'prefect', 'mlflow'});"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prefect_and_mlflow_are_installed_so_the_check_means_something():
+    import importlib.util
+
+    assert importlib.util.find_spec("prefect") is not None
+    assert importlib.util.find_spec("mlflow") is not None

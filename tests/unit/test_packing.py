@@ -1,0 +1,46 @@
+"""Round trips through the compressed-tensors compressors the export uses."""
+
+import pytest
+import torch
+from compressed_tensors.compressors import BaseCompressor
+
+from quantmill.config import QuantScheme
+from quantmill.export.compressed import build_schemes, compression_format
+from quantmill.methods.base import LayerQuant
+from quantmill.quant.grid import compute_qparams, fake_quantize, quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("group_size", [None, 32, 48])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compress_decompress_round_trip(bits, group_size, symmetric):
+    torch.manual_seed(bits)
+    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    rows, cols = 24, 96  # 96 = 2 × 48: the 48 case packs a partial 32-value word
+    W = torch.randn(rows, cols)
+    scale, zero = compute_qparams(W, scheme)
+    Wq = fake_quantize(W, scale, zero, scheme)
+    ct_scheme = build_schemes({"layer": LayerQuant(scheme, scale, zero)}, {"layer": cols})["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(compression_format(scheme).value)
+    state = {"weight": Wq, "weight_scale": scale.half()}
+    if zero is not None:
+        state["weight_zero_point"] = zero.to(torch.int8)
+    packed = compressor.compress(state, ct_scheme)
+    if bits < 8:
+        assert packed["weight_packed"].dtype == torch.int32
+        words = -(-cols * bits // 32)
+        assert packed["weight_packed"].shape == (rows, words)
+    else:
+        assert packed["weight"].dtype == torch.int8
+        assert torch.equal(packed["weight"], quantize(W, scale, zero, scheme))
+    assert packed["weight_scale"].dtype == torch.float16  # stored as written
+    # transformers loads the float16 scale into the model's float32 parameter first
+    packed["weight_scale"] = packed["weight_scale"].float()
+    restored = compressor.decompress(packed, ct_scheme)["weight"]
+    assert torch.equal(restored, Wq)
+
+
+def test_eight_bit_is_stored_as_int8_and_lower_bits_packed():
+    assert compression_format(QuantScheme(bits=8)).value == "int-quantized"
+    for bits in (2, 3, 4):
+        assert compression_format(QuantScheme(bits=bits)).value == "pack-quantized"

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from quantmill.errors import ConfigError
+from quantmill.recipe import load_recipe, parse_recipe, save_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def test_example_recipes_exist_and_parse():
+    assert len(RECIPES) >= 5
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        assert recipe.steps and recipe.name == path.stem
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_recipe_round_trips_through_files(tmp_path, suffix):
+    recipe = parse_recipe(
+        {
+            "name": "two-steps",
+            "steps": [
+                {"method": "rtn", "weights": {"bits": 8, "group_size": -1}},
+                {"method": "gptq", "weights": {"bits": 3, "group_size": 32, "symmetric": False},
+                 "actorder": False, "static_groups": True, "dampening": 0.05,
+                 "targets": ["re:.*mlp.*"], "ignore": ["lm_head", "*.down_proj"]},
+            ],
+            "calibration": {"dataset": "some.txt", "num_samples": 4, "seq_len": 64, "seed": 3},
+        }
+    )
+    path = tmp_path / f"r{suffix}"
+    save_recipe(recipe, path)
+    again = load_recipe(path)
+    assert again == recipe
+    assert again.steps[0].weights.group_size is None  # -1 means per-channel
+    assert [type(s).__name__ for s in again.steps] == ["RTNConfig", "GPTQConfig"]
+
+
+def test_lm_head_is_ignored_by_default():
+    step = parse_recipe({"steps": [{"method": "rtn"}]}).steps[0]
+    assert not step.selects("lm_head")
+    assert step.selects("model.layers.0.mlp.down_proj")
+
+
+def test_patterns_select_by_glob_and_regex():
+    step = parse_recipe(
+        {"steps": [{"method": "rtn", "targets": ["re:.*self_attn\\..*"], "ignore": ["*.o_proj"]}]}
+    ).steps[0]
+    assert step.selects("model.layers.3.self_attn.q_proj")
+    assert not step.selects("model.layers.3.self_attn.o_proj")
+    assert not step.selects("model.layers.3.mlp.up_proj")
+
+
+BAD = [
+    ({"steps": [{"method": "gptq", "weights": {"bits": 9}}]}, "steps.0.weights.bits", "9"),
+    ({"steps": [{"method": "gptq", "weights": {"bits": 1}}]}, "steps.0.weights.bits", "1"),
+    ({"steps": [{"method": "rtn", "weights": {"group_size": 0}}]}, "steps.0.weights.group_size", "0"),
+    ({"steps": [{"method": "gptq", "dampening": -0.1}]}, "steps.0.dampening", "-0.1"),
+    ({"steps": [{"method": "gptq", "block_size": 0}]}, "steps.0.block_size", "0"),
+    ({"steps": [{"method": "gptq", "weights": {"observer": "max"}}]}, "steps.0.weights.observer", "'max'"),
+    ({"steps": [{"method": "awq9"}]}, "steps", "awq9"),
+    ({"steps": []}, "steps", "at least 1"),
+    ({"steps": [{"method": "rtn", "bitz": 4}]}, "steps.0.bitz", "4"),
+    ({"steps": [{"method": "rtn"}], "calibration": {"num_samples": 0}}, "calibration.num_samples", "0"),
+    ({"steps": [{"method": "rtn"}], "calibration": {"seq_len": 2}}, "calibration.seq_len", "2"),
+    ({"steps": [{"method": "rtn"}], "evaluation": {"max_windows": -3}}, "evaluation.max_windows", "-3"),
+    ({"steps": [{"method": "rtn", "targets": ["re:(["]}]}, "steps.0.targets", "bad regular"),
+]
+
+
+@pytest.mark.parametrize("data,field,fragment", BAD, ids=[b[1] for b in BAD])
+def test_invalid_values_name_the_field_and_value(data, field, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_recipe(data)
+    message = str(info.value)
+    assert field in message and fragment in message
+
+
+def test_missing_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_recipe(scalar)
