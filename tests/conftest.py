@@ -15,7 +15,7 @@ WIKI_VALID = DATA_DIR / "wikitext-2" / "wiki.valid.tokens"
 WIKI_TEST = DATA_DIR / "wikitext-2" / "wiki.test.raw"
 
 
-def tiny_config(model_type: str, vocab_size: int = 256):
+def tiny_config(model_type: str, vocab_size: int = 320):
     """A two-block config of ``model_type`` small enough for unit tests."""
     from transformers import AutoConfig
 
@@ -59,3 +59,60 @@ def wiki_files() -> tuple[Path, Path]:
     if not WIKI_VALID.is_file() or not WIKI_TEST.is_file():
         pytest.fail(f"WikiText-2 files not found under {DATA_DIR}; set QUANTMILL_DATA_DIR")
     return WIKI_VALID, WIKI_TEST
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with "
+    "a single step. To be or not to be, that is the question. All that glitters is not gold. "
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory: no download, no preset needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+    )
+    tok.train_from_iterator([SAMPLE_TEXT] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_model):
+    """Factory: a tiny model + tokenizer saved as an ordinary local checkpoint folder."""
+
+    def make(model_type: str = "llama", name: str = "tiny") -> Path:
+        folder = tmp_path / name
+        model = tiny_model(model_type)
+        model.save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def text_files(tmp_path) -> tuple[Path, Path]:
+    """(calibration, evaluation) text files of a few thousand tokens."""
+    calib = tmp_path / "calib.txt"
+    evaluation = tmp_path / "eval.txt"
+    calib.write_text("\n".join([SAMPLE_TEXT] * 60))
+    evaluation.write_text("\n".join([SAMPLE_TEXT[::-1], SAMPLE_TEXT] * 30))
+    return calib, evaluation
+
+
+def tiny_recipe(method: str, calib: Path, evaluation: Path, **weights):
+    from quantmill.recipe import parse_recipe
+
+    return parse_recipe(
+        {
+            "steps": [{"method": method, "weights": {"bits": 4, "group_size": 16, **weights}}],
+            "calibration": {"dataset": str(calib), "num_samples": 8, "seq_len": 32, "batch_size": 4},
+            "evaluation": {"dataset": str(evaluation), "seq_len": 64, "max_windows": 4},
+        }
+    )

@@ -44,17 +44,19 @@ def _stdout_to_stderr() -> TextIO:
 
 _RESULT_STREAM = _stdout_to_stderr()
 
-import torch  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from llmcompressor import oneshot  # noqa: E402
-from llmcompressor.modifiers.gptq import GPTQModifier  # noqa: E402
-from llmcompressor.modifiers.quantization import QuantizationModifier  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description="Quantize a HF Llama folder with llmcompressor (peer benchmark side)."
+    )
     p.add_argument("--model-dir", required=True, help="plain HF safetensors folder")
     p.add_argument("--calib", required=True, help=".pt file: int64 tensor [N, L]")
     p.add_argument("--method", choices=["gptq", "rtn"], required=True)
@@ -106,9 +108,7 @@ def load_calibration(path: str) -> Dataset:
     if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.int64 and ids.ndim == 2):
         raise ValueError(f"{path}: expected an int64 tensor [N, L], got {ids!r:.80}")
     rows = ids.tolist()
-    return Dataset.from_dict(
-        {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
-    )
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

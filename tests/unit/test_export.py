@@ -1,0 +1,89 @@
+"""Packed checkpoints: transformers loads them and computes the same logits."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quantmill.api import LAYERS_FILE, RECIPE_FILE, SUMMARY_FILE, quantize
+from quantmill.driver import quantize_model
+from quantmill.evaluate import bits_per_weight
+from quantmill.export.checkpoint import save_quantized
+from quantmill.recipe import load_recipe, parse_recipe
+from tests.conftest import tiny_recipe
+
+SCHEMES = [
+    dict(bits=4, group_size=16, symmetric=True),
+    dict(bits=4, group_size=16, symmetric=False),
+    dict(bits=4, group_size=48, symmetric=True),  # 64 inputs: partial last group
+    dict(bits=4, group_size=48, symmetric=False),
+    dict(bits=4, group_size=None, symmetric=True),
+    dict(bits=4, group_size=None, symmetric=False),
+    dict(bits=3, group_size=32, symmetric=True),
+    dict(bits=2, group_size=32, symmetric=False),
+    dict(bits=8, group_size=None, symmetric=True),
+]
+
+
+@pytest.mark.parametrize("weights", SCHEMES, ids=str)
+def test_packed_checkpoint_reloads_with_identical_logits(tmp_path, tiny_model, weights):
+    model = tiny_model("llama")
+    steps = parse_recipe({"steps": [{"method": "rtn", "weights": weights}]}).steps
+    outcome = quantize_model(model, steps, None, 4, False)
+    save_quantized(model, None, outcome.layers, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    # bits, plus a float16 scale (and an int8 zero point) per group, plus weight_shape
+    per_group = 16 + (0 if weights["symmetric"] else 8)
+    extra, total = 0, 0
+    for name in outcome.layers:
+        rows, cols = model.get_submodule(name).weight.shape
+        extra += rows * -(-cols // (weights["group_size"] or cols)) * per_group
+        extra += 128 if weights["bits"] < 8 else 0  # weight_shape: two int64
+        total += rows * cols
+    expected = weights["bits"] + extra / total
+    assert bits_per_weight(tmp_path) == pytest.approx(expected, rel=1e-9)
+
+
+def test_bits_per_weight_counts_scales_and_zero_points(tmp_path, tiny_model):
+    model = tiny_model("llama")
+    steps = parse_recipe({"steps": [{"method": "rtn", "weights": {"bits": 4, "group_size": 16}}]}).steps
+    save_quantized(model, None, quantize_model(model, steps, None, 4, False).layers, tmp_path)
+    # 4 bits + one float16 scale per 16 weights = 5.0, plus 16 bytes of weight_shape
+    # per layer (64x64 or 64x128 weights here), well under 0.05
+    assert 5.0 < bits_per_weight(tmp_path) < 5.05
+
+
+def test_gpt2_conv1d_cannot_be_packed_but_fake_export_works(tmp_path, tiny_model):
+    from quantmill.errors import ExportError
+
+    model = tiny_model("gpt2")
+    steps = parse_recipe({"steps": [{"method": "rtn"}]}).steps
+    layers = quantize_model(model, steps, None, 4, False).layers
+    with pytest.raises(ExportError, match="--format fake"):
+        save_quantized(model, None, layers, tmp_path / "packed")
+    (tmp_path / "fake").mkdir()
+    save_quantized(model, None, layers, tmp_path / "fake", fmt="fake")
+    assert bits_per_weight(tmp_path / "fake") is None
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_api_writes_checkpoint_recipe_and_summary(tiny_checkpoint, text_files, tmp_path, method):
+    src = tiny_checkpoint("llama")
+    recipe = tiny_recipe(method, *text_files)
+    out = tmp_path / "out"
+    summary = quantize(str(src), recipe, out, progress=False)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", RECIPE_FILE, SUMMARY_FILE, LAYERS_FILE):
+        assert (out / name).is_file(), name
+    assert load_recipe(out / RECIPE_FILE) == recipe
+    saved = json.loads((out / SUMMARY_FILE).read_text())
+    assert saved["quantized"]["perplexity"] == pytest.approx(summary.quantized["perplexity"])
+    assert saved["original"]["windows"] == 4 and saved["model"]["kind"] == "local"
+    assert 4.0 < saved["bits_per_weight"] < 5.1
+    assert len(json.loads((out / LAYERS_FILE).read_text())) == 2 * 7
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
