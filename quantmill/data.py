@@ -27,8 +27,10 @@ def load_rows(dataset: str, config: str | None, split: str) -> list[str]:
     if path.exists() or dataset.startswith((".", "/", "~")) or path.suffix in {".txt", ".raw"}:
         if not path.is_file():
             raise CalibrationDataError(f"data file {path} does not exist")
-        # Keep line ends: the Hub's wikitext rows are the raw file's lines with their "\n".
-        return path.read_text(encoding="utf-8").splitlines(keepends=True)
+        # Rows as the Hub's wikitext has them: each line with its "\n", blank lines as "".
+        # (This is what reproduces the published perplexities from the raw file.)
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        return [line if line.strip() else "" for line in lines]
     try:
         import datasets
 
