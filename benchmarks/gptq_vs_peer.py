@@ -64,9 +64,15 @@ def measured(cmd: list[str], log: Path) -> dict[str, Any]:
 def recipe_file(folder: Path, method: str, bits: int, group: int | None, sym: bool, args) -> Path:
     recipe = {
         "name": f"{method}-bench",
-        "steps": [{"method": method, "weights": {"bits": bits, "group_size": group, "symmetric": sym}}],
-        "calibration": {"dataset": str(DATA / "wiki.valid.tokens"), "num_samples": args.samples,
-                        "seq_len": args.seq_len, "seed": 0},
+        "steps": [
+            {"method": method, "weights": {"bits": bits, "group_size": group, "symmetric": sym}}
+        ],
+        "calibration": {
+            "dataset": str(DATA / "wiki.valid.tokens"),
+            "num_samples": args.samples,
+            "seq_len": args.seq_len,
+            "seed": 0,
+        },
         "evaluation": {"dataset": str(DATA / "wiki.test.raw"), "max_windows": args.windows},
     }
     if method == "gptq":
@@ -77,8 +83,20 @@ def recipe_file(folder: Path, method: str, bits: int, group: int | None, sym: bo
 
 
 def evaluate(model_dir: Path, args, log: Path) -> float:
-    cmd = [sys.executable, "-m", "quantmill.cli", "eval", "--model", str(model_dir), "--json", "-q",
-           "--eval-data", str(DATA / "wiki.test.raw"), "--eval-windows", str(args.windows)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "quantmill.cli",
+        "eval",
+        "--model",
+        str(model_dir),
+        "--json",
+        "-q",
+        "--eval-data",
+        str(DATA / "wiki.test.raw"),
+        "--eval-windows",
+        str(args.windows),
+    ]
     return measured(cmd, log)["result"]["perplexity"]
 
 
@@ -89,8 +107,12 @@ def calibration_file(model_dir: Path, folder: Path, args) -> Path:
     from quantmill.config import CalibrationSpec
     from quantmill.data import calibration_ids
 
-    spec = CalibrationSpec(dataset=str(DATA / "wiki.valid.tokens"), num_samples=args.samples,
-                           seq_len=args.seq_len, seed=0)
+    spec = CalibrationSpec(
+        dataset=str(DATA / "wiki.valid.tokens"),
+        num_samples=args.samples,
+        seq_len=args.seq_len,
+        seed=0,
+    )
     path = folder / f"calib-{args.samples}x{args.seq_len}.pt"
     torch.save(calibration_ids(AutoTokenizer.from_pretrained(model_dir), spec), path)
     return path
@@ -101,25 +123,56 @@ def run_setting(label: str, model_dir: Path, calib: Path, peer_py: str | None, w
     row: dict[str, Any] = {"setting": label, "bits": bits, "group_size": group, "symmetric": sym}
     for method in ("rtn", "gptq"):
         out = work / f"ours-{method}-{label}"
-        cmd = [sys.executable, "-m", "quantmill.cli", "quantize", "--model", str(model_dir),
-               "--recipe", str(recipe_file(work, method, bits, group, sym, args)), "--out", str(out),
-               "--no-eval", "--json", "-q", "--overwrite"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "quantmill.cli",
+            "quantize",
+            "--model",
+            str(model_dir),
+            "--recipe",
+            str(recipe_file(work, method, bits, group, sym, args)),
+            "--out",
+            str(out),
+            "--no-eval",
+            "--json",
+            "-q",
+            "--overwrite",
+        ]
         run = measured(cmd, work / f"ours-{method}-{label}.log")
         row[f"ours_{method}"] = {
-            "quant_seconds": run["result"]["quant_seconds"], "wall_seconds": run["wall_seconds"],
-            "peak_rss_mb": run["peak_rss_mb"], "bits_per_weight": run["result"]["bits_per_weight"],
+            "quant_seconds": run["result"]["quant_seconds"],
+            "wall_seconds": run["wall_seconds"],
+            "peak_rss_mb": run["peak_rss_mb"],
+            "bits_per_weight": run["result"]["bits_per_weight"],
             "perplexity": evaluate(out, args, work / f"eval-ours-{method}-{label}.log"),
         }
         print(f"  ours {method:4s} {label}: {row[f'ours_{method}']}", flush=True)
     if peer_py:
         out = work / f"peer-gptq-{label}"
-        cmd = [peer_py, str(REPO / "benchmarks/peer/run_llmcompressor.py"), "--model-dir", str(model_dir),
-               "--calib", str(calib), "--method", "gptq", "--bits", str(bits),
-               "--group-size", str(group or -1), "--symmetric" if sym else "--asymmetric",
-               "--actorder", "static", "--out", str(out)]
+        cmd = [
+            peer_py,
+            str(REPO / "benchmarks/peer/run_llmcompressor.py"),
+            "--model-dir",
+            str(model_dir),
+            "--calib",
+            str(calib),
+            "--method",
+            "gptq",
+            "--bits",
+            str(bits),
+            "--group-size",
+            str(group or -1),
+            "--symmetric" if sym else "--asymmetric",
+            "--actorder",
+            "static",
+            "--out",
+            str(out),
+        ]
         run = measured(cmd, work / f"peer-{label}.log")
         row["peer_gptq"] = {
-            "quant_seconds": run["result"].get("quant_seconds"), "wall_seconds": run["wall_seconds"],
+            "quant_seconds": run["result"].get("quant_seconds"),
+            "wall_seconds": run["wall_seconds"],
             "peak_rss_mb": run["peak_rss_mb"],
             "perplexity": evaluate(out, args, work / f"eval-peer-{label}.log"),
         }
@@ -128,14 +181,17 @@ def run_setting(label: str, model_dir: Path, calib: Path, peer_py: str | None, w
 
 
 def table(rows: list[dict[str, Any]], original: float) -> str:
-    head = ("| setting | RTN ppl | GPTQ ppl | peer GPTQ ppl | GPTQ time (s) | peer time (s) "
-            "| GPTQ peak RSS (MB) | peer peak RSS (MB) |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| setting | RTN ppl | GPTQ ppl | peer GPTQ ppl | GPTQ time (s) | peer time (s) "
+        "| GPTQ peak RSS (MB) | peer peak RSS (MB) |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head, f"| original | {original:.2f} | | | | | | |"]
     for r in rows:
         peer = r.get("peer_gptq", {})
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(
-            f"| {r['setting']} | {r['ours_rtn']['perplexity']:.2f} | {r['ours_gptq']['perplexity']:.2f} "
+            f"| {r['setting']} | {r['ours_rtn']['perplexity']:.2f} "
+            f"| {r['ours_gptq']['perplexity']:.2f} "
             f"| {fmt(peer.get('perplexity'), '.2f')} | {r['ours_gptq']['wall_seconds']:.0f} "
             f"| {fmt(peer.get('wall_seconds'), '.0f')} | {r['ours_gptq']['peak_rss_mb']:.0f} "
             f"| {fmt(peer.get('peak_rss_mb'), '.0f')} |"
@@ -144,7 +200,9 @@ def table(rows: list[dict[str, Any]], original: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated labels")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -158,8 +216,12 @@ def main() -> None:
     model_dir = resolve_model("smollm2-135m").path
     peer_py = None
     if not args.skip_peer:
-        setup = subprocess.run(["bash", str(REPO / "benchmarks/peer/setup.sh")], capture_output=True,
-                               text=True, check=True)
+        setup = subprocess.run(
+            ["bash", str(REPO / "benchmarks/peer/setup.sh")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peer_py = setup.stdout.strip().splitlines()[-1]
     work = Path(tempfile.mkdtemp(prefix="quantmill-bench-"))
     calib = calibration_file(model_dir, work, args)
@@ -168,10 +230,17 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {
         "benchmark": "gptq_vs_peer",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "model": "SmolLM2-135M-Instruct (smollm2-135m preset)",
-        "calibration": {"file": "wiki.valid.tokens", "samples": args.samples, "seq_len": args.seq_len},
+        "calibration": {
+            "file": "wiki.valid.tokens",
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+        },
         "evaluation": {"file": "wiki.test.raw", "windows": args.windows, "seq_len": 2048},
         "original_perplexity": original,
         "rows": rows,

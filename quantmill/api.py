@@ -72,7 +72,9 @@ def quantize(
         resolved = resolve_model(model, revision)
         net, tokenizer = load_model(resolved, trust_remote_code)
         arch_for(net)  # an unsupported architecture fails before any data is read
-        calib = calibration_ids(tokenizer, recipe.calibration) if recipe.needs_calibration() else None
+        calib = (
+            calibration_ids(tokenizer, recipe.calibration) if recipe.needs_calibration() else None
+        )
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
         original = _original_perplexity(net, resolved, recipe, windows, progress)
         net.config.use_cache = False

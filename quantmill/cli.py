@@ -23,8 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, help="number of calibration samples")
     q.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    q.add_argument("--format", choices=["packed", "fake"], default="packed",
-                   help="packed: compressed-tensors integers (default); fake: float weights")
+    q.add_argument(
+        "--format",
+        choices=["packed", "fake"],
+        default="packed",
+        help="packed: compressed-tensors integers (default); fake: float weights",
+    )
     _eval_args(q)
 
     e = sub.add_parser("eval", help="perplexity, size and bits per weight of any checkpoint")
@@ -37,11 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="preset (smollm2-135m), local folder, .gguf file or Hub repo id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset (smollm2-135m), local folder, .gguf file or Hub repo id",
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model's own Python code to run (off by default)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own Python code to run (off by default)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -103,16 +113,24 @@ def _run(args: argparse.Namespace) -> int:
         from quantmill.api import quantize
 
         summary = quantize(
-            args.model, recipe, args.out, revision=args.revision, evaluate=not args.no_eval,
-            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-            export_format=args.format, progress=not args.quiet,
+            args.model,
+            recipe,
+            args.out,
+            revision=args.revision,
+            evaluate=not args.no_eval,
+            overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+            export_format=args.format,
+            progress=not args.quiet,
         )
         data = {k: v for k, v in summary.to_dict().items() if k != "layers"}
         print(json.dumps(data, indent=2) if args.json else report.summary_table(data))
         return 0
     from quantmill.api import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.model, recipe, revision=args.revision, progress=not args.quiet)
+    result = evaluate_checkpoint(
+        args.model, recipe, revision=args.revision, progress=not args.quiet
+    )
     print(json.dumps(result, indent=2) if args.json else report.eval_table(result))
     return 0
 

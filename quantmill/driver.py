@@ -97,7 +97,8 @@ def _quantize_block(
         return
     if method.needs_calibration and inputs is not None:
         groups = [
-            [(prefix + n, selected[n]) for n in group if n in selected] for group in spec.linear_groups
+            [(prefix + n, selected[n]) for n in group if n in selected]
+            for group in spec.linear_groups
         ]
         with method.observe([g for g in groups if g], stop_after_last=True):
             run_block(block, inputs, keep_outputs=False)

@@ -44,7 +44,9 @@ def perplexity(model: nn.Module, windows: Tensor, progress: bool = True) -> Perp
         targets = ids[0, 1:]
         for s in range(0, hidden.shape[0], LOGIT_CHUNK):
             logits = head(hidden[s : s + LOGIT_CHUNK]).float()
-            total += float(nn.functional.cross_entropy(logits, targets[s : s + LOGIT_CHUNK], reduction="sum"))
+            total += float(
+                nn.functional.cross_entropy(logits, targets[s : s + LOGIT_CHUNK], reduction="sum")
+            )
         count += targets.numel()
     seconds = time.perf_counter() - start
     if not math.isfinite(total):
@@ -84,4 +86,6 @@ def bits_per_weight(folder: Path) -> float | None:
 
 
 def _dtype_bits(dtype: str) -> int:
-    return {"I8": 8, "U8": 8, "I16": 16, "F16": 16, "BF16": 16, "I32": 32, "F32": 32, "I64": 64}[dtype]
+    return {"I8": 8, "U8": 8, "I16": 16, "F16": 16, "BF16": 16, "I32": 32, "F32": 32, "I64": 64}[
+        dtype
+    ]

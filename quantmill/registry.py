@@ -50,7 +50,8 @@ def get_method(name: str) -> MethodEntry:
     try:
         return _METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+        known = ", ".join(sorted(_METHODS))
+        raise KeyError(f"unknown method {name!r}; known methods: {known}") from None
 
 
 def _load_builtin() -> None:

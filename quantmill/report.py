@@ -14,8 +14,8 @@ def _ppl(result: dict[str, Any] | None) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -25,7 +25,13 @@ def summary_table(s: dict[str, Any]) -> str:
     bpw = "-" if s["bits_per_weight"] is None else f"{s['bits_per_weight']:.3f}"
     rows = [
         ["original", _ppl(s["original"]), _mb(s["original_size_bytes"]), "-", "-"],
-        ["quantized", _ppl(s["quantized"]), _mb(s["size_bytes"]), bpw, f"{s['quant_seconds']:.1f} s"],
+        [
+            "quantized",
+            _ppl(s["quantized"]),
+            _mb(s["size_bytes"]),
+            bpw,
+            f"{s['quant_seconds']:.1f} s",
+        ],
     ]
     head = ["model", "perplexity", "size on disk", "bits/weight", "quantize time"]
     note = f"\nperplexity over {windows} windows" if windows else ""
@@ -34,5 +40,13 @@ def summary_table(s: dict[str, Any]) -> str:
 
 def eval_table(r: dict[str, Any]) -> str:
     bpw = "-" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.3f}"
-    rows = [[r["model"]["source"], f"{r['perplexity']:.2f}", str(r["windows"]), _mb(r["size_bytes"]), bpw]]
+    rows = [
+        [
+            r["model"]["source"],
+            f"{r['perplexity']:.2f}",
+            str(r["windows"]),
+            _mb(r["size_bytes"]),
+            bpw,
+        ]
+    ]
     return table(["model", "perplexity", "windows", "size on disk", "bits/weight"], rows)

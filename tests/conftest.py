@@ -21,9 +21,15 @@ def tiny_config(model_type: str, vocab_size: int = 320):
 
     common = dict(vocab_size=vocab_size, num_attention_heads=4)
     sizes = {
-        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2),
-        "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2),
-        "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2),
+        "llama": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
+        ),
+        "mistral": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
+        ),
+        "qwen2": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
+        ),
         "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
         "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
@@ -69,14 +75,16 @@ SAMPLE_TEXT = (
 
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in memory: no download, no preset needed."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<eos>"],
     )
     tok.train_from_iterator([SAMPLE_TEXT] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
@@ -112,7 +120,12 @@ def tiny_recipe(method: str, calib: Path, evaluation: Path, **weights):
     return parse_recipe(
         {
             "steps": [{"method": method, "weights": {"bits": 4, "group_size": 16, **weights}}],
-            "calibration": {"dataset": str(calib), "num_samples": 8, "seq_len": 32, "batch_size": 4},
+            "calibration": {
+                "dataset": str(calib),
+                "num_samples": 8,
+                "seq_len": 32,
+                "batch_size": 4,
+            },
             "evaluation": {"dataset": str(evaluation), "seq_len": 64, "max_windows": 4},
         }
     )

@@ -23,9 +23,9 @@ from compressed_tensors.quantization import (
 from torch import nn
 
 from quantmill.config import QuantScheme
-from quantmill.quant.grid import SCALE_DTYPE
 from quantmill.errors import ExportError
 from quantmill.methods.base import LayerQuant
+from quantmill.quant.grid import SCALE_DTYPE
 
 
 def compression_format(scheme: QuantScheme) -> CompressionFormat:

@@ -1,5 +1,5 @@
 """Built-in methods. Each module registers itself; this list is the whole registry."""
 
-from quantmill.methods import gptq, rtn  # noqa: F401
+from quantmill.methods import gptq, rtn
 
 __all__ = ["gptq", "rtn"]

@@ -27,7 +27,7 @@ def greedy(model, tokenizer, prompt="The capital of France is", tokens=4) -> str
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:])
+    return tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_preset_is_the_real_model_and_answers_paris(smollm2):
@@ -45,6 +45,12 @@ def test_original_perplexity_matches_the_published_protocol(smollm2, wiki_files)
     assert perplexity(model, windows, progress=False).perplexity == pytest.approx(19.13, abs=0.02)
 
 
+def block_outputs(block, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        calls = zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+        return [block(h, *a, **k) for h, a, k in calls]
+
+
 def test_gptq_reconstructs_real_blocks_better_than_rtn(smollm2_path, wiki_files):
     """3-bit, first two blocks only: GPTQ's block output error is lower than RTN's."""
     errors = {}
@@ -56,16 +62,23 @@ def test_gptq_reconstructs_real_blocks_better_than_rtn(smollm2_path, wiki_files)
         block = model.model.layers[1]
         inputs = capture_block_inputs(model, model.model.layers[0], ids, 8)
         run_block(model.model.layers[0], inputs, keep_outputs=True)
-        with torch.no_grad():
-            reference = [block(h, *a, **k) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
-        steps = parse_recipe({"steps": [{
-            "method": method, "weights": {"bits": 3, "group_size": 64},
-            "targets": ["re:model\\.layers\\.[01]\\..*"],
-        }]}).steps
+        reference = block_outputs(block, inputs)
+        steps = parse_recipe(
+            {
+                "steps": [
+                    {
+                        "method": method,
+                        "weights": {"bits": 3, "group_size": 64},
+                        "targets": ["re:model\\.layers\\.[01]\\..*"],
+                    }
+                ]
+            }
+        ).steps
         quantize_model(model, steps, ids, 8, progress=False)
-        with torch.no_grad():
-            out = [block(h, *a, **k) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
-        errors[method] = sum(float((o - r).square().mean()) for o, r in zip(out, reference))
+        out = block_outputs(block, inputs)
+        errors[method] = sum(
+            float((o - r).square().mean()) for o, r in zip(out, reference, strict=True)
+        )
     assert errors["gptq"] < 0.8 * errors["rtn"]
 
 
@@ -76,7 +89,9 @@ def test_group_128_with_a_partial_last_group_round_trips(smollm2_path, tmp_path)
     from quantmill.export.checkpoint import save_quantized
 
     model, tokenizer = load_model(resolve_model("smollm2-135m"))
-    steps = parse_recipe({"steps": [{"method": "rtn", "weights": {"bits": 4, "group_size": 128}}]}).steps
+    steps = parse_recipe(
+        {"steps": [{"method": "rtn", "weights": {"bits": 4, "group_size": 128}}]}
+    ).steps
     outcome = quantize_model(model, steps, None, progress=False)
     q_proj = outcome.layers["model.layers.0.self_attn.q_proj"]
     assert q_proj.scale.shape == (576, 5)  # 576 = 4 × 128 + 64
@@ -91,10 +106,26 @@ def test_group_128_with_a_partial_last_group_round_trips(smollm2_path, tmp_path)
 def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     out = tmp_path / "w4g64"
     cmd = [
-        sys.executable, "-m", "quantmill.cli", "quantize", "--model", "smollm2-135m",
-        "--recipe", "recipes/gptq-w4g64.yaml", "--out", str(out), "--json", "-q",
-        "--calib-data", str(wiki_files[0]), "--calib-samples", "32",
-        "--eval-data", str(wiki_files[1]), "--eval-windows", "2",
+        sys.executable,
+        "-m",
+        "quantmill.cli",
+        "quantize",
+        "--model",
+        "smollm2-135m",
+        "--recipe",
+        "recipes/gptq-w4g64.yaml",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+        "--calib-data",
+        str(wiki_files[0]),
+        "--calib-samples",
+        "32",
+        "--eval-data",
+        str(wiki_files[1]),
+        "--eval-windows",
+        "2",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,8 +139,20 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     assert len(layers) == 30 * 7 and all(layer["loss"] > 0 for layer in layers)
 
     # `quantmill eval` on the written checkpoint agrees with the summary
-    cmd = [sys.executable, "-m", "quantmill.cli", "eval", "--model", str(out), "--json", "-q",
-           "--eval-data", str(wiki_files[1]), "--eval-windows", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "quantmill.cli",
+        "eval",
+        "--model",
+        str(out),
+        "--json",
+        "-q",
+        "--eval-data",
+        str(wiki_files[1]),
+        "--eval-windows",
+        "2",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads(result.stdout)
@@ -126,3 +169,16 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     with torch.no_grad():
         top5 = model(ids).logits[0, -1].topk(5).indices.tolist()
     assert tokenizer.encode(" Paris", add_special_tokens=False)[0] in top5
+
+
+def test_gguf_file_source_loads_the_same_model(smollm2):
+    from quantmill.sources import PRESETS, locate_preset_gguf
+
+    gguf = locate_preset_gguf(PRESETS["smollm2-135m"], install=False)
+    resolved = resolve_model(str(gguf))
+    assert resolved.kind == "gguf" and resolved.gguf_file == gguf.name
+    from_gguf, _ = load_model(resolved)
+    model, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(from_gguf(ids).logits, model(ids).logits)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from quantmill.api import quantize
@@ -52,8 +51,14 @@ def test_unreachable_hub_repo(tmp_path, recipe, monkeypatch):
         "try:\n    resolve_model('nobody/nothing-here')\n"
         "except ModelSourceError as e:\n    print('ERR', e)\n"
     )
-    env = {**__import__("os").environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    env = {
+        **__import__("os").environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert "ERR model 'nobody/nothing-here'" in result.stdout, result.stderr[-2000:]
 
 
@@ -61,7 +66,9 @@ def test_unsupported_architecture(tmp_path, recipe):
     from transformers import BloomConfig, BloomForCausalLM
 
     folder = tmp_path / "bloom"
-    BloomForCausalLM(BloomConfig(vocab_size=320, hidden_size=32, n_layer=1, n_head=4)).save_pretrained(folder)
+    BloomForCausalLM(
+        BloomConfig(vocab_size=320, hidden_size=32, n_layer=1, n_head=4)
+    ).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     out = tmp_path / "out"
     with pytest.raises(UnsupportedArchitectureError, match="'bloom' is not supported.*llama"):
@@ -97,7 +104,9 @@ def test_empty_calibration_data(tmp_path, tiny_checkpoint, text_files, content):
     empty.write_text(content)
     out = tmp_path / "out"
     with pytest.raises(CalibrationDataError, match="no text"):
-        quantize(str(tiny_checkpoint()), tiny_recipe("gptq", empty, text_files[1]), out, progress=False)
+        quantize(
+            str(tiny_checkpoint()), tiny_recipe("gptq", empty, text_files[1]), out, progress=False
+        )
     assert_no_output(out)
 
 
@@ -114,7 +123,9 @@ def test_calibration_text_shorter_than_one_sample(tmp_path, tiny_checkpoint, tex
     short.write_text("just a few words")
     out = tmp_path / "out"
     with pytest.raises(CalibrationDataError, match="seq_len"):
-        quantize(str(tiny_checkpoint()), tiny_recipe("gptq", short, text_files[1]), out, progress=False)
+        quantize(
+            str(tiny_checkpoint()), tiny_recipe("gptq", short, text_files[1]), out, progress=False
+        )
     assert_no_output(out)
 
 
@@ -163,9 +174,20 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps:\n  - method: gptq\n    weights: {bits: 12}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "quantmill.cli", "quantize", "--model", "x", "--recipe", str(bad),
-         "--out", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "quantmill.cli",
+            "quantize",
+            "--model",
+            "x",
+            "--recipe",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "steps.0.weights.bits = 12" in result.stderr and "Traceback" not in result.stderr

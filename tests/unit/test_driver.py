@@ -34,7 +34,9 @@ def test_every_block_linear_is_quantized_onto_its_grid(tiny_model, model_type, m
         W = get_weight(model.get_submodule(name), spec.conv1d).float()
         assert torch.allclose(fake_quantize(W, quant.scale, quant.zero, quant.scheme), W, atol=1e-6)
     assert all(r.loss >= 0 for r in outcome.reports)
-    assert not any(hasattr(m, "_forward_pre_hooks") and m._forward_pre_hooks for m in model.modules())
+    assert not any(
+        hasattr(m, "_forward_pre_hooks") and m._forward_pre_hooks for m in model.modules()
+    )
 
 
 @pytest.mark.parametrize("model_type", ["llama", "opt"])
@@ -88,7 +90,7 @@ def test_rtn_needs_no_calibration_but_gptq_does(tiny_model):
 
 def test_unsupported_architecture_lists_the_supported_ones():
     class Toy(nn.Module):
-        class config:  # noqa: N801
+        class config:
             model_type = "mamba"
 
     with pytest.raises(UnsupportedArchitectureError) as info:

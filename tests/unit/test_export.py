@@ -52,7 +52,9 @@ def test_packed_checkpoint_reloads_with_identical_logits(tmp_path, tiny_model, w
 
 def test_bits_per_weight_counts_scales_and_zero_points(tmp_path, tiny_model):
     model = tiny_model("llama")
-    steps = parse_recipe({"steps": [{"method": "rtn", "weights": {"bits": 4, "group_size": 16}}]}).steps
+    steps = parse_recipe(
+        {"steps": [{"method": "rtn", "weights": {"bits": 4, "group_size": 16}}]}
+    ).steps
     save_quantized(model, None, quantize_model(model, steps, None, 4, False).layers, tmp_path)
     # 4 bits + one float16 scale per 16 weights = 5.0, plus 16 bytes of weight_shape
     # per layer (64x64 or 64x128 weights here), well under 0.05
@@ -78,7 +80,14 @@ def test_api_writes_checkpoint_recipe_and_summary(tiny_checkpoint, text_files, t
     recipe = tiny_recipe(method, *text_files)
     out = tmp_path / "out"
     summary = quantize(str(src), recipe, out, progress=False)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", RECIPE_FILE, SUMMARY_FILE, LAYERS_FILE):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        RECIPE_FILE,
+        SUMMARY_FILE,
+        LAYERS_FILE,
+    ):
         assert (out / name).is_file(), name
     assert load_recipe(out / RECIPE_FILE) == recipe
     saved = json.loads((out / SUMMARY_FILE).read_text())

@@ -61,7 +61,9 @@ def test_gptq_weights_lie_on_the_returned_grid(setting):
     scheme = QuantScheme(**setting)
     result = gptq_quantize_weight(W, 2 * X.t() @ X / 512, scheme, actorder=True)
     # re-quantizing with the returned grid changes nothing: this is what gets packed
-    assert torch.allclose(fake_quantize(result.weight, result.scale, result.zero, scheme), result.weight)
+    assert torch.allclose(
+        fake_quantize(result.weight, result.scale, result.zero, scheme), result.weight
+    )
     step = expand_groups(result.scale, cols, scheme.group_size)
     assert (step > 0).all()
 

@@ -20,7 +20,9 @@ def test_compress_decompress_round_trip(bits, group_size, symmetric):
     W = torch.randn(rows, cols)
     scale, zero = compute_qparams(W, scheme)
     Wq = fake_quantize(W, scale, zero, scheme)
-    ct_scheme = build_schemes({"layer": LayerQuant(scheme, scale, zero)}, {"layer": cols})["group_0"]
+    ct_scheme = build_schemes({"layer": LayerQuant(scheme, scale, zero)}, {"layer": cols})[
+        "group_0"
+    ]
     compressor = BaseCompressor.get_value_from_registry(compression_format(scheme).value)
     state = {"weight": Wq, "weight_scale": scale.half()}
     if zero is not None:

@@ -22,9 +22,15 @@ def test_recipe_round_trips_through_files(tmp_path, suffix):
             "name": "two-steps",
             "steps": [
                 {"method": "rtn", "weights": {"bits": 8, "group_size": -1}},
-                {"method": "gptq", "weights": {"bits": 3, "group_size": 32, "symmetric": False},
-                 "actorder": False, "static_groups": True, "dampening": 0.05,
-                 "targets": ["re:.*mlp.*"], "ignore": ["lm_head", "*.down_proj"]},
+                {
+                    "method": "gptq",
+                    "weights": {"bits": 3, "group_size": 32, "symmetric": False},
+                    "actorder": False,
+                    "static_groups": True,
+                    "dampening": 0.05,
+                    "targets": ["re:.*mlp.*"],
+                    "ignore": ["lm_head", "*.down_proj"],
+                },
             ],
             "calibration": {"dataset": "some.txt", "num_samples": 4, "seq_len": 64, "seed": 3},
         }
@@ -55,16 +61,32 @@ def test_patterns_select_by_glob_and_regex():
 BAD = [
     ({"steps": [{"method": "gptq", "weights": {"bits": 9}}]}, "steps.0.weights.bits", "9"),
     ({"steps": [{"method": "gptq", "weights": {"bits": 1}}]}, "steps.0.weights.bits", "1"),
-    ({"steps": [{"method": "rtn", "weights": {"group_size": 0}}]}, "steps.0.weights.group_size", "0"),
+    (
+        {"steps": [{"method": "rtn", "weights": {"group_size": 0}}]},
+        "steps.0.weights.group_size",
+        "0",
+    ),
     ({"steps": [{"method": "gptq", "dampening": -0.1}]}, "steps.0.dampening", "-0.1"),
     ({"steps": [{"method": "gptq", "block_size": 0}]}, "steps.0.block_size", "0"),
-    ({"steps": [{"method": "gptq", "weights": {"observer": "max"}}]}, "steps.0.weights.observer", "'max'"),
+    (
+        {"steps": [{"method": "gptq", "weights": {"observer": "max"}}]},
+        "steps.0.weights.observer",
+        "'max'",
+    ),
     ({"steps": [{"method": "awq9"}]}, "steps", "awq9"),
     ({"steps": []}, "steps", "at least 1"),
     ({"steps": [{"method": "rtn", "bitz": 4}]}, "steps.0.bitz", "4"),
-    ({"steps": [{"method": "rtn"}], "calibration": {"num_samples": 0}}, "calibration.num_samples", "0"),
+    (
+        {"steps": [{"method": "rtn"}], "calibration": {"num_samples": 0}},
+        "calibration.num_samples",
+        "0",
+    ),
     ({"steps": [{"method": "rtn"}], "calibration": {"seq_len": 2}}, "calibration.seq_len", "2"),
-    ({"steps": [{"method": "rtn"}], "evaluation": {"max_windows": -3}}, "evaluation.max_windows", "-3"),
+    (
+        {"steps": [{"method": "rtn"}], "evaluation": {"max_windows": -3}},
+        "evaluation.max_windows",
+        "-3",
+    ),
     ({"steps": [{"method": "rtn", "targets": ["re:(["]}]}, "steps.0.targets", "bad regular"),
 ]
 
