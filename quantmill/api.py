@@ -115,14 +115,13 @@ def evaluate_checkpoint(
     net, tokenizer = load_model(resolved)
     windows = eval_ids(tokenizer, recipe.evaluation)
     result = perplexity(net, windows, progress).to_dict()
-    folder = resolved.path
-    quantized = (folder / "config.json").is_file() and bits_per_weight(folder) is not None
+    has_config = (resolved.path / "config.json").is_file()
     return {
         "model": resolved.to_dict(),
         "evaluation": recipe.evaluation.model_dump(),
         **result,
         "size_bytes": _source_size(resolved),
-        "bits_per_weight": bits_per_weight(folder) if quantized else None,
+        "bits_per_weight": bits_per_weight(resolved.path) if has_config else None,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,8 +33,6 @@ class Perplexity:
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: Tensor, progress: bool = True) -> Perplexity:
     """exp(mean next-token NLL) over ``windows`` ``[n, seq_len]``, each scored independently."""
-    import time
-
     start = time.perf_counter()
     model.eval()
     body, head = model.get_decoder(), model.get_output_embeddings()

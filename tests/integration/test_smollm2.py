@@ -103,33 +103,22 @@ def test_group_128_with_a_partial_last_group_round_trips(smollm2_path, tmp_path)
     assert bits_per_weight(tmp_path) < 4.2
 
 
+def cli(*args: str) -> dict:
+    """Run ``quantmill <args> --json -q`` in a subprocess and return its JSON."""
+    cmd = [sys.executable, "-m", "quantmill.cli", *args, "--json", "-q"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     out = tmp_path / "w4g64"
-    cmd = [
-        sys.executable,
-        "-m",
-        "quantmill.cli",
-        "quantize",
-        "--model",
-        "smollm2-135m",
-        "--recipe",
-        "recipes/gptq-w4g64.yaml",
-        "--out",
-        str(out),
-        "--json",
-        "-q",
-        "--calib-data",
-        str(wiki_files[0]),
-        "--calib-samples",
-        "32",
-        "--eval-data",
-        str(wiki_files[1]),
-        "--eval-windows",
-        "2",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout)
+    calib, test = (str(f) for f in wiki_files)
+    summary = cli(
+        "quantize", "--model", "smollm2-135m", "--recipe", "recipes/gptq-w4g64.yaml",
+        "--out", str(out), "--calib-data", calib, "--calib-samples", "32",
+        "--eval-data", test, "--eval-windows", "2",
+    )  # fmt: skip
     original, quantized = summary["original"]["perplexity"], summary["quantized"]["perplexity"]
     assert original < quantized < 1.5 * original
     assert summary["bits_per_weight"] <= 4.6
@@ -139,23 +128,7 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     assert len(layers) == 30 * 7 and all(layer["loss"] > 0 for layer in layers)
 
     # `quantmill eval` on the written checkpoint agrees with the summary
-    cmd = [
-        sys.executable,
-        "-m",
-        "quantmill.cli",
-        "eval",
-        "--model",
-        str(out),
-        "--json",
-        "-q",
-        "--eval-data",
-        str(wiki_files[1]),
-        "--eval-windows",
-        "2",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads(result.stdout)
+    evaluated = cli("eval", "--model", str(out), "--eval-data", test, "--eval-windows", "2")
     assert evaluated["perplexity"] == pytest.approx(quantized, rel=1e-5)
     assert evaluated["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
 

@@ -192,3 +192,29 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "steps.0.weights.bits = 12" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_hub_dataset_unreachable_names_the_dataset_and_the_fix(tmp_path):
+    code = (
+        "from quantmill.data import load_rows\n"
+        "from quantmill.errors import CalibrationDataError\n"
+        "try:\n    load_rows('wikitext', 'wikitext-2-raw-v1', 'train')\n"
+        "except CalibrationDataError as e:\n    print('ERR', e)\n"
+    )
+    env = {
+        **__import__("os").environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "ds"),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert "ERR could not load dataset 'wikitext'" in result.stdout, result.stderr[-2000:]
+    assert "local text file" in result.stdout
