@@ -61,6 +61,16 @@ def measured(cmd: list[str], log: Path) -> dict[str, Any]:
     return {"result": result, "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def measured_once(cmd: list[str], out: Path, log: Path) -> dict[str, Any]:
+    """``measured(cmd)``, or its saved figures when ``out`` was already produced (``--resume``)."""
+    sidecar = out.with_name(out.name + ".run.json")
+    if out.is_dir() and sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    run = measured(cmd, log)
+    sidecar.write_text(json.dumps(run))
+    return run
+
+
 def recipe_file(folder: Path, method: str, bits: int, group: int | None, sym: bool, args) -> Path:
     recipe = {
         "name": f"{method}-bench",
@@ -139,7 +149,7 @@ def run_setting(label: str, model_dir: Path, calib: Path, peer_py: str | None, w
             "-q",
             "--overwrite",
         ]
-        run = measured(cmd, work / f"ours-{method}-{label}.log")
+        run = measured_once(cmd, out, work / f"ours-{method}-{label}.log")
         row[f"ours_{method}"] = {
             "quant_seconds": run["result"]["quant_seconds"],
             "wall_seconds": run["wall_seconds"],
@@ -169,7 +179,7 @@ def run_setting(label: str, model_dir: Path, calib: Path, peer_py: str | None, w
             "--out",
             str(out),
         ]
-        run = measured(cmd, work / f"peer-{label}.log")
+        run = measured_once(cmd, out, work / f"peer-{label}.log")
         row["peer_gptq"] = {
             "quant_seconds": run["result"].get("quant_seconds"),
             "wall_seconds": run["wall_seconds"],
@@ -209,7 +219,18 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/gptq_vs_peer.json"))
+    parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
+    parser.add_argument("--work", help="work folder to (re)use; default: a new temporary one")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the settings already in --out and reuse measured runs in --work",
+    )
     args = parser.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print(table(saved["rows"], saved["original_perplexity"]))
+        return
 
     from quantmill.sources import resolve_model
 
@@ -223,11 +244,18 @@ def main() -> None:
             check=True,
         )
         peer_py = setup.stdout.strip().splitlines()[-1]
-    work = Path(tempfile.mkdtemp(prefix="quantmill-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quantmill-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     calib = calibration_file(model_dir, work, args)
     print(f"work folder: {work}", flush=True)
-    original = evaluate(model_dir, args, work / "eval-original.log")
-    rows: list[dict[str, Any]] = []
+    previous = (
+        json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).is_file() else {}
+    )
+    rows: list[dict[str, Any]] = previous.get("rows", [])
+    done = {row["setting"] for row in rows}
+    original = previous.get("original_perplexity") or evaluate(
+        model_dir, args, work / "eval-original.log"
+    )
     report: dict[str, Any] = {
         "benchmark": "gptq_vs_peer",
         "machine": {
@@ -246,7 +274,7 @@ def main() -> None:
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for label in args.settings.split(","):
+    for label in [s for s in args.settings.split(",") if s not in done]:
         rows.append(run_setting(label, model_dir, calib, peer_py, work, args))
         # written after every setting, so an interrupted run keeps what it measured
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

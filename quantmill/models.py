@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -22,13 +23,13 @@ def load_model(
 
     Remote code is never run unless ``trust_remote_code`` is passed explicitly.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, **kwargs)
+        model = _from_pretrained(resolved, dtype, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
@@ -52,6 +53,39 @@ def load_model(
     check_finite(model, resolved.source)
     model.eval()
     return model, tokenizer
+
+
+def _from_pretrained(resolved: ResolvedModel, dtype: torch.dtype, kwargs: dict) -> nn.Module:
+    """``from_pretrained``, retrying a compressed-tensors checkpoint on the dequantizing path.
+
+    transformers' compressed path cannot load asymmetric ``group``/``channel``
+    checkpoints (their int32-packed zero points, as llmcompressor writes them:
+    the empty model expects them unpacked); its dequantizing path unpacks them.
+    The compressed path is tried first because it reproduces the quantized
+    weights exactly (the dequantizing path multiplies in the scales' float16).
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, **kwargs)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc) or not _is_compressed_tensors(resolved):
+            raise
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    log.info("%s: loading through transformers' dequantizing path", resolved.source)
+    dequantize = CompressedTensorsConfig(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(
+        resolved.path, dtype=dtype, quantization_config=dequantize, **kwargs
+    )
+
+
+def _is_compressed_tensors(resolved: ResolvedModel) -> bool:
+    config = resolved.path / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "compressed-tensors"
 
 
 def _decompress(model: nn.Module) -> None:
