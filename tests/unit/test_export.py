@@ -11,7 +11,7 @@ from quantmill.driver import quantize_model
 from quantmill.evaluate import bits_per_weight
 from quantmill.export.checkpoint import save_quantized
 from quantmill.recipe import load_recipe, parse_recipe
-from tests.conftest import tiny_recipe
+from tests.conftest import tiny_recipe, tiny_tokenizer
 
 SCHEMES = [
     dict(bits=4, group_size=16, symmetric=True),
@@ -96,3 +96,44 @@ def test_api_writes_checkpoint_recipe_and_summary(tiny_checkpoint, text_files, t
     assert 4.0 < saved["bits_per_weight"] < 5.1
     assert len(json.loads((out / LAYERS_FILE).read_text())) == 2 * 7
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_asymmetric_group_checkpoints_of_other_tools_load(tmp_path, tiny_model):
+    """llmcompressor-style asymmetric ``group`` checkpoints pack zero points into int32;
+    transformers' compressed path refuses them, so ``load_model`` takes the dequantizing one."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from quantmill.export.compressed import quantization_config
+    from quantmill.models import load_model
+    from quantmill.sources import resolve_model
+
+    model = tiny_model("llama")
+    steps = parse_recipe(
+        {"steps": [{"method": "rtn", "weights": {"bits": 4, "group_size": 16, "symmetric": False}}]}
+    ).steps
+    layers = quantize_model(model, steps, None, 4, False).layers
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=16, symmetric=False)
+    scheme = QuantizationScheme(targets=list(layers), weights=args, format="pack-quantized")
+    state = dict(model.state_dict())
+    for name, quant in layers.items():
+        local = {
+            "weight": state.pop(f"{name}.weight"),
+            "weight_scale": quant.scale,  # float32, as llmcompressor stores it here
+            "weight_zero_point": quant.zero.to(torch.int8),
+        }
+        compressed = BaseCompressor.get_value_from_registry("pack-quantized").compress(
+            local, scheme
+        )
+        assert compressed["weight_zero_point"].dtype == torch.int32  # packed
+        state.update({f"{name}.{k}": v for k, v in compressed.items()})
+    model.config.quantization_config = quantization_config({"group_0": scheme})
+    model.save_pretrained(tmp_path, state_dict=state)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    del model.config.quantization_config
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded, _ = load_model(resolve_model(str(tmp_path)))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
