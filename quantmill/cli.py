@@ -90,8 +90,30 @@ def _recipe(args: argparse.Namespace, default_steps: bool = False):
     return parse_recipe(_apply_overrides(yaml.safe_load(yaml.safe_dump(data)), args))
 
 
+# glibc raises its mmap threshold each time a large block is freed, after which
+# activation-sized tensors come from the heap and fragment it: peak RSS of a
+# GPTQ run then varied from 1.24 to 1.65 GB between settings. A fixed 1 MiB
+# threshold keeps large tensors in their own mappings, returned on free
+# (measured at w4g64 asym: 1623 → 1241 MB peak, 248 → 281 s).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def pin_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold for this process; False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    pin_mmap_threshold()  # an application setting: the CLI's, never the library's
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
