@@ -1,5 +1,12 @@
-"""Prefect flows: they only chain tasks and decide what runs in parallel.
+"""Prefect flows: they compose tasks and decide what runs in parallel; no math here.
 
-The quantize, sweep and evaluate flows arrive with the pipeline issue; until
-then the library's CLI (``quantmill quantize``) is the way to run a job.
+- ``quantize``: download → calibrate → quantize → evaluate → record
+- ``sweep``: one model, several recipes, shared calibration, a comparison
+- ``evaluate``: an existing checkpoint
 """
+
+import os
+
+# quantmill's per-block and per-window progress lines go to the Prefect run logs.
+# (Read when prefect is first imported, so it is set before any flow or task module.)
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantmill")

@@ -26,6 +26,8 @@ from quantmill.export.checkpoint import ExportFormat, save_quantized, staged_out
 from quantmill.models import load_model
 from quantmill.recipe import Recipe, save_recipe
 from quantmill.sources import ResolvedModel, cache_root, resolve_model
+from quantmill.stages import load_calibration
+from quantmill.stats import StatisticsFile
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class QuantizeSummary:
 
 
 def quantize(
-    model: str,
+    model: str | ResolvedModel,
     recipe: Recipe,
     out_dir: str | Path,
     *,
@@ -65,20 +67,33 @@ def quantize(
     trust_remote_code: bool = False,
     export_format: ExportFormat = "packed",
     progress: bool = True,
+    calibration: str | Path | None = None,
+    statistics: str | Path | None = None,
 ) -> QuantizeSummary:
-    """Quantize ``model`` (preset, path or Hub id) with ``recipe`` into ``out_dir``."""
+    """Quantize ``model`` (preset, path, Hub id or resolved source) with ``recipe``.
+
+    ``calibration`` (prepared token ids) and ``statistics`` (the original
+    model's, for ``sequential: false`` steps) are files from ``quantmill.stages``;
+    without them the data is prepared and the statistics collected here.
+    """
     out_dir = Path(out_dir)
     with staged_output(out_dir, overwrite=overwrite) as tmp:
-        resolved = resolve_model(model, revision)
+        resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
         net, tokenizer = load_model(resolved, trust_remote_code)
         arch_for(net)  # an unsupported architecture fails before any data is read
-        calib = (
-            calibration_ids(tokenizer, recipe.calibration) if recipe.needs_calibration() else None
-        )
+        if calibration is not None:
+            calib = load_calibration(calibration)
+        elif recipe.needs_calibration():
+            calib = calibration_ids(tokenizer, recipe.calibration)
+        else:
+            calib = None
+        stats = StatisticsFile(statistics) if statistics is not None else None
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
         original = _original_perplexity(net, resolved, recipe, windows, progress)
         net.config.use_cache = False
-        outcome = quantize_model(net, recipe.steps, calib, recipe.calibration.batch_size, progress)
+        outcome = quantize_model(
+            net, recipe.steps, calib, recipe.calibration.batch_size, progress, statistics=stats
+        )
         del calib
         save_quantized(net, tokenizer, outcome.layers, tmp, export_format)
         del net
@@ -108,13 +123,25 @@ def quantize(
 
 
 def evaluate_checkpoint(
-    model: str, recipe: Recipe, *, revision: str | None = None, progress: bool = True
+    model: str | ResolvedModel,
+    recipe: Recipe,
+    *,
+    revision: str | None = None,
+    progress: bool = True,
+    cache: bool = False,
 ) -> dict[str, Any]:
-    """Perplexity, size and bits per weight of any model source (quantized or not)."""
-    resolved = resolve_model(model, revision)
+    """Perplexity, size and bits per weight of any model source (quantized or not).
+
+    ``cache`` reuses a perplexity measured before for the same model revision and
+    evaluation spec (meant for original models, whose revision pins their content).
+    """
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     net, tokenizer = load_model(resolved)
     windows = eval_ids(tokenizer, recipe.evaluation)
-    result = perplexity(net, windows, progress).to_dict()
+    if cache:
+        result = _original_perplexity(net, resolved, recipe, windows, progress) or {}
+    else:
+        result = perplexity(net, windows, progress).to_dict()
     has_config = (resolved.path / "config.json").is_file()
     return {
         "model": resolved.to_dict(),

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
 
 from quantmill.errors import QuantmillError
 
@@ -37,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(e)
 
     sub.add_parser("methods", help="list the registered quantization methods")
+    try:  # the pipeline commands, where the repository's flows/ package is installed
+        from flows.cli import add_flow_commands
+    except ImportError:
+        pass
+    else:
+        add_flow_commands(sub)
     return parser
 
 
@@ -62,32 +67,21 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seq-len", type=int, help="evaluation window length in tokens")
 
 
-def _apply_overrides(recipe_dict: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    calib = recipe_dict.setdefault("calibration", {})
-    evaluation = recipe_dict.setdefault("evaluation", {})
-    if getattr(args, "calib_data", None):
-        calib.update(dataset=args.calib_data)
-    if getattr(args, "calib_samples", None) is not None:
-        calib.update(num_samples=args.calib_samples)
-    if args.eval_data:
-        evaluation.update(dataset=args.eval_data)
-    if args.eval_windows is not None:
-        evaluation.update(max_windows=args.eval_windows or None)
-    if args.eval_seq_len is not None:
-        evaluation.update(seq_len=args.eval_seq_len)
-    return recipe_dict
-
-
-def _recipe(args: argparse.Namespace, default_steps: bool = False):
-    import yaml
-
-    from quantmill.recipe import load_recipe, parse_recipe
+def _recipe(args: argparse.Namespace):
+    from quantmill.recipe import load_recipe, parse_recipe, with_overrides
 
     if args.recipe:
-        data = load_recipe(args.recipe).to_dict()
+        recipe = load_recipe(args.recipe)
     else:
-        data = {"name": "eval", "steps": [{"method": "rtn"}]} if default_steps else {}
-    return parse_recipe(_apply_overrides(yaml.safe_load(yaml.safe_dump(data)), args))
+        recipe = parse_recipe({"name": "eval", "steps": [{"method": "rtn"}]})  # eval only
+    return with_overrides(
+        recipe,
+        calib_data=getattr(args, "calib_data", None),
+        calib_samples=getattr(args, "calib_samples", None),
+        eval_data=args.eval_data,
+        eval_windows=args.eval_windows,
+        eval_seq_len=args.eval_seq_len,
+    )
 
 
 # glibc raises its mmap threshold each time a large block is freed, after which
@@ -115,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     pin_mmap_threshold()  # an application setting: the CLI's, never the library's
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command not in ("run", "sweep"):
+        # The terminal has progress bars; these per-block lines are for the Prefect logs.
+        logging.getLogger("quantmill.progress").setLevel(logging.WARNING)
     try:
         return _run(args)
     except QuantmillError as exc:
@@ -125,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from quantmill import report
 
+    if args.command in ("run", "sweep"):
+        from flows.cli import run_flow_command
+
+        return run_flow_command(args)
     if args.command == "methods":
         from quantmill.registry import method_names
 
         print("\n".join(method_names()))
         return 0
-    recipe = _recipe(args, default_steps=args.command == "eval")
+    recipe = _recipe(args)
     if args.command == "quantize":
         from quantmill.api import quantize
 

@@ -10,8 +10,11 @@ statistics and one set of hidden states live at a time, beside the model.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +25,11 @@ from quantmill.config import MethodConfig
 from quantmill.errors import CalibrationDataError
 from quantmill.methods.base import LayerQuant, LayerReport, Method, StopForward, hooks_removed
 from quantmill.registry import get_method
+from quantmill.stats import Statistics, StatisticsFile, collect_statistics, save_statistics
 
 log = logging.getLogger(__name__)
+# One line per block at INFO: what the pipeline's logs show (the CLI shows bars instead).
+progress_log = logging.getLogger("quantmill.progress")
 
 
 @dataclass
@@ -48,35 +54,50 @@ def quantize_model(
     calib_ids: Tensor | None,
     batch_size: int = 8,
     progress: bool = True,
+    statistics: Statistics | StatisticsFile | None = None,
 ) -> QuantizeOutcome:
     """Apply ``steps`` in order to every decoder block of ``model`` in place.
 
     ``calib_ids`` is ``[num_samples, seq_len]`` token ids; it may be ``None``
-    only when no step needs calibration.
+    only when no step needs calibration, or when every calibrated step reads
+    shared ``statistics`` (``sequential: false``) and those are given.
     """
     start = time.perf_counter()
     spec = arch_for(model)
     blocks = decoder_blocks(model, spec)
     methods = [get_method(step.method).impl(step, spec.conv1d) for step in steps]
-    calibrated = any(m.needs_calibration for m in methods)
-    inputs = None
-    if calibrated:
-        if calib_ids is None or calib_ids.numel() == 0:
-            raise CalibrationDataError(
-                "the recipe's methods need calibration data but none was given "
-                "(calibration.num_samples samples of calibration.seq_len tokens)"
-            )
-        inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size)
+    calibrated = [m for m in methods if m.needs_calibration]
+    live = any(m.sequential for m in calibrated)  # statistics of the partly quantized model
+    shared = any(not m.sequential for m in calibrated)
+    if (live or (shared and statistics is None)) and (calib_ids is None or calib_ids.numel() == 0):
+        raise CalibrationDataError(
+            "the recipe's methods need calibration data but none was given "
+            "(calibration.num_samples samples of calibration.seq_len tokens)"
+        )
     layers: dict[str, LayerQuant] = {}
     reports: list[LayerReport] = []
     label = "+".join(step.method for step in steps)
-    for index, block in enumerate(tqdm(blocks, desc=f"{label} blocks", disable=not progress)):
-        prefix = f"{spec.blocks}.{index}."
-        for method in methods:
-            _quantize_block(method, block, spec, prefix, inputs, layers, reports)
-        if inputs is not None and index + 1 < len(blocks):
-            run_block(block, inputs, keep_outputs=True)
+    with ExitStack() as stack:
+        if shared and statistics is None:
+            statistics = _statistics_file(stack, model, calib_ids, batch_size, progress)
+        inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size) if live else None
+        for index, block in enumerate(tqdm(blocks, desc=f"{label} blocks", disable=not progress)):
+            prefix = f"{spec.blocks}.{index}."
+            for method in methods:
+                _quantize_block(method, block, spec, prefix, inputs, statistics, layers, reports)
+            if inputs is not None and index + 1 < len(blocks):
+                run_block(block, inputs, keep_outputs=True)
+            progress_log.info("%s: block %d/%d quantized", label, index + 1, len(blocks))
     return QuantizeOutcome(layers, reports, time.perf_counter() - start)
+
+
+def _statistics_file(
+    stack: ExitStack, model: nn.Module, calib_ids: Tensor, batch_size: int, progress: bool
+) -> StatisticsFile:
+    """Collect the original model's statistics into a temporary file read layer by layer."""
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantmill-stats-")))
+    save_statistics(collect_statistics(model, calib_ids, batch_size, progress), folder / "s.st")
+    return StatisticsFile(folder / "s.st")
 
 
 def _quantize_block(
@@ -85,6 +106,7 @@ def _quantize_block(
     spec: ArchSpec,
     prefix: str,
     inputs: BlockInputs | None,
+    statistics: Statistics | StatisticsFile | None,
     layers: dict[str, LayerQuant],
     reports: list[LayerReport],
 ) -> None:
@@ -95,7 +117,10 @@ def _quantize_block(
     }
     if not selected:
         return
-    if method.needs_calibration and inputs is not None:
+    if method.needs_calibration and not method.sequential:
+        assert statistics is not None  # quantize_model collects them when none were given
+        method.use_statistics([prefix + name for name in selected], statistics)
+    elif method.needs_calibration and inputs is not None:
         groups = [
             [(prefix + n, selected[n]) for n in group if n in selected]
             for group in spec.linear_groups

@@ -12,7 +12,15 @@ class ConfigError(QuantmillError, ValueError):
 
 
 class ModelSourceError(QuantmillError):
-    """A model id, path or preset cannot be resolved or loaded."""
+    """A model id, path or preset cannot be resolved or loaded.
+
+    ``transient`` marks failures worth retrying (network, rate limits, server
+    errors), as opposed to a wrong id or path, which no retry fixes.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class UnsupportedArchitectureError(QuantmillError):

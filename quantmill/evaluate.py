@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 # Cross-entropy is computed over this many positions at a time, so a 2048-token
 # window never materialises its full [2048, vocab] logits.
 LOGIT_CHUNK = 512
+progress_log = logging.getLogger("quantmill.progress")
 
 
 @dataclass
@@ -37,7 +39,7 @@ def perplexity(model: nn.Module, windows: Tensor, progress: bool = True) -> Perp
     model.eval()
     body, head = model.get_decoder(), model.get_output_embeddings()
     total, count = 0.0, 0
-    for window in tqdm(windows, desc="perplexity windows", disable=not progress):
+    for index, window in enumerate(tqdm(windows, desc="perplexity windows", disable=not progress)):
         ids = window[None]
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
         targets = ids[0, 1:]
@@ -47,6 +49,7 @@ def perplexity(model: nn.Module, windows: Tensor, progress: bool = True) -> Perp
                 nn.functional.cross_entropy(logits, targets[s : s + LOGIT_CHUNK], reduction="sum")
             )
         count += targets.numel()
+        progress_log.info("perplexity: window %d/%d", index + 1, len(windows))
     seconds = time.perf_counter() - start
     if not math.isfinite(total):
         return Perplexity(float("nan"), len(windows), windows.shape[1], count, seconds)

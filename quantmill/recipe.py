@@ -80,6 +80,34 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data)
 
 
+def with_overrides(
+    recipe: Recipe,
+    *,
+    calib_data: str | None = None,
+    calib_samples: int | None = None,
+    eval_data: str | None = None,
+    eval_windows: int | None = None,
+    eval_seq_len: int | None = None,
+) -> Recipe:
+    """A copy of ``recipe`` with the given data settings replaced (and validated).
+
+    ``eval_windows = 0`` means every window.
+    """
+    data = recipe.to_dict()
+    calib, evaluation = data["calibration"], data["evaluation"]
+    if calib_data:
+        calib["dataset"] = calib_data
+    if calib_samples is not None:
+        calib["num_samples"] = calib_samples
+    if eval_data:
+        evaluation["dataset"] = eval_data
+    if eval_windows is not None:
+        evaluation["max_windows"] = eval_windows or None
+    if eval_seq_len is not None:
+        evaluation["seq_len"] = eval_seq_len
+    return parse_recipe(data)
+
+
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     path = Path(path)
     data = recipe.to_dict()

@@ -67,6 +67,13 @@ class ResolvedModel:
             "gguf_file": self.gguf_file,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ResolvedModel:
+        """The inverse of ``to_dict``: what a pipeline task passes on to the next."""
+        return cls(
+            data["source"], data["kind"], Path(data["path"]), data["revision"], data["gguf_file"]
+        )
+
 
 def cache_root() -> Path:
     """The folder for converted presets and other derived files."""
@@ -118,16 +125,23 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
     except LocalEntryNotFoundError as exc:
         raise ModelSourceError(
             f"model {repo_id!r} could not be downloaded and is not in the local Hub cache "
-            f"({exc}). Check the network or HF_ENDPOINT, or pass a local folder."
+            f"({exc}). Check the network or HF_ENDPOINT, or pass a local folder.",
+            transient=True,
         ) from exc
     except HfHubHTTPError as exc:
         raise ModelSourceError(
             f"model {repo_id!r} (revision {revision or 'main'}) could not be fetched from "
-            f"the Hub: {exc}. Check the repo id, the revision and HF_TOKEN."
+            f"the Hub: {exc}. Check the repo id, the revision and HF_TOKEN.",
+            transient=_status(exc) in {None, 408, 429} or (_status(exc) or 0) >= 500,
         ) from exc
     # snapshot folders are named after the commit hash they hold
     commit = Path(local).name
     return ResolvedModel(repo_id, "hub", Path(local), commit)
+
+
+def _status(exc: Exception) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
 
 
 def _resolve_preset(name: str) -> ResolvedModel:
@@ -211,10 +225,12 @@ def _file_hash(path: Path) -> str:
 
 
 def _folder_hash(path: Path) -> str:
-    """A cheap identity for a local folder: names, sizes and config contents."""
+    """A cheap identity for a local folder: names, sizes, modification times and
+    config contents (rewritten weights change it; hashing gigabytes would not pay)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file()):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         if file.suffix == ".json":
             digest.update(file.read_bytes())
     return "sha256:" + digest.hexdigest()

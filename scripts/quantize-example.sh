@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The main job: GPTQ 4-bit (groups of 64) on the real SmolLM2-135M, then its
-# evaluation against the original. No server needed. Arguments are passed on
-# to `quantmill quantize` (e.g. --recipe recipes/gptq-w3g64.yaml).
+# The main job: the quantize flow (Prefect) with GPTQ 4-bit (groups of 64) on the
+# real SmolLM2-135M, its evaluation against the original, and an MLflow run.
+# No server needed: Prefect starts a temporary local API and MLflow writes to
+# ./mlruns (SQLite). Set PREFECT_API_URL / MLFLOW_TRACKING_URI to use servers.
+# Arguments are passed on to `quantmill run` (e.g. --recipe gptq-w3g64).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
 DATA="${QUANTMILL_DATA_DIR:-../shared/data}"
-ARGS=(--model smollm2-135m --recipe recipes/gptq-w4g64.yaml
-      --out outputs/smollm2-135m-gptq-w4g64 --overwrite)
+ARGS=(--model smollm2-135m --recipe gptq-w4g64 --out outputs/smollm2-135m-gptq-w4g64 --overwrite)
 # Local WikiText-2 files where they exist; otherwise the recipe's `datasets` names.
 if [ -f "$DATA/wikitext-2/wiki.valid.tokens" ]; then
     ARGS+=(--calib-data "$DATA/wikitext-2/wiki.valid.tokens"
            --eval-data "$DATA/wikitext-2/wiki.test.raw")
 fi
-exec .venv/bin/quantmill quantize "${ARGS[@]}" "$@"
+exec .venv/bin/quantmill run "${ARGS[@]}" "$@"

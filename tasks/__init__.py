@@ -1,5 +1,11 @@
-"""Prefect tasks: thin adapters that parse inputs, call the ``quantmill`` library and
-return something small (a path, a URI, a dict of metrics), never a model or tensor.
+"""Prefect tasks: thin adapters over the ``quantmill`` library.
 
-They arrive with the pipeline issue.
+Each parses its inputs, calls the library and returns something small (a path,
+a URI, a dict of figures), never a model or a tensor, so results can be
+persisted, cached and shown in the Prefect UI.
 """
+
+import os
+
+# quantmill's progress lines go to the Prefect run logs (read when prefect is imported).
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantmill")

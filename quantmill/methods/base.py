@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,15 @@ class Method:
     ) -> Iterator[None]:
         """Collect statistics from the selected layers of one block, grouped by shared input."""
         yield
+
+    @property
+    def sequential(self) -> bool:
+        """True when statistics must come from the model quantized so far (block by block)."""
+        return True
+
+    def use_statistics(self, names: list[str], statistics: Any) -> None:
+        """Take statistics of the original model (``quantmill.stats``) for ``names``."""
+        raise NotImplementedError(f"{type(self).__name__} collects its own statistics")
 
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
         raise NotImplementedError

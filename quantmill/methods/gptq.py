@@ -44,6 +44,10 @@ class GPTQConfig(MethodConfig):
     actorder: bool = True
     # Group parameters from the original weights rather than the error-updated ones.
     static_groups: bool = False
+    # True: each block's Hessians come from inputs that went through the blocks already
+    # quantized (the paper's scheme). False: Hessians of the original model, collected
+    # once and shared by every such recipe of a sweep (the pipeline caches them).
+    sequential: bool = True
 
 
 @register_method("gptq", config=GPTQConfig)
@@ -71,6 +75,13 @@ class GPTQ(Method):
         with hooks_removed(handles):
             yield
 
+    @property
+    def sequential(self) -> bool:
+        return self.config.sequential
+
+    def use_statistics(self, names: list[str], statistics) -> None:
+        self._hessians = {name: _Given(statistics.hessian(name)) for name in names}
+
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
         start = time.perf_counter()
         cfg = self.config
@@ -91,6 +102,16 @@ class GPTQ(Method):
         set_weight(layer, result.weight, self.conv1d)
         report = self._timed_report(name, "gptq", result.loss, start, dampening=result.dampening)
         return LayerQuant(cfg.weights, result.scale, result.zero), report
+
+
+class _Given:
+    """A Hessian read from saved statistics, with the accumulator's interface."""
+
+    def __init__(self, H) -> None:
+        self.H = H
+
+    def hessian(self):
+        return self.H
 
 
 def _accumulate(acc: HessianAccumulator, stop: bool):

@@ -85,15 +85,29 @@ def compute_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | No
     best_err = torch.full_like(wmin, float("inf"))
     best_scale = torch.empty_like(wmin)
     best_zero = None if scheme.symmetric else torch.empty_like(wmin)
+    work = torch.empty_like(G)  # one buffer for every candidate: no per-step allocations
     for shrink in MSE_SHRINK:
         scale, zero = minmax_params(wmin * shrink, wmax * shrink, scheme)
-        err = (_fake(G, scale[..., None], _z(zero), scheme) - G).pow_(2).sum(dim=2)
+        err = _squared_error(G, scale[..., None], _z(zero), scheme, work)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         if best_zero is not None and zero is not None:
             best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def _squared_error(
+    G: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme, work: Tensor
+) -> Tensor:
+    """Σ over the last dim of ``(fake_quantize(G) - G)²``, computed in ``work``."""
+    torch.div(G, scale, out=work).round_()
+    if zero is not None:
+        work.add_(zero)
+    work.clamp_(scheme.q_min, scheme.q_max)
+    if zero is not None:
+        work.sub_(zero)
+    return work.mul_(scale).sub_(G).pow_(2).sum(dim=2)
 
 
 def _z(zero: Tensor | None) -> Tensor | None:

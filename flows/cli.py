@@ -1,0 +1,116 @@
+"""``quantmill run`` (the quantize flow) and ``quantmill sweep`` (the sweep flow).
+
+With nothing configured the flows use Prefect's temporary local API and an
+MLflow SQLite store under ``./mlruns``; with ``PREFECT_API_URL`` and
+``MLFLOW_TRACKING_URI`` set, the same commands run against those servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+FLOW_COMMANDS = ("run", "sweep")
+
+
+def add_flow_commands(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="run the quantize flow (Prefect + MLflow)")
+    _common(r)
+    r.add_argument("--recipe", default="gptq-w4g64", help="shipped recipe name or recipe file")
+    r.add_argument("--out", help="output folder (default: outputs/<model>-<recipe>)")
+    r.add_argument("--format", choices=["packed", "fake"], default="packed")
+
+    s = sub.add_parser("sweep", help="run the sweep flow: several recipes side by side")
+    _common(s)
+    s.add_argument(
+        "--recipes", nargs="+", required=True, help="shipped recipe names and/or recipe files"
+    )
+    s.add_argument("--out-root", default="outputs/sweep", help="one folder per recipe here")
+    s.add_argument("--max-concurrency", type=int, default=2, help="recipes run at once")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="preset, folder, .gguf or Hub id")
+    p.add_argument("--revision", help="Hub revision to pin")
+    p.add_argument("--calib-data", help="calibration text file (overrides the recipe)")
+    p.add_argument("--calib-samples", type=int, help="number of calibration samples")
+    p.add_argument("--eval-data", help="evaluation text file (overrides the recipe)")
+    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows (0: all)")
+    p.add_argument("--experiment", default="quantmill", help="MLflow experiment")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_flow_command(args: argparse.Namespace) -> int:
+    from flows.params import RECIPES_DIR, QuantizeJob, SweepJob
+
+    def shipped(name: str) -> bool:
+        return (RECIPES_DIR / f"{name}.yaml").is_file()
+
+    data = {
+        "calib_data": args.calib_data,
+        "calib_samples": args.calib_samples,
+        "eval_data": args.eval_data,
+        "eval_windows": args.eval_windows,
+    }
+    common = {
+        "model": args.model,
+        "revision": args.revision,
+        "data": data,
+        "experiment": args.experiment,
+        "overwrite": args.overwrite,
+    }
+    try:
+        if args.command == "run":
+            recipe = (
+                {"recipe": args.recipe} if shipped(args.recipe) else {"recipe_file": args.recipe}
+            )
+            job: Any = QuantizeJob(**common, **recipe, out_dir=args.out, export_format=args.format)
+        else:
+            names = [r for r in args.recipes if shipped(r)]
+            files = [r for r in args.recipes if r not in names]
+            job = SweepJob(
+                **common,
+                recipes=names,
+                recipe_files=files,
+                out_root=args.out_root,
+                max_concurrency=args.max_concurrency,
+            )
+        job.load()  # every recipe is validated before a flow starts
+    except ValidationError as exc:
+        from quantmill.recipe import format_validation_error
+
+        print(f"error: {format_validation_error(exc, 'flow parameters')}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "run":
+        from flows.quantize import quantize_flow
+
+        result = quantize_flow(job)
+    else:
+        from flows.sweep import sweep_flow
+
+        result = sweep_flow(job)
+    print(json.dumps(result, indent=2, default=str) if args.json else _summary(result))
+    return 0
+
+
+def _summary(result: dict[str, Any]) -> str:
+    if "table" in result:
+        body = result["table"]
+    else:
+        body = (
+            f"checkpoint: {result['out_dir']}\n"
+            f"perplexity: {result.get('perplexity', float('nan')):.2f} "
+            f"(original {result.get('perplexity_original', float('nan')):.2f})\n"
+            f"bits/weight: {result.get('bits_per_weight', float('nan')):.3f}, "
+            f"size: {result.get('size_bytes', 0) / 2**20:.1f} MB, "
+            f"quantize: {result.get('quant_seconds', float('nan')):.1f} s"
+        )
+    return f"{body}\nMLflow: {result['mlflow']}"

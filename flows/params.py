@@ -1,0 +1,102 @@
+"""Typed flow parameters: pydantic models, so the Prefect UI renders a form with
+defaults, descriptions and choices, and bad values fail before any work."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantmill.recipe import Recipe, load_recipe, with_overrides
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+# The recipes shipped in recipes/, offered as choices in the UI.
+RecipeName = Enum("RecipeName", {n: n for n in shipped_recipes()}, type=str)  # type: ignore[misc]
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class DataSettings(Params):
+    """Replace the recipe's data settings (empty: keep the recipe's)."""
+
+    calib_data: str | None = Field(
+        None, description="calibration text file, or a datasets name such as 'wikitext'"
+    )
+    calib_samples: int | None = Field(None, ge=1, description="calibration samples")
+    eval_data: str | None = Field(None, description="evaluation text file, or a datasets name")
+    eval_windows: int | None = Field(None, ge=0, description="evaluation windows; 0: all")
+
+
+class ModelSettings(Params):
+    model: str = Field(
+        "smollm2-135m", description="preset (smollm2-135m), local folder, .gguf file or Hub id"
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit to pin")
+    data: DataSettings = Field(default_factory=DataSettings)
+    experiment: str = Field("quantmill", description="MLflow experiment")
+
+
+class QuantizeJob(ModelSettings):
+    recipe: RecipeName = Field("gptq-w4g64", description="a recipe shipped in recipes/")  # type: ignore[valid-type]
+    recipe_file: str | None = Field(None, description="a YAML/JSON recipe; replaces `recipe`")
+    out_dir: str | None = Field(None, description="default: outputs/<model>-<recipe>")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    export_format: Literal["packed", "fake"] = Field(
+        "packed", description="packed: compressed-tensors integers; fake: float weights"
+    )
+
+    def load(self) -> Recipe:
+        return load_job_recipe(self.recipe_file or str(self.recipe), self.data)
+
+    def output_dir(self, recipe: Recipe) -> str:
+        return self.out_dir or str(Path("outputs") / f"{slug(self.model)}-{slug(recipe.name)}")
+
+
+class SweepJob(ModelSettings):
+    recipes: list[RecipeName] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["rtn-w4g64", "gptq-w4g64"],
+        description="recipes shipped in recipes/",
+    )
+    recipe_files: list[str] = Field(default_factory=list, description="more recipe files")
+    out_root: str = Field("outputs/sweep", description="one folder per recipe under this")
+    max_concurrency: int = Field(2, ge=1, le=16, description="recipes quantized at once")
+    overwrite: bool = Field(False, description="replace existing output folders")
+
+    def load(self) -> list[Recipe]:
+        names = [str(n) for n in self.recipes] + list(self.recipe_files)
+        recipes = [load_job_recipe(n, self.data) for n in names]
+        seen: set[str] = set()
+        for recipe in recipes:
+            if recipe.name in seen:
+                raise ValueError(f"two recipes are named {recipe.name!r}; names must differ")
+            seen.add(recipe.name)
+        if not recipes:
+            raise ValueError("recipes: give at least one recipe name or recipe_files entry")
+        return recipes
+
+
+class EvaluateJob(ModelSettings):
+    model: str = Field(..., description="checkpoint folder, preset, .gguf file or Hub id")
+    recipe_file: str | None = Field(None, description="take evaluation settings from it")
+
+
+def load_job_recipe(name_or_path: str, data: DataSettings) -> Recipe:
+    path = Path(name_or_path)
+    if not path.suffix and (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    return with_overrides(load_recipe(path), **data.model_dump())
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name or text).strip("-") or "model"

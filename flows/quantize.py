@@ -1,0 +1,95 @@
+"""The quantize flow: download → calibrate → quantize → evaluate → record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.params import QuantizeJob
+from quantmill.recipe import Recipe
+from tasks.calibrate import collect_statistics, prepare_calibration
+from tasks.download import download_model
+from tasks.evaluate import evaluate_model
+from tasks.quantize import quantize_model
+from tasks.tracking import TrackedRun, log_params, mlflow_run, record_run
+
+
+def shares_statistics(recipe: Recipe) -> bool:
+    """True when a step reads the original model's (cached) statistics."""
+    return any(getattr(step, "sequential", True) is False for step in recipe.steps)
+
+
+def quantize_one(
+    model: dict[str, Any],
+    recipe: Recipe,
+    out_dir: str,
+    run: TrackedRun,
+    calibration: dict[str, Any] | None,
+    statistics: dict[str, Any] | None,
+    original_eval: dict[str, Any],
+    overwrite: bool = False,
+    export_format: str = "packed",
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Quantize, evaluate and record one recipe into ``run``; shared by both flows."""
+    data = recipe.to_dict()
+    quantized = quantize_model(
+        model, data, out_dir, calibration, statistics, overwrite, export_format
+    )
+    evaluation = evaluate_model(quantized["out_dir"], data, update_summary=True)
+    times = {
+        **(timings or {}),
+        "quantize": quantized["seconds"],
+        "evaluate": evaluation["seconds"],
+    }
+    figures = record_run(run, model, data, quantized, original_eval, evaluation, times)
+    return {
+        "recipe": recipe.name,
+        "out_dir": quantized["out_dir"],
+        "mlflow_run_id": run.run_id,
+        "original_perplexity": original_eval.get("perplexity"),
+        **figures,
+    }
+
+
+@flow(name="quantize", log_prints=True)
+def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: B008
+    """Quantize one model with one recipe, evaluate it and record everything in MLflow."""
+    logger = get_run_logger()
+    recipe = job.load()
+    with mlflow_run(recipe.name, job.experiment, tags={"quantmill.flow": "quantize"}) as run:
+        log_params(run, None, recipe.to_dict())
+        model = download_model(job.model, job.revision)
+        calibration = statistics = None
+        timings = {"download": model["seconds"]}
+        if recipe.needs_calibration():
+            calibration = prepare_calibration(model, recipe.to_dict())
+            timings["calibration_data"] = calibration["seconds"]
+            if shares_statistics(recipe):
+                statistics = collect_statistics(model, recipe.to_dict(), calibration)
+                timings["statistics"] = statistics["seconds"]
+        original = evaluate_model(model, recipe.to_dict(), original=True)
+        timings["evaluate_original"] = original["seconds"]
+        result = quantize_one(
+            model,
+            recipe,
+            job.output_dir(recipe),
+            run,
+            calibration,
+            statistics,
+            original,
+            job.overwrite,
+            job.export_format,
+            timings,
+        )
+        logger.info(
+            "%s: perplexity %.2f (original %.2f), %.3f bits/weight, checkpoint %s",
+            recipe.name,
+            result.get("perplexity", float("nan")),
+            original.get("perplexity", float("nan")),
+            result.get("bits_per_weight", float("nan")),
+            result["out_dir"],
+        )
+        logger.info("MLflow: %s", run.where())
+        return {**result, "mlflow": run.where(), "model": model}

@@ -1,0 +1,90 @@
+"""The pipeline's stages as library calls that read and write files.
+
+An orchestrator (``tasks/``) runs, retries and caches each stage apart, so
+every stage takes paths and small values and returns paths and small dicts,
+never a model or a tensor. Prepared calibration data and calibration
+statistics are cached, keyed by model commit hash + calibration spec + code
+version (``quantmill.cache``): a second run with the same inputs reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from quantmill.cache import cache_key, cached_file, code_version
+from quantmill.config import CalibrationSpec
+from quantmill.data import calibration_ids
+from quantmill.models import load_model
+from quantmill.sources import ResolvedModel
+from quantmill.stats import collect_statistics, save_statistics
+
+
+@dataclass
+class Cached:
+    path: str
+    hit: bool  # True when the file came from the cache and no work was done
+    key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "hit": self.hit, "key": self.key}
+
+
+def calibration_key(resolved: ResolvedModel, spec: CalibrationSpec) -> str:
+    return cache_key(
+        model=resolved.revision,
+        calibration=spec.model_dump(),
+        data=data_fingerprint(spec.dataset),
+        code=code_version(),
+    )
+
+
+def prepare_calibration(resolved: ResolvedModel, spec: CalibrationSpec) -> Cached:
+    """Token ids ``[num_samples, seq_len]`` saved as ``ids`` in a safetensors file."""
+    key = calibration_key(resolved, spec)
+
+    def produce(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+        save_file({"ids": calibration_ids(tokenizer, spec).contiguous()}, str(tmp))
+
+    path, hit = cached_file("calibration", key, "ids.safetensors", produce)
+    return Cached(str(path), hit, key)
+
+
+def load_calibration(path: str | Path) -> Tensor:
+    return load_file(str(path))["ids"]
+
+
+def prepare_statistics(
+    resolved: ResolvedModel, spec: CalibrationSpec, calibration: str | Path, progress: bool = True
+) -> Cached:
+    """The original model's calibration statistics (``quantmill.stats``), cached."""
+    key = calibration_key(resolved, spec)
+
+    def produce(tmp: Path) -> None:
+        net, _ = load_model(resolved)
+        stats = collect_statistics(net, load_calibration(calibration), spec.batch_size, progress)
+        save_statistics(stats, tmp)
+
+    path, hit = cached_file("statistics", key, "stats.safetensors", produce)
+    return Cached(str(path), hit, key)
+
+
+def data_fingerprint(dataset: str) -> str:
+    """Content hash of a local data file; the name itself for a ``datasets`` dataset."""
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        return dataset
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()

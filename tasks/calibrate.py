@@ -1,0 +1,32 @@
+"""Prepare calibration data and collect calibration statistics, both cached."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import task
+
+from quantmill import stages
+from quantmill.recipe import Recipe
+from quantmill.sources import ResolvedModel
+
+
+@task(name="prepare-calibration")
+def prepare_calibration(model: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """Token ids for the recipe's calibration spec: ``{path, hit, key, seconds}``."""
+    start = time.perf_counter()
+    spec = Recipe.model_validate(recipe).calibration
+    cached = stages.prepare_calibration(ResolvedModel.from_dict(model), spec)
+    return {**cached.to_dict(), "seconds": time.perf_counter() - start}
+
+
+@task(name="collect-statistics")
+def collect_statistics(
+    model: dict[str, Any], recipe: dict[str, Any], calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """The original model's calibration statistics: ``{path, hit, key, seconds}``."""
+    start = time.perf_counter()
+    spec = Recipe.model_validate(recipe).calibration
+    cached = stages.prepare_statistics(ResolvedModel.from_dict(model), spec, calibration["path"])
+    return {**cached.to_dict(), "seconds": time.perf_counter() - start}

@@ -1,0 +1,41 @@
+"""Perplexity, size and bits per weight of a model or a quantized checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from quantmill import api
+from quantmill.recipe import Recipe
+from quantmill.sources import ResolvedModel
+
+
+@task(name="evaluate")
+def evaluate_model(
+    model: dict[str, Any] | str,
+    recipe: dict[str, Any],
+    original: bool = False,
+    update_summary: bool = False,
+) -> dict[str, Any]:
+    """``model`` is a resolved source (dict) or a checkpoint folder.
+
+    ``original``: the unquantized model, whose result is cached per revision
+    and evaluation spec. ``update_summary``: add the result to the checkpoint
+    folder's ``quantmill_eval.json``, so the summary beside it is complete.
+    """
+    start = time.perf_counter()
+    source = ResolvedModel.from_dict(model) if isinstance(model, dict) else model
+    result = api.evaluate_checkpoint(source, Recipe.model_validate(recipe), cache=original)
+    result["seconds"] = time.perf_counter() - start
+    summary = Path(str(model)) / api.SUMMARY_FILE
+    if update_summary and isinstance(model, str) and summary.is_file():
+        data = json.loads(summary.read_text())
+        data["quantized"] = {k: result[k] for k in ("perplexity", "windows", "seq_len", "tokens")}
+        tmp = summary.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.replace(summary)
+    return result

@@ -1,0 +1,48 @@
+"""Quantize a resolved model with a recipe into a packed checkpoint folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from quantmill import api
+from quantmill.recipe import Recipe
+from quantmill.sources import ResolvedModel
+
+
+@task(name="quantize")
+def quantize_model(
+    model: dict[str, Any],
+    recipe: dict[str, Any],
+    out_dir: str,
+    calibration: dict[str, Any] | None = None,
+    statistics: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    export_format: str = "packed",
+) -> dict[str, Any]:
+    """Figures of the written checkpoint (no evaluation: that is its own task)."""
+    start = time.perf_counter()
+    summary = api.quantize(
+        ResolvedModel.from_dict(model),
+        Recipe.model_validate(recipe),
+        out_dir,
+        evaluate=False,
+        overwrite=overwrite,
+        export_format=export_format,  # type: ignore[arg-type]
+        calibration=calibration["path"] if calibration else None,
+        statistics=statistics["path"] if statistics else None,
+    )
+    return {
+        "out_dir": str(Path(out_dir).resolve()),
+        "quant_seconds": summary.quant_seconds,
+        "size_bytes": summary.size_bytes,
+        "original_size_bytes": summary.original_size_bytes,
+        "bits_per_weight": summary.bits_per_weight,
+        "layers_file": str(Path(out_dir).resolve() / api.LAYERS_FILE),
+        "summary_file": str(Path(out_dir).resolve() / api.SUMMARY_FILE),
+        "recipe_file": str(Path(out_dir).resolve() / api.RECIPE_FILE),
+        "seconds": time.perf_counter() - start,
+    }

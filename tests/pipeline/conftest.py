@@ -1,0 +1,49 @@
+"""Pipeline fixtures: Prefect's test harness, an MLflow SQLite store and a cache
+folder per test, and small calibration/evaluation budgets on the real model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantmill")
+
+import pytest
+
+from tests.conftest import WIKI_TEST, WIKI_VALID
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def pipeline_env(smollm2_path, prefect_harness, tmp_path, monkeypatch):
+    """Nothing configured: local MLflow store, fresh cache, outputs under tmp_path."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("QUANTMILL_MLFLOW_DIR", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("QUANTMILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def small_data(**extra):
+    """A CI-sized budget: 4 calibration samples of 512 tokens, 1 window of 2048."""
+    return {
+        "calib_data": str(WIKI_VALID),
+        "calib_samples": 4,
+        "eval_data": str(WIKI_TEST),
+        "eval_windows": 1,
+        **extra,
+    }
+
+
+@pytest.fixture
+def mlflow_client(pipeline_env):
+    from tasks.tracking import get_client
+
+    return get_client()

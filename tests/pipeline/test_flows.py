@@ -1,0 +1,233 @@
+"""The Prefect flows end to end on the real model, checked through MlflowClient."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.evaluate import evaluate_flow
+from flows.params import RECIPES_DIR, EvaluateJob, QuantizeJob, SweepJob
+from flows.quantize import quantize_flow
+from flows.sweep import sweep_flow
+from quantmill import stages
+from tests.pipeline.conftest import small_data
+
+pytestmark = pytest.mark.slow
+
+
+def runs_of(client, flow_run_id: str):
+    exp = client.get_experiment_by_name("quantmill")
+    return client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+
+
+def counting(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` by a wrapper that records each call."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_quantize_flow_tracks_everything_in_mlflow(pipeline_env, smollm2_path, mlflow_client):
+    job = QuantizeJob(
+        model=str(smollm2_path), recipe="gptq-w4g64", out_dir="out", data=small_data()
+    )
+    state = quantize_flow(job, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    flow_run_id = str(state.state_details.flow_run_id)
+
+    (run,) = runs_of(mlflow_client, flow_run_id)
+    assert run.info.status == "FINISHED"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["recipe.steps.0.method"] == "gptq"
+    assert params["recipe.steps.0.weights.group_size"] == "64"
+    assert params["recipe.calibration.num_samples"] == "4"
+    assert params["model.revision"].startswith("sha256:")
+    assert params["versions.torch"].startswith("2.")
+    assert 18 < metrics["perplexity_original"] < 30 and metrics["perplexity"] > 0
+    assert metrics["perplexity"] == pytest.approx(result["perplexity"])
+    assert 4.0 < metrics["bits_per_weight"] < 4.6
+    for stage in ("download", "calibration_data", "quantize", "evaluate"):
+        assert metrics[f"time_{stage}_s"] >= 0
+    history = mlflow_client.get_metric_history(run.info.run_id, "layer_loss")
+    assert sorted(m.step for m in history) == list(range(210))  # 30 blocks x 7 linears
+    assert tags["prefect.flow_run_id"] == flow_run_id
+    assert flow_run_id in tags["prefect.flow_run_url"]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert {"quantmill_recipe.yaml", "quantmill_eval.json", "quantmill_layers.json"} <= artifacts
+    plots = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/layer_loss.png"}
+    # the checkpoint's own summary holds the evaluation too
+    summary = yaml.safe_load((Path("out") / "quantmill_eval.json").read_text())
+    assert summary["quantized"]["perplexity"] == pytest.approx(metrics["perplexity"])
+
+    evaluated = evaluate_flow(EvaluateJob(model="out", data=small_data()), return_state=True)
+    assert evaluated.is_completed(), evaluated.message
+    (eval_run,) = runs_of(mlflow_client, str(evaluated.state_details.flow_run_id))
+    assert eval_run.data.metrics["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-4)
+    assert eval_run.data.params["recipe.evaluation.max_windows"] == "1"
+
+
+def test_second_run_reuses_prepared_data_and_statistics(
+    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+):
+    tokenize = counting(monkeypatch, stages, "calibration_ids")
+    collect = counting(monkeypatch, stages, "collect_statistics")
+    job = dict(model=str(smollm2_path), recipe="gptq-w4g64-shared", data=small_data())
+    first = quantize_flow(QuantizeJob(**job, out_dir="first"))
+    assert (len(tokenize), len(collect)) == (1, 1)
+    second = quantize_flow(QuantizeJob(**job, out_dir="second"))
+    assert (len(tokenize), len(collect)) == (1, 1)  # no new work: both came from the cache
+    assert second["perplexity"] == pytest.approx(first["perplexity"])
+    # a different calibration spec is new work
+    quantize_flow(QuantizeJob(**{**job, "data": small_data(calib_samples=5)}, out_dir="third"))
+    assert (len(tokenize), len(collect)) == (2, 2)
+
+
+def test_sweep_shares_calibration_runs_concurrently_and_compares(
+    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+):
+    from prefect.artifacts import Artifact
+
+    from quantmill import api
+
+    collect = counting(monkeypatch, stages, "collect_statistics")
+    barrier = threading.Barrier(2, timeout=300)  # broken unless two recipes run at once
+    real_quantize = api.quantize
+
+    def quantize_together(*args, **kwargs):
+        barrier.wait()
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(api, "quantize", quantize_together)
+    low_bits = pipeline_env / "gptq-w3-shared.yaml"
+    data = yaml.safe_load((RECIPES_DIR / "gptq-w4g64-shared.yaml").read_text())
+    data["name"] = "gptq-w3g64-shared"
+    data["steps"][0]["weights"]["bits"] = 3
+    low_bits.write_text(yaml.safe_dump(data))
+    job = SweepJob(
+        model=str(smollm2_path),
+        recipes=["gptq-w4g64-shared"],
+        recipe_files=[str(low_bits)],
+        max_concurrency=2,
+        data=small_data(),
+    )
+    state = sweep_flow(job, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert len(collect) == 1  # both recipes read one collection of statistics
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+
+    (parent,) = runs_of(mlflow_client, str(state.state_details.flow_run_id))
+    exp = mlflow_client.get_experiment_by_name("quantmill")
+    children = mlflow_client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(c.info.run_name for c in children) == ["gptq-w3g64-shared", "gptq-w4g64-shared"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    by_name = {c.info.run_name: c.data.metrics for c in children}
+    # 3-bit is smaller than 4-bit and loses more perplexity
+    w3, w4 = by_name["gptq-w3g64-shared"], by_name["gptq-w4g64-shared"]
+    assert w3["size_bytes"] < w4["size_bytes"] and w3["perplexity"] > w4["perplexity"]
+    assert w3["bits_per_weight"] < 3.6
+    artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.json"} <= artifacts
+    plots = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/size_vs_perplexity.png"}
+    table = Artifact.get("sweep-comparison")
+    assert table is not None and "gptq-w3g64-shared" in str(table.data)
+    plot = Artifact.get("sweep-plot")
+    assert plot is not None and "data:image/png;base64," in str(plot.data)
+
+
+def test_sweep_respects_the_concurrency_limit(
+    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+):
+    from quantmill import api
+
+    running, peak, lock = [0], [0], threading.Lock()
+    real_quantize = api.quantize
+
+    def tracked(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real_quantize(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(api, "quantize", tracked)
+    job = SweepJob(
+        model=str(smollm2_path),
+        recipes=["rtn-w4g64", "rtn-w8-channel"],
+        max_concurrency=1,
+        data=small_data(),
+    )
+    result = sweep_flow(job)
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"] and peak[0] == 1
+
+
+def test_a_failing_task_fails_the_mlflow_run_and_the_prefect_run_alike(
+    pipeline_env, smollm2_path, mlflow_client
+):
+    job = QuantizeJob(
+        model=str(smollm2_path),
+        recipe="gptq-w4g64",
+        data=small_data(calib_data=str(pipeline_env / "missing.txt")),
+    )
+    state = quantize_flow(job, return_state=True)
+    assert state.is_failed()
+    (run,) = runs_of(mlflow_client, str(state.state_details.flow_run_id))
+    assert run.info.status == "FAILED"
+    error = run.data.tags["error"]
+    assert "missing.txt does not exist" in error
+    assert error.split(": ", 1)[1] in state.message
+    assert "error.txt" in {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert not Path("outputs").exists() or not any(Path("outputs").rglob("*.safetensors"))
+
+
+def test_no_run_is_left_running_when_quantization_raises(
+    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+):
+    from quantmill import api
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("quantizer exploded at block 3")
+
+    monkeypatch.setattr(api, "quantize", boom)
+    job = SweepJob(model=str(smollm2_path), recipes=["rtn-w4g64"], data=small_data())
+    state = sweep_flow(job, return_state=True)
+    assert state.is_failed() and "quantizer exploded at block 3" in state.message
+    exp = mlflow_client.get_experiment_by_name("quantmill")
+    runs = mlflow_client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_flow_parameters_render_as_a_form_with_choices():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.params import shipped_recipes
+
+    schema = parameter_schema(quantize_flow.fn).model_dump()
+    definitions = schema["definitions"]
+    assert set(definitions["RecipeName"]["enum"]) == set(shipped_recipes())
+    job = definitions["QuantizeJob"]["properties"]
+    assert job["model"]["default"] == "smollm2-135m"
+    assert job["export_format"]["enum"] == ["packed", "fake"]
+    with pytest.raises(ValueError, match="recipe"):
+        QuantizeJob(recipe="no-such-recipe")
+    with pytest.raises(ValueError, match="max_concurrency"):
+        SweepJob(max_concurrency=0)

@@ -1,0 +1,156 @@
+"""`quantmill run` against real servers started here: an MLflow tracking server
+backed by PostgreSQL (on this machine) and a Prefect server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WIKI_TEST, WIKI_VALID
+
+pytestmark = pytest.mark.slow
+PG = {"host": os.environ.get("QUANTMILL_PG_HOST", "127.0.0.1"), "user": "postgres"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    import psycopg2
+
+    name = f"quantmill_mlflow_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(dbname="postgres", **PG)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://{PG['user']}@{PG['host']}:5432/{name}"
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres_url, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_url]
+    cmd += ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    proc = start(cmd, folder / "server.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, folder / "server.log")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    proc = start(cmd + ["--port", str(port)], folder / "server.log", env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", proc, folder / "server.log")
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        stop(proc)
+
+
+def last_json(text: str) -> dict:
+    """The JSON document the CLI prints last (log lines may come before it)."""
+    lines = text.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+def api(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_run_against_mlflow_on_postgres_and_a_prefect_server(
+    mlflow_server, prefect_server, smollm2_path, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "QUANTMILL_CACHE": str(tmp_path / "cache"),
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "quantmill",
+    }
+    cmd = [sys.executable, "-m", "quantmill.cli", "run", "--model", str(smollm2_path)]
+    cmd += ["--recipe", "rtn-w4g64", "--out", str(tmp_path / "out"), "--json"]
+    cmd += ["--calib-data", str(WIKI_VALID), "--eval-data", str(WIKI_TEST), "--eval-windows", "1"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = last_json(done.stdout)
+    assert result["mlflow"].startswith(mlflow_server)
+    assert not (tmp_path / "mlruns").exists()  # the local store is not used
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["recipe.steps.0.method"] == "rtn"
+    assert run.data.metrics["perplexity"] == pytest.approx(result["perplexity"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "quantmill_eval.json" in artifacts  # served back through the tracking server
+
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    flow_run = api(f"{prefect_server}/flow_runs/{flow_run_id}")
+    assert flow_run["state"]["type"] == "COMPLETED"
+    assert run.data.tags["prefect.flow_run_url"].startswith(("http://", "https://"))
+    logs = api(f"{prefect_server}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
+    messages = [entry["message"] for entry in logs]
+    assert any("block 30/30 quantized" in m for m in messages)
+    assert any("perplexity: window 1/1" in m for m in messages)
