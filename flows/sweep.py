@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,13 @@ def run_recipe(
     statistics: dict[str, Any] | None,
     original_eval: dict[str, Any],
     overwrite: bool,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """One recipe of a sweep, in its own MLflow child run."""
+    if threads:  # torch's thread count is per OS thread for the OpenMP pool
+        import torch
+
+        torch.set_num_threads(threads)
     parsed = Recipe.model_validate(recipe)
     tags = {"quantmill.flow": "sweep", "quantmill.recipe": parsed.name}
     with mlflow_run(parsed.name, parent=parent, tags=tags) as run:
@@ -61,7 +69,10 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
         log_params(parent, None, None)
         model = download_model(job.model, job.revision)
         shared = prepare_shared(model, recipes)
-        with ThreadPoolTaskRunner(max_workers=job.max_concurrency) as runner:
+        with (
+            threads_per_recipe(job.max_concurrency, len(recipes)) as threads,
+            ThreadPoolTaskRunner(max_workers=job.max_concurrency) as runner,
+        ):
             futures = {
                 recipe.name: runner.submit(
                     run_recipe,
@@ -74,6 +85,7 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
                         "statistics": shared["statistics"].get(_calib_key(recipe)),
                         "original_eval": shared["original"][_eval_key(recipe)],
                         "overwrite": job.overwrite,
+                        "threads": threads,
                     },
                 )
                 for recipe in recipes
@@ -90,6 +102,22 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
                 "; ".join(f"recipe {r['recipe']} failed: {r['error']}" for r in failed)
             )
         return {"rows": rows, "mlflow": parent.where(), **comparison}
+
+
+@contextmanager
+def threads_per_recipe(limit: int, recipes: int) -> Iterator[int]:
+    """Share the CPU cores among the recipes that run at once: torch's threads of two
+    concurrent recipes on the same cores would otherwise contend and slow both."""
+    import torch
+
+    before = torch.get_num_threads()
+    at_once = max(1, min(limit, recipes))
+    threads = max(1, (os.cpu_count() or 1) // at_once)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def prepare_shared(model: dict[str, Any], recipes: list[Recipe]) -> dict[str, dict[str, Any]]:

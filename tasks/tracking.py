@@ -88,10 +88,30 @@ def prefect_tags() -> dict[str, str]:
         "prefect.flow_run_name": str(flow_run.name),
         "prefect.flow_name": str(flow_run.flow_name),
     }
-    url = flow_run.ui_url or flow_run.api_url
-    if url:
-        tags["prefect.flow_run_url"] = str(url)
+    # The UI's page for the run, else its API URL (a temporary local API has no UI);
+    # a setting that is unset reads as "None/flow-runs/..." and is skipped.
+    candidates = (
+        lambda: flow_run.ui_url,
+        lambda: flow_run.api_url,
+        lambda: _client_run_url(str(flow_run.id)),
+    )
+    for candidate in candidates:
+        url = candidate()
+        if url and str(url).startswith(("http://", "https://")):
+            tags["prefect.flow_run_url"] = str(url)
+            break
     return tags
+
+
+def _client_run_url(flow_run_id: str) -> str | None:
+    """The run's REST URL on the API the client talks to (e.g. the temporary local one)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return f"{str(client.api_url).rstrip('/')}/flow_runs/{flow_run_id}"
+    except Exception:
+        return None
 
 
 @contextmanager

@@ -19,10 +19,12 @@ pytestmark = pytest.mark.slow
 
 
 def runs_of(client, flow_run_id: str):
+    """The top-level MLflow runs tagged with ``flow_run_id`` (a sweep's children carry it too)."""
     exp = client.get_experiment_by_name("quantmill")
-    return client.search_runs(
+    runs = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
     )
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
 def counting(monkeypatch, module, name: str) -> list:
@@ -231,3 +233,51 @@ def test_flow_parameters_render_as_a_form_with_choices():
         QuantizeJob(recipe="no-such-recipe")
     with pytest.raises(ValueError, match="max_concurrency"):
         SweepJob(max_concurrency=0)
+
+
+def test_a_download_that_fails_twice_is_retried_and_the_flow_completes(
+    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+):
+    import flows.quantize
+    import tasks.download as download
+    from quantmill.errors import ModelSourceError
+
+    # the task as shipped: two retries with exponential back-off, and a timeout
+    assert download.download_model.retries == 2
+    assert download.download_model.retry_delay_seconds == [5, 10]
+    assert download.download_model.timeout_seconds == download.DOWNLOAD_TIMEOUT_S
+    calls = []
+    real = download.resolve_model
+
+    def flaky(model, revision=None):
+        calls.append(model)
+        if len(calls) <= 2:
+            raise ModelSourceError("the Hub did not answer (connection reset)", transient=True)
+        return real(model, revision)
+
+    monkeypatch.setattr(download, "resolve_model", flaky)
+    no_wait = download.download_model.with_options(retry_delay_seconds=0)
+    monkeypatch.setattr(flows.quantize, "download_model", no_wait)
+    job = QuantizeJob(model=str(smollm2_path), recipe="rtn-w4g64", data=small_data())
+    state = quantize_flow(job, return_state=True)
+    assert state.is_completed(), state.message
+    assert len(calls) == 3
+    (run,) = runs_of(mlflow_client, str(state.state_details.flow_run_id))
+    assert run.info.status == "FINISHED"
+
+
+def test_a_wrong_model_id_is_not_retried(pipeline_env, monkeypatch):
+    import tasks.download as download
+    from quantmill.errors import ModelSourceError
+
+    calls = []
+
+    def missing(model, revision=None):
+        calls.append(model)
+        raise ModelSourceError(f"model {model!r} not found")
+
+    monkeypatch.setattr(download, "resolve_model", missing)
+    state = download.download_model.with_options(retry_delay_seconds=0)(
+        "nobody/nothing", return_state=True
+    )
+    assert state.is_failed() and len(calls) == 1
