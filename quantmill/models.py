@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import torch
 from torch import nn
 
 from quantmill.errors import CheckpointError, ModelSourceError
 from quantmill.sources import ResolvedModel
+
+# transformers builds models under process-wide patches (empty-weight init, default
+# dtype), so two threads loading at once corrupt each other's model (meta tensors).
+# Loading is serialized; everything after it runs concurrently.
+_LOAD_LOCK = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,9 @@ def load_model(
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
     try:
-        model = _from_pretrained(resolved, dtype, kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+        with _LOAD_LOCK:
+            model = _from_pretrained(resolved, dtype, kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelSourceError(
