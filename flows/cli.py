@@ -89,7 +89,6 @@ def run_flow_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _route_library_logs()
     if args.command == "run":
         from flows.quantize import quantize_flow
 
@@ -100,19 +99,6 @@ def run_flow_command(args: argparse.Namespace) -> int:
         result = sweep_flow(job)
     print(json.dumps(result, indent=2, default=str) if args.json else _summary(result))
     return 0
-
-
-def _route_library_logs() -> None:
-    """quantmill's INFO lines (per block, per window) to Prefect's handlers only:
-    the Prefect run logs and its console format, not a second console copy."""
-    import logging
-
-    import prefect  # noqa: F401  (attaches its handlers: PREFECT_LOGGING_EXTRA_LOGGERS)
-
-    library = logging.getLogger("quantmill")
-    library.setLevel(logging.INFO)
-    if library.handlers:
-        library.propagate = False
 
 
 def _summary(result: dict[str, Any]) -> str:

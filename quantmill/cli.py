@@ -108,9 +108,13 @@ def pin_mmap_threshold() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     pin_mmap_threshold()  # an application setting: the CLI's, never the library's
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command not in ("run", "sweep"):
-        # The terminal has progress bars; these per-block lines are for the Prefect logs.
+    if args.command in ("run", "sweep"):
+        # Prefect configures the terminal logging of flows; quantmill's INFO lines
+        # (one per block and per window) go to the Prefect run logs.
+        logging.getLogger("quantmill").setLevel(logging.INFO)
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        # The terminal has progress bars; per-block lines are for the Prefect logs.
         logging.getLogger("quantmill.progress").setLevel(logging.WARNING)
     try:
         return _run(args)

@@ -67,7 +67,7 @@ def postgres_url():
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://{PG['user']}@{PG['host']}:5432/{name}"
+    yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:5432/{name}"
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
