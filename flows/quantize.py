@@ -15,11 +15,6 @@ from tasks.quantize import quantize_model
 from tasks.tracking import TrackedRun, log_params, mlflow_run, record_run
 
 
-def shares_statistics(recipe: Recipe) -> bool:
-    """True when a step reads the original model's (cached) statistics."""
-    return any(getattr(step, "sequential", True) is False for step in recipe.steps)
-
-
 def quantize_one(
     model: dict[str, Any],
     recipe: Recipe,
@@ -66,7 +61,7 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
         if recipe.needs_calibration():
             calibration = prepare_calibration(model, recipe.to_dict())
             timings["calibration_data"] = calibration["seconds"]
-            if shares_statistics(recipe):
+            if recipe.uses_shared_statistics():
                 statistics = collect_statistics(model, recipe.to_dict(), calibration)
                 timings["statistics"] = statistics["seconds"]
         original = evaluate_model(model, recipe.to_dict(), original=True)

@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import SweepJob, slug
-from flows.quantize import quantize_one, shares_statistics
+from flows.quantize import quantize_one
 from quantmill import plots
 from quantmill.recipe import Recipe
 from tasks.calibrate import collect_statistics, prepare_calibration
@@ -128,7 +128,7 @@ def prepare_shared(model: dict[str, Any], recipes: list[Recipe]) -> dict[str, di
         key = _calib_key(recipe)
         if recipe.needs_calibration() and key not in shared["calibration"]:
             shared["calibration"][key] = prepare_calibration(model, recipe.to_dict())
-        if shares_statistics(recipe) and key not in shared["statistics"]:
+        if recipe.uses_shared_statistics() and key not in shared["statistics"]:
             calibration = shared["calibration"][key]
             shared["statistics"][key] = collect_statistics(model, recipe.to_dict(), calibration)
         if _eval_key(recipe) not in shared["original"]:

@@ -53,6 +53,15 @@ class Recipe(StrictModel):
     def needs_calibration(self) -> bool:
         return any(get_method(step.method).impl.needs_calibration for step in self.steps)
 
+    def uses_shared_statistics(self) -> bool:
+        """True when a step reads the original model's statistics (``sequential: false``),
+        which depend only on the model and the calibration data and can be shared."""
+        for step in self.steps:
+            impl = get_method(step.method).impl
+            if impl.needs_calibration and not impl(step).sequential:
+                return True
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
