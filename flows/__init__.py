@@ -10,3 +10,5 @@ import os
 # quantmill's per-block and per-window progress lines go to the Prefect run logs.
 # (Read when prefect is first imported, so it is set before any flow or task module.)
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantmill")
+# ...and the library used outside a flow run keeps logging quietly to the terminal.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

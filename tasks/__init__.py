@@ -9,3 +9,5 @@ import os
 
 # quantmill's progress lines go to the Prefect run logs (read when prefect is imported).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantmill")
+# ...and the library used outside a flow run keeps logging quietly to the terminal.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
