@@ -103,7 +103,7 @@ def _resolve_local(spec: str, path: Path) -> ResolvedModel:
                 f"model file {path} is not a .gguf file; pass a GGUF file or a folder "
                 "holding config.json"
             )
-        return ResolvedModel(spec, "gguf", path.parent, _file_hash(path), path.name)
+        return ResolvedModel(spec, "gguf", path.parent, file_sha256(path), path.name)
     if not (path / "config.json").is_file():
         raise ModelSourceError(
             f"model folder {path} has no config.json; pass a folder written by "
@@ -150,7 +150,7 @@ def _resolve_preset(name: str) -> ResolvedModel:
     gguf = locate_preset_gguf(preset)
     if not (target / "config.json").is_file():
         convert_gguf(gguf, target)
-    return ResolvedModel(name, "preset", target, _file_hash(gguf))
+    return ResolvedModel(name, "preset", target, file_sha256(gguf))
 
 
 def locate_preset_gguf(preset: Preset, install: bool = True) -> Path:
@@ -208,7 +208,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "quantmill_source.json").write_text(
-            json.dumps({"gguf": gguf.name, "sha256": _file_hash(gguf)}, indent=2)
+            json.dumps({"gguf": gguf.name, "sha256": file_sha256(gguf)}, indent=2)
         )
         if target.exists():
             shutil.rmtree(target)
@@ -216,7 +216,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
-def _file_hash(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """``sha256:<hex>`` of a file's contents, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -9,7 +9,6 @@ version (``quantmill.cache``): a second run with the same inputs reuses them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from quantmill.cache import cache_key, cached_file, code_version
 from quantmill.config import CalibrationSpec
 from quantmill.data import calibration_ids
 from quantmill.models import load_model
-from quantmill.sources import ResolvedModel
+from quantmill.sources import ResolvedModel, file_sha256
 from quantmill.stats import collect_statistics, save_statistics
 
 
@@ -83,8 +82,4 @@ def data_fingerprint(dataset: str) -> str:
     path = Path(dataset).expanduser()
     if not path.is_file():
         return dataset
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+    return file_sha256(path)
