@@ -1,4 +1,5 @@
-"""``quantmill run`` (the quantize flow) and ``quantmill sweep`` (the sweep flow).
+"""``quantmill run`` (the quantize flow), ``quantmill sweep`` (the sweep flow) and
+``quantmill publish`` (the publish flow, on an existing checkpoint folder).
 
 With nothing configured the flows use Prefect's temporary local API and an
 MLflow SQLite store under ``./mlruns``; with ``PREFECT_API_URL`` and
@@ -14,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-FLOW_COMMANDS = ("run", "sweep")
+FLOW_COMMANDS = ("run", "sweep", "publish")
 
 
 def add_flow_commands(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,7 @@ def add_flow_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--recipe", default="gptq-w4g64", help="shipped recipe name or recipe file")
     r.add_argument("--out", help="output folder (default: outputs/<model>-<recipe>)")
     r.add_argument("--format", choices=["packed", "fake"], default="packed")
+    _publish_args(r)
 
     s = sub.add_parser("sweep", help="run the sweep flow: several recipes side by side")
     _common(s)
@@ -31,6 +33,33 @@ def add_flow_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--out-root", default="outputs/sweep", help="one folder per recipe here")
     s.add_argument("--max-concurrency", type=int, default=2, help="recipes run at once")
+
+    p = sub.add_parser("publish", help="publish a checkpoint to the Hub and the MLflow registry")
+    p.add_argument("checkpoint", help="a checkpoint folder written by quantmill")
+    p.add_argument("--experiment", default="quantmill", help="MLflow experiment")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _publish_args(p)
+
+
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("publishing (the Hub token comes from HF_TOKEN or a Secret block)")
+    g.add_argument("--hub-repo", help="publish to this Hub repo 'owner/name'")
+    g.add_argument("--public", action="store_true", help="create the Hub repo as public")
+    g.add_argument("--token-secret", default="hf-token", help="Prefect Secret block name")
+    g.add_argument("--no-verify", action="store_true", help="skip the download-and-compare")
+    g.add_argument("--no-register", action="store_true", help="skip the MLflow registry")
+    g.add_argument("--registered-model", help="registry name (default: the base model's)")
+
+
+def _publish_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "hub_repo": args.hub_repo,
+        "private": not args.public,
+        "token_secret": args.token_secret,
+        "verify": not args.no_verify,
+        "register": not args.no_register,
+        "registered_model": args.registered_model,
+    }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,6 +75,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def run_flow_command(args: argparse.Namespace) -> int:
+    if args.command == "publish":
+        return _publish_command(args)
     from flows.params import RECIPES_DIR, QuantizeJob, SweepJob
 
     def shipped(name: str) -> bool:
@@ -69,7 +100,13 @@ def run_flow_command(args: argparse.Namespace) -> int:
             recipe = (
                 {"recipe": args.recipe} if shipped(args.recipe) else {"recipe_file": args.recipe}
             )
-            job: Any = QuantizeJob(**common, **recipe, out_dir=args.out, export_format=args.format)
+            job: Any = QuantizeJob(
+                **common,
+                **recipe,
+                out_dir=args.out,
+                export_format=args.format,
+                publish=_publish_settings(args),
+            )
         else:
             names = [r for r in args.recipes if shipped(r)]
             files = [r for r in args.recipes if r not in names]
@@ -101,6 +138,42 @@ def run_flow_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish_command(args: argparse.Namespace) -> int:
+    from flows.params import PublishJob
+
+    try:
+        job = PublishJob(
+            checkpoint=args.checkpoint,
+            experiment=args.experiment,
+            publish=_publish_settings(args),
+        )
+    except ValidationError as exc:
+        from quantmill.recipe import format_validation_error
+
+        print(f"error: {format_validation_error(exc, 'publish settings')}", file=sys.stderr)
+        return 2
+    from flows.publish import publish_flow
+
+    result = publish_flow(job)
+    print(json.dumps(result, indent=2, default=str) if args.json else _published(result))
+    return 0
+
+
+def _published(result: dict[str, Any]) -> str:
+    lines = []
+    if "hub" in result:
+        hub = result["hub"]
+        state = "new revision" if hub["new_revision"] else "unchanged"
+        lines.append(f"Hub: {hub['url']} @ {hub['commit']} ({state})")
+    if "registry" in result:
+        reg = result["registry"]
+        alias = f"alias {reg['alias']}" if reg["alias"] else "no alias"
+        lines.append(f"Registry: {reg['uri']} ({alias}; gate {reg['gate']['reason']})")
+    if "mlflow" in result:
+        lines.append(f"MLflow: {result['mlflow']}")
+    return "\n".join(lines)
+
+
 def _summary(result: dict[str, Any]) -> str:
     if "table" in result:
         body = result["table"]
@@ -113,4 +186,6 @@ def _summary(result: dict[str, Any]) -> str:
             f"size: {result.get('size_bytes', 0) / 2**20:.1f} MB, "
             f"quantize: {result.get('quant_seconds', float('nan')):.1f} s"
         )
+    if result.get("published"):
+        body += "\n" + _published(result["published"])
     return f"{body}\nMLflow: {result['mlflow']}"

@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quantmill.recipe import Recipe, load_recipe, with_overrides
 
@@ -47,6 +47,42 @@ class ModelSettings(Params):
     experiment: str = Field("quantmill", description="MLflow experiment")
 
 
+HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PublishSettings(Params):
+    """Where a checkpoint goes once made. The Hub token is never a parameter: it comes
+    from HF_TOKEN or the Prefect Secret block named in ``token_secret``."""
+
+    hub_repo: str | None = Field(
+        None, description="Hub repo 'owner/name' to publish to; empty: skip the Hub"
+    )
+    private: bool = Field(True, description="create the Hub repo as private")
+    token_secret: str = Field(
+        "hf-token", description="Prefect Secret block with the Hub token (used if HF_TOKEN unset)"
+    )
+    verify: bool = Field(True, description="download the upload again, load it, compare logits")
+    register: bool = Field(True, description="register the checkpoint in the MLflow registry")
+    registered_model: str | None = Field(
+        None, description="registered model name; default: the base model's name"
+    )
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _repo(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not HUB_REPO.match(value):
+            raise ValueError(
+                f"{value!r} is not a Hub repo id; write it as 'owner/name' "
+                "(letters, digits, '.', '_', '-')"
+            )
+        return value
+
+    def enabled(self) -> bool:
+        return bool(self.hub_repo) or self.register
+
+
 class QuantizeJob(ModelSettings):
     recipe: RecipeName = Field("gptq-w4g64", description="a recipe shipped in recipes/")  # type: ignore[valid-type]
     recipe_file: str | None = Field(None, description="a YAML/JSON recipe; replaces `recipe`")
@@ -55,6 +91,7 @@ class QuantizeJob(ModelSettings):
     export_format: Literal["packed", "fake"] = Field(
         "packed", description="packed: compressed-tensors integers; fake: float weights"
     )
+    publish: PublishSettings = Field(default_factory=PublishSettings)
 
     def load(self) -> Recipe:
         return load_job_recipe(self.recipe_file or str(self.recipe), self.data)
@@ -84,6 +121,12 @@ class SweepJob(ModelSettings):
         if not recipes:
             raise ValueError("recipes: give at least one recipe name or recipe_files entry")
         return recipes
+
+
+class PublishJob(Params):
+    checkpoint: str = Field(..., description="a checkpoint folder written by quantmill")
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    experiment: str = Field("quantmill", description="MLflow experiment")
 
 
 class EvaluateJob(ModelSettings):

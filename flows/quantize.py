@@ -1,4 +1,4 @@
-"""The quantize flow: download → calibrate → quantize → evaluate → record."""
+"""The quantize flow: download → calibrate → quantize → evaluate → record → publish."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.params import QuantizeJob
+from flows.params import PublishSettings, QuantizeJob
+from flows.publish import publish_checkpoint
 from quantmill.recipe import Recipe
 from tasks.calibrate import collect_statistics, prepare_calibration
 from tasks.download import download_model
 from tasks.evaluate import evaluate_model
+from tasks.publish import check_hub_access
 from tasks.quantize import quantize_model
 from tasks.tracking import TrackedRun, log_params, mlflow_run, record_run
 
@@ -26,33 +28,43 @@ def quantize_one(
     overwrite: bool = False,
     export_format: str = "packed",
     timings: dict[str, float] | None = None,
+    publish: PublishSettings | None = None,
 ) -> dict[str, Any]:
-    """Quantize, evaluate and record one recipe into ``run``; shared by both flows."""
+    """Quantize, evaluate, record and publish one recipe into ``run``; shared by both flows."""
     data = recipe.to_dict()
     quantized = quantize_model(
         model, data, out_dir, calibration, statistics, overwrite, export_format
     )
-    evaluation = evaluate_model(quantized["out_dir"], data, update_summary=True)
+    evaluation = evaluate_model(
+        quantized["out_dir"], data, update_summary=True, original_eval=original_eval
+    )
     times = {
         **(timings or {}),
         "quantize": quantized["seconds"],
         "evaluate": evaluation["seconds"],
     }
     figures = record_run(run, model, data, quantized, original_eval, evaluation, times)
+    published = {}
+    if publish is not None and publish.enabled():
+        published = {"published": publish_checkpoint(quantized["out_dir"], publish, run)}
     return {
         "recipe": recipe.name,
         "out_dir": quantized["out_dir"],
         "mlflow_run_id": run.run_id,
         "original_perplexity": original_eval.get("perplexity"),
         **figures,
+        **published,
     }
 
 
 @flow(name="quantize", log_prints=True)
 def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: B008
-    """Quantize one model with one recipe, evaluate it and record everything in MLflow."""
+    """Quantize one model with one recipe, evaluate it, record everything in MLflow and
+    publish the checkpoint (Hub when ``publish.hub_repo`` is set, MLflow registry)."""
     logger = get_run_logger()
     recipe = job.load()
+    if job.publish.hub_repo:  # a bad token fails here, before any work
+        check_hub_access(job.publish.hub_repo, job.publish.token_secret)
     with mlflow_run(recipe.name, job.experiment, tags={"quantmill.flow": "quantize"}) as run:
         log_params(run, None, recipe.to_dict())
         model = download_model(job.model, job.revision)
@@ -77,6 +89,7 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
             job.overwrite,
             job.export_format,
             timings,
+            job.publish,
         )
         logger.info(
             "%s: perplexity %.2f (original %.2f), %.3f bits/weight, checkpoint %s",

@@ -4,6 +4,9 @@ data and calibration statistics.
 Keys hash the inputs that determine the result (model commit hash,
 calibration spec, code version); an entry appears only when complete, so an
 interrupted run never leaves a half-written file that a later run would trust.
+With S3 storage configured (``quantmill.storage``) the bucket mirrors the
+cache: a local miss is looked up there before any work, and a file made here
+is uploaded, so other machines reuse it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from quantmill import __version__
 from quantmill.sources import cache_root
+from quantmill.storage import remote_store
 
 # The modules whose code decides what a cached file holds: a change to any of
 # them changes the code version and so every key.
@@ -46,17 +50,24 @@ def cached_file(
 
     ``produce`` writes a temporary file that is renamed into place only when it
     returns, so concurrent or interrupted runs never expose a partial file.
+    A hit in the S3 mirror counts as a hit.
     """
     path = cache_root() / kind / key / name
     if path.is_file():
         return path, True
     path.parent.mkdir(parents=True, exist_ok=True)
+    store = remote_store()
+    remote_key = f"cache/{kind}/{key}/{name}"
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        produce(Path(tmp))
+        hit = store is not None and store.download(remote_key, Path(tmp))
+        if not hit:
+            produce(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path, False
+    if store is not None and not hit:
+        store.upload(path, remote_key)
+    return path, hit

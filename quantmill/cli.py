@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from quantmill import report
 
-    if args.command in ("run", "sweep"):
+    if args.command in ("run", "sweep", "publish"):
         from flows.cli import run_flow_command
 
         return run_flow_command(args)

@@ -102,6 +102,12 @@ class CalibrationSpec(StrictModel):
     batch_size: int = Field(8, ge=1, description="samples per forward pass")
 
 
+class QualityGate(StrictModel):
+    """The least perplexity recovery (original / quantized) that makes a release candidate."""
+
+    min_recovery: float = Field(0.8, gt=0, le=1)
+
+
 class EvalSpec(StrictModel):
     """Perplexity protocol of the GPTQ paper: non-overlapping windows of the test text."""
 

@@ -37,3 +37,22 @@ class CheckpointError(QuantmillError):
 
 class ExportError(QuantmillError):
     """A quantized model cannot be written in the requested format."""
+
+
+class PublishError(QuantmillError):
+    """Publishing to the Hub failed or was refused (token, repo, upload, verification).
+
+    ``transient`` marks failures worth retrying (network, rate limits, server errors).
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class RegistryError(QuantmillError):
+    """The model registry could not be reached or refused a registration."""
+
+
+class StorageError(QuantmillError):
+    """The object store (S3) holding artifacts and the cache failed or is misconfigured."""

@@ -15,7 +15,7 @@ from quantmill.sources import ResolvedModel
 # transformers builds models under process-wide patches (empty-weight init, default
 # dtype), so two threads loading at once corrupt each other's model (meta tensors).
 # Loading is serialized; everything after it runs concurrently.
-_LOAD_LOCK = threading.Lock()
+LOAD_LOCK = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_model(
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
     try:
-        with _LOAD_LOCK:
+        with LOAD_LOCK:
             model = _from_pretrained(resolved, dtype, kwargs)
             tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
     except ValueError as exc:

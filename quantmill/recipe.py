@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
-from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, StrictModel
+from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, QualityGate, StrictModel
 from quantmill.errors import ConfigError
 from quantmill.registry import get_method, method_names
 
@@ -24,6 +24,8 @@ class Recipe(StrictModel):
     steps: list[SerializeAsAny[MethodConfig]] = Field(min_length=1)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
+    # Checked before the model registry marks a version as a release candidate.
+    gate: QualityGate = Field(default_factory=QualityGate)
 
     @field_validator("steps", mode="before")
     @classmethod

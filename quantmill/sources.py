@@ -36,6 +36,7 @@ class Preset:
     version: str
     gguf_name: str
     license: str
+    base_model: str  # the Hub repo the GGUF file was made from
 
 
 PRESETS: dict[str, Preset] = {
@@ -44,6 +45,7 @@ PRESETS: dict[str, Preset] = {
         version="0.1.2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="apache-2.0",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -120,7 +122,15 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
         local = snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja"],
+            allow_patterns=[
+                "*.json",
+                "*.safetensors",
+                "*.model",
+                "*.txt",
+                "*.py",
+                "*.jinja",
+                "README.md",
+            ],
         )
     except LocalEntryNotFoundError as exc:
         raise ModelSourceError(
@@ -149,7 +159,7 @@ def _resolve_preset(name: str) -> ResolvedModel:
     target = cache_root() / "presets" / name
     gguf = locate_preset_gguf(preset)
     if not (target / "config.json").is_file():
-        convert_gguf(gguf, target)
+        convert_gguf(gguf, target, {"base_model": preset.base_model, "license": preset.license})
     return ResolvedModel(name, "preset", target, file_sha256(gguf))
 
 
@@ -184,11 +194,13 @@ def _pip_install(requirement: str) -> None:
     importlib.invalidate_caches()
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
+def convert_gguf(gguf: Path, target: Path, lineage: dict[str, str] | None = None) -> Path:
     """Convert a GGUF file once into a plain float32 safetensors folder at ``target``.
 
     Written to a temporary sibling folder and renamed into place, so an
     interrupted conversion never leaves a folder that looks complete.
+    ``lineage`` (``base_model``, ``license``) is kept in ``quantmill_source.json``
+    so that what is made from the folder can name where it came from.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -208,7 +220,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "quantmill_source.json").write_text(
-            json.dumps({"gguf": gguf.name, "sha256": file_sha256(gguf)}, indent=2)
+            json.dumps(
+                {"gguf": gguf.name, "sha256": file_sha256(gguf), **(lineage or {})}, indent=2
+            )
         )
         if target.exists():
             shutil.rmtree(target)

@@ -20,12 +20,14 @@ def evaluate_model(
     recipe: dict[str, Any],
     original: bool = False,
     update_summary: bool = False,
+    original_eval: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``model`` is a resolved source (dict) or a checkpoint folder.
 
     ``original``: the unquantized model, whose result is cached per revision
     and evaluation spec. ``update_summary``: add the result to the checkpoint
-    folder's ``quantmill_eval.json``, so the summary beside it is complete.
+    folder's ``quantmill_eval.json`` (with ``original_eval``, the original
+    model's, when given), so the summary beside it is complete.
     """
     start = time.perf_counter()
     source = ResolvedModel.from_dict(model) if isinstance(model, dict) else model
@@ -34,7 +36,10 @@ def evaluate_model(
     summary = Path(str(model)) / api.SUMMARY_FILE
     if update_summary and isinstance(model, str) and summary.is_file():
         data = json.loads(summary.read_text())
-        data["quantized"] = {k: result[k] for k in ("perplexity", "windows", "seq_len", "tokens")}
+        keys = ("perplexity", "windows", "seq_len", "tokens")
+        data["quantized"] = {k: result[k] for k in keys}
+        if original_eval and original_eval.get("perplexity") is not None:
+            data["original"] = {k: original_eval[k] for k in keys if k in original_eval}
         tmp = summary.with_suffix(".json.partial")
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
         tmp.replace(summary)

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from quantmill import plots
+from quantmill.storage import S3Settings, remote_store
 
 DEFAULT_EXPERIMENT = "quantmill"
 PACKAGES = ("quantmill", "torch", "transformers", "compressed-tensors", "prefect", "mlflow")
@@ -44,8 +45,25 @@ def tracking_uri() -> str:
     return f"sqlite:///{local_dir() / 'mlflow.db'}"
 
 
+def registry_uri() -> str:
+    """``MLFLOW_REGISTRY_URI`` when set, else the tracking store."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri()
+
+
 def get_client() -> MlflowClient:
-    return MlflowClient(tracking_uri())
+    return MlflowClient(tracking_uri(), registry_uri())
+
+
+def artifact_location() -> str | None:
+    """Where a new experiment keeps artifacts: the S3 bucket when configured, a folder
+    beside a local store, or (None) the tracking server's own choice."""
+    settings = S3Settings.from_env()
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    if settings is not None:
+        remote_store().ensure_bucket()  # type: ignore[union-attr]
+        return settings.uri("mlflow")
+    return (local_dir() / "artifacts").as_uri()
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -53,9 +71,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (local_dir() / "artifacts")
     try:
-        return client.create_experiment(name, artifact_location=location and location.as_uri())
+        return client.create_experiment(name, artifact_location=artifact_location())
     except MlflowException:  # created meanwhile by a concurrent run
         return client.get_experiment_by_name(name).experiment_id
 
@@ -197,6 +214,12 @@ def log_params(run: TrackedRun, model: dict[str, Any] | None, recipe: dict[str, 
         params = [p for p in params if not p.key.startswith("model.")]
     for start in range(0, len(params), 100):
         client.log_batch(run.run_id, params=params[start : start + 100])
+
+
+def set_tags(run: TrackedRun, tags: dict[str, Any]) -> None:
+    client = get_client()
+    for key, value in tags.items():
+        client.set_tag(run.run_id, key, str(value))
 
 
 @task(name="record-mlflow")

@@ -1,0 +1,88 @@
+"""Publishing: model card → Hub (one commit, verified) → MLflow Model Registry.
+
+``publish_checkpoint`` is the step the quantize flow ends with; ``publish_flow``
+runs it alone on a checkpoint folder, e.g. to finish a publication that a
+registry outage interrupted (the Hub step then finds its files already there
+and makes no new revision).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.params import PublishJob, PublishSettings, slug
+from tasks.publish import publish_to_hub, verify_hub_upload, write_model_card
+from tasks.registry import register_model
+from tasks.tracking import TrackedRun, mlflow_run, set_tags
+
+
+def publish_checkpoint(
+    checkpoint: str, settings: PublishSettings, run: TrackedRun
+) -> dict[str, Any]:
+    """Card, then Hub, then registry; each step runs only once the one before succeeded."""
+    logger = get_run_logger()
+    described = write_model_card(checkpoint, settings.hub_repo)
+    result: dict[str, Any] = {"card": described["card"], "gate": described["gate"]}
+    hub = None
+    if settings.hub_repo:
+        hub = publish_to_hub(checkpoint, settings.hub_repo, settings.private, settings.token_secret)
+        if settings.verify:
+            check = verify_hub_upload(
+                checkpoint, hub["repo_id"], hub["commit"], settings.token_secret
+            )
+            hub["verified"] = {k: check[k] for k in ("match", "max_abs_logit_diff", "generated")}
+        set_tags(run, {f"hub.{k}": hub[k] for k in ("repo_id", "url", "commit")})
+        _hub_artifact(hub)
+        logger.info(
+            "Hub: %s at commit %s (%s)",
+            hub["url"],
+            hub["commit"],
+            "new revision" if hub["new_revision"] else "unchanged: no new revision",
+        )
+        result["hub"] = hub
+    if settings.register:
+        registered = register_model(run, checkpoint, settings.registered_model, hub)
+        set_tags(run, {f"registry.{k}": registered[k] for k in ("name", "version")})
+        logger.info(
+            "Registry: %s version %s%s",
+            registered["name"],
+            registered["version"],
+            f" (alias {registered['alias']})"
+            if registered["alias"]
+            else f" (no alias: gate {registered['gate']['reason']})",
+        )
+        result["registry"] = registered
+    return result
+
+
+def _hub_artifact(hub: dict[str, Any]) -> None:
+    verified = hub.get("verified")
+    check = (
+        f"verified: downloaded, loaded, logits within {verified['max_abs_logit_diff']:.2g}"
+        if verified
+        else "not verified"
+    )
+    create_markdown_artifact(
+        key="hub-" + re.sub(r"[^a-z0-9-]+", "-", hub["repo_id"].lower()),
+        markdown=(
+            f"## Published to the Hub\n\n[{hub['repo_id']}]({hub['url']}) at commit "
+            f"`{hub['commit']}` ({'new revision' if hub['new_revision'] else 'unchanged'}; "
+            f"{check})\n"
+        ),
+        description=f"Hub: {hub['repo_id']}",
+    )
+
+
+@flow(name="publish", log_prints=True)
+def publish_flow(job: PublishJob) -> dict[str, Any]:
+    """Publish an existing checkpoint folder to the Hub and the MLflow registry."""
+    settings = job.publish
+    with mlflow_run(
+        f"publish {slug(job.checkpoint)}", job.experiment, tags={"quantmill.flow": "publish"}
+    ) as run:
+        result = publish_checkpoint(job.checkpoint, settings, run)
+        return {**result, "mlflow": run.where(), "checkpoint": job.checkpoint}

@@ -1,0 +1,230 @@
+"""What a published checkpoint says about itself: its lineage (base model and
+license), its evaluation and recipe, and the model card (``README.md`` with
+YAML metadata) that the Hub shows.
+
+Everything here reads files a quantization wrote (``quantmill_eval.json``,
+``quantmill_recipe.yaml``) and returns text: no network, so the card that goes
+to the Hub is the card a test can read. The card holds no timestamps, so the
+same checkpoint always gives the same card and re-publishing changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantmill.errors import CheckpointError
+from quantmill.gate import GateResult, check_gate
+from quantmill.recipe import Recipe
+
+CARD_FILE = "README.md"
+SOURCE_FILE = "quantmill_source.json"  # lineage kept beside a converted preset
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """Where the quantized model comes from: a Hub repo id when known, and its license."""
+
+    name: str  # plain name, e.g. "SmolLM2-135M-Instruct"
+    repo_id: str | None
+    license: str | None
+    revision: str | None
+
+
+@dataclass
+class CheckpointInfo:
+    """A quantized checkpoint folder and what its quantization recorded."""
+
+    folder: Path
+    recipe: Recipe
+    summary: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> CheckpointInfo:
+        from quantmill.api import RECIPE_FILE, SUMMARY_FILE
+        from quantmill.recipe import load_recipe
+
+        folder = Path(folder)
+        needed = (SUMMARY_FILE, RECIPE_FILE, "config.json")
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder} is not a quantmill checkpoint: {', '.join(missing)} missing. "
+                "Pass the output folder of `quantmill run` or `quantmill quantize`."
+            )
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        return cls(folder, load_recipe(folder / RECIPE_FILE), summary)
+
+    @property
+    def perplexity(self) -> float | None:
+        return (self.summary.get("quantized") or {}).get("perplexity")
+
+    @property
+    def original_perplexity(self) -> float | None:
+        return (self.summary.get("original") or {}).get("perplexity")
+
+    def gate(self) -> GateResult:
+        return check_gate(self.recipe.gate, self.original_perplexity, self.perplexity)
+
+    def base(self) -> BaseModelInfo:
+        return base_model_info(self.summary.get("model") or {})
+
+    def bits(self) -> list[int]:
+        return sorted({step.weights.bits for step in self.recipe.steps})
+
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(step.method for step in self.recipe.steps))
+
+
+def base_model_info(model: dict[str, Any]) -> BaseModelInfo:
+    """Lineage of a resolved model (``ResolvedModel.to_dict()``)."""
+    from quantmill.sources import PRESETS
+
+    kind, source = model.get("kind"), str(model.get("source") or "model")
+    revision = model.get("revision")
+    if kind == "preset" and source in PRESETS:
+        preset = PRESETS[source]
+        return BaseModelInfo(_name(preset.base_model), preset.base_model, preset.license, revision)
+    folder = Path(str(model.get("path") or ""))
+    if kind == "hub":
+        meta = card_metadata(folder / CARD_FILE)
+        return BaseModelInfo(_name(source), source, meta.get("license"), revision)
+    lineage = _read_json(folder / SOURCE_FILE)
+    meta = card_metadata(folder / CARD_FILE)
+    repo_id = lineage.get("base_model") or _str(meta.get("base_model"))
+    license_ = lineage.get("license") or meta.get("license")
+    name = _name(repo_id) if repo_id else (folder.name or _name(source))
+    return BaseModelInfo(name, repo_id, license_, revision)
+
+
+def card_metadata(path: Path) -> dict[str, Any]:
+    """The YAML front matter of a model card, or ``{}``."""
+    if not path.is_file():
+        return {}
+    text = path.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        data = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def card_tags(info: CheckpointInfo) -> list[str]:
+    tags = ["quantmill", "quantized", "compressed-tensors", *info.methods()]
+    tags += [f"{bits}-bit" for bits in info.bits()]
+    return tags
+
+
+def render_card(info: CheckpointInfo, repo_id: str | None = None) -> str:
+    """``README.md`` for the checkpoint: YAML metadata, evaluation, recipe, how to load."""
+    base = info.base()
+    meta: dict[str, Any] = {}
+    if base.repo_id:
+        meta["base_model"] = base.repo_id
+        meta["base_model_relation"] = "quantized"
+    meta["license"] = base.license or "other"
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = card_tags(info)
+    title = repo_id.split("/")[-1] if repo_id else f"{base.name}-{info.recipe.name}"
+    load_id = repo_id or str(info.folder)
+    parts = [
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",
+        f"# {title}",
+        _intro(info, base),
+        "## Evaluation\n\n" + evaluation_table(info),
+        "## Recipe\n\n```yaml\n" + yaml.safe_dump(info.recipe.to_dict(), sort_keys=False) + "```",
+        "## How to load\n\n" + _how_to_load(load_id),
+        "## Reproduce\n\n" + _reproduce(info, base),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def evaluation_table(info: CheckpointInfo) -> str:
+    summary = info.summary
+    evaluation = (summary.get("recipe") or {}).get("evaluation") or {}
+    quantized = summary.get("quantized") or {}
+    rows = [
+        "| model | perplexity | bits per weight | size (MB) |",
+        "|---|---|---|---|",
+        f"| original | {_fmt(info.original_perplexity)} | 16 or more | "
+        f"{_mb(summary.get('original_size_bytes'))} |",
+        f"| this model | {_fmt(info.perplexity)} | {_fmt(summary.get('bits_per_weight'), 3)} | "
+        f"{_mb(summary.get('size_bytes'))} |",
+    ]
+    gate = info.gate()
+    windows = quantized.get("windows", evaluation.get("max_windows"))
+    seq_len = quantized.get("seq_len", evaluation.get("seq_len"))
+    notes = [
+        f"Perplexity on `{evaluation.get('dataset')}` "
+        f"({evaluation.get('dataset_config') or evaluation.get('split', '')}): "
+        f"{windows} windows of {seq_len} tokens. Bits per weight count the quantized "
+        "layers' integers, scales and zero points.",
+        f"Quality gate: {gate.reason}",
+    ]
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
+
+
+def _intro(info: CheckpointInfo, base: BaseModelInfo) -> str:
+    methods = " then ".join(m.upper() for m in info.methods())
+    bits = "/".join(str(b) for b in info.bits())
+    link = f"[{base.repo_id}](https://huggingface.co/{base.repo_id})" if base.repo_id else base.name
+    return (
+        f"{bits}-bit weight quantization of {link} with {methods}, made by "
+        "[quantmill](https://github.com/quantmill/quantmill). The weights are stored as "
+        "packed integers in the compressed-tensors format, which transformers loads."
+    )
+
+
+def _how_to_load(load_id: str) -> str:
+    return (
+        "```python\n"
+        "# pip install transformers compressed-tensors\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{load_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")\n'
+        'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))\n"
+        "```"
+    )
+
+
+def _reproduce(info: CheckpointInfo, base: BaseModelInfo) -> str:
+    model = info.summary.get("model") or {}
+    source = base.repo_id if model.get("kind") == "hub" else model.get("source")
+    revision = f" --revision {base.revision}" if model.get("kind") == "hub" else ""
+    return (
+        "The recipe above is `quantmill_recipe.yaml` in this repo:\n\n"
+        f"```bash\nquantmill run --model {source}{revision} --recipe quantmill_recipe.yaml\n```\n\n"
+        f"Source revision: `{base.revision}`; quantmill {info.summary.get('quantmill_version')}."
+    )
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{float(value):.{digits}f}"
+
+
+def _mb(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value) / 2**20:.1f}"
+
+
+def _name(repo_id: str) -> str:
+    return repo_id.rstrip("/").split("/")[-1]
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
