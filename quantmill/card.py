@@ -153,7 +153,7 @@ def evaluation_table(info: CheckpointInfo) -> str:
     rows = [
         "| model | perplexity | bits per weight | size (MB) |",
         "|---|---|---|---|",
-        f"| original | {_fmt(info.original_perplexity)} | 16 or more | "
+        f"| original | {_fmt(info.original_perplexity)} | float | "
         f"{_mb(summary.get('original_size_bytes'))} |",
         f"| this model | {_fmt(info.perplexity)} | {_fmt(summary.get('bits_per_weight'), 3)} | "
         f"{_mb(summary.get('size_bytes'))} |",
@@ -163,8 +163,8 @@ def evaluation_table(info: CheckpointInfo) -> str:
     seq_len = quantized.get("seq_len", evaluation.get("seq_len"))
     notes = [
         f"Perplexity on `{evaluation.get('dataset')}` "
-        f"({evaluation.get('dataset_config') or evaluation.get('split', '')}): "
-        f"{windows} windows of {seq_len} tokens. Bits per weight count the quantized "
+        f"({evaluation.get('dataset_config') or evaluation.get('split', '')}), "
+        f"windows of {seq_len} tokens: {windows}. Bits per weight count the quantized "
         "layers' integers, scales and zero points.",
         f"Quality gate: {gate.reason}",
     ]

@@ -20,10 +20,10 @@ class QuantizedCausalLM(PythonModel):
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
     def predict(self, context, model_input, params=None):
-        """Greedy continuations of a list of prompts (or a DataFrame's first column)."""
+        """Greedy continuations of a list of prompts (or of a one-column DataFrame)."""
         import torch
 
-        if hasattr(model_input, "columns"):
+        if hasattr(model_input, "columns"):  # the signature turns a list into a DataFrame
             model_input = model_input[model_input.columns[0]]
         prompts = [model_input] if isinstance(model_input, str) else list(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", 32))

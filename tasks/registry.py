@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,14 +117,19 @@ def _ensure_registered_model(client: Any, name: str, info: card.CheckpointInfo) 
 def _log_model(client: Any, run: TrackedRun, checkpoint: str) -> str:
     """Save a pyfunc model holding the checkpoint and log it under the run's ``model/``."""
     import mlflow.pyfunc
+    from mlflow.models import infer_signature
 
-    with tempfile.TemporaryDirectory(prefix="quantmill-model-") as tmp:
+    signature = infer_signature(["a prompt"], ["a continuation"], params={"max_new_tokens": 32})
+    with tempfile.TemporaryDirectory(prefix="quantmill-model-") as tmp, warnings.catch_warnings():
+        # the model takes a params schema from its signature, not from type hints
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
         target = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             str(target),
             python_model=str(MODEL_CODE),
             artifacts={"checkpoint": str(checkpoint)},
             pip_requirements=_requirements(),
+            signature=signature,
         )
         client.log_artifacts(run.run_id, str(target), "model")
     return f"{client.get_run(run.run_id).info.artifact_uri.rstrip('/')}/model"

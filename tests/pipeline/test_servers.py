@@ -5,87 +5,35 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import WIKI_TEST, WIKI_VALID
+from tests.support.servers import (
+    free_port,
+    mlflow_server,
+    postgres_database,
+    start,
+    stop,
+    wait_http,
+)
 
 pytestmark = pytest.mark.slow
-PG = {"host": os.environ.get("QUANTMILL_PG_HOST", "127.0.0.1"), "user": "postgres"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    import psycopg2
-
-    name = f"quantmill_mlflow_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(dbname="postgres", **PG)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:5432/{name}"
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    with postgres_database("quantmill_mlflow") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(postgres_url, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_url]
-    cmd += ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    proc = start(cmd, folder / "server.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, folder / "server.log")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+def mlflow_url(postgres_url, tmp_path_factory):
+    with mlflow_server(postgres_url, tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +66,14 @@ def api(url: str, body: dict | None = None):
 
 
 def test_run_against_mlflow_on_postgres_and_a_prefect_server(
-    mlflow_server, prefect_server, smollm2_path, tmp_path
+    mlflow_url, prefect_server, smollm2_path, tmp_path
 ):
     from mlflow.tracking import MlflowClient
 
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
-        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_TRACKING_URI": mlflow_url,
         "QUANTMILL_CACHE": str(tmp_path / "cache"),
         "PREFECT_LOGGING_EXTRA_LOGGERS": "quantmill",
     }
@@ -135,10 +83,10 @@ def test_run_against_mlflow_on_postgres_and_a_prefect_server(
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     result = last_json(done.stdout)
-    assert result["mlflow"].startswith(mlflow_server)
+    assert result["mlflow"].startswith(mlflow_url)
     assert not (tmp_path / "mlruns").exists()  # the local store is not used
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_url)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["recipe.steps.0.method"] == "rtn"
