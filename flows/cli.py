@@ -57,7 +57,7 @@ def _publish_settings(args: argparse.Namespace) -> dict[str, Any]:
         "private": not args.public,
         "token_secret": args.token_secret,
         "verify": not args.no_verify,
-        "register": not args.no_register,
+        "registry": not args.no_register,
         "registered_model": args.registered_model,
     }
 

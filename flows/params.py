@@ -62,7 +62,7 @@ class PublishSettings(Params):
         "hf-token", description="Prefect Secret block with the Hub token (used if HF_TOKEN unset)"
     )
     verify: bool = Field(True, description="download the upload again, load it, compare logits")
-    register: bool = Field(True, description="register the checkpoint in the MLflow registry")
+    registry: bool = Field(True, description="register the checkpoint in the MLflow registry")
     registered_model: str | None = Field(
         None, description="registered model name; default: the base model's name"
     )
@@ -80,7 +80,7 @@ class PublishSettings(Params):
         return value
 
     def enabled(self) -> bool:
-        return bool(self.hub_repo) or self.register
+        return bool(self.hub_repo) or self.registry
 
 
 class QuantizeJob(ModelSettings):

@@ -44,7 +44,7 @@ def publish_checkpoint(
             "new revision" if hub["new_revision"] else "unchanged: no new revision",
         )
         result["hub"] = hub
-    if settings.register:
+    if settings.registry:
         registered = register_model(run, checkpoint, settings.registered_model, hub)
         set_tags(run, {f"registry.{k}": registered[k] for k in ("name", "version")})
         logger.info(

@@ -123,6 +123,7 @@ def _log_model(client: Any, run: TrackedRun, checkpoint: str) -> str:
     with tempfile.TemporaryDirectory(prefix="quantmill-model-") as tmp, warnings.catch_warnings():
         # the model takes a params schema from its signature, not from type hints
         warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         target = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             str(target),
