@@ -51,7 +51,7 @@ def check_hub_access(repo_id: str, token_secret: str | None = DEFAULT_SECRET_BLO
     """The token's user name, once the token is known to be able to write ``repo_id``."""
     from huggingface_hub import HfApi
 
-    return _check_access(HfApi(token=hub_token(token_secret)), repo_id)
+    return _check_access(HfApi(endpoint=hub_endpoint(), token=hub_token(token_secret)), repo_id)
 
 
 @task(
@@ -72,7 +72,7 @@ def publish_to_hub(
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     start = time.perf_counter()
-    api = HfApi(token=hub_token(token_secret))
+    api = HfApi(endpoint=hub_endpoint(), token=hub_token(token_secret))
     _check_access(api, repo_id)
     folder = Path(checkpoint)
     local = digest.folder_digests(folder)
@@ -124,7 +124,11 @@ def verify_hub_upload(
     with tempfile.TemporaryDirectory(prefix="quantmill-verify-") as cache:
         with hub_errors(f"downloading {repo_id}@{commit[:10]} to verify it"):
             path = snapshot_download(
-                repo_id, revision=commit, cache_dir=cache, token=hub_token(token_secret)
+                repo_id,
+                revision=commit,
+                cache_dir=cache,
+                token=hub_token(token_secret),
+                endpoint=hub_endpoint(),
             )
         result = compare.compare_checkpoints(checkpoint, path)
     if not result["match"]:
@@ -135,6 +139,11 @@ def verify_hub_upload(
             "revision is kept for inspection; publish again once the cause is found."
         )
     return {**result, "seconds": time.perf_counter() - start}
+
+
+def hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` as set now (the client reads it only once, when imported)."""
+    return os.environ.get("HF_ENDPOINT") or None
 
 
 def _check_access(api: Any, repo_id: str) -> str:
@@ -213,7 +222,7 @@ def _as_publish_error(exc: Exception, what: str) -> PublishError:
     else:
         transient = isinstance(exc, (OSError, TimeoutError)) or "httpx" in type(exc).__module__
     hint = "it will be retried" if transient else "check hub_repo and the token's rights"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    endpoint = hub_endpoint() or "https://huggingface.co"
     return PublishError(f"{what} at {endpoint} failed: {exc} ({hint})", transient=transient)
 
 

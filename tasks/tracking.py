@@ -151,7 +151,10 @@ def mlflow_run(
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         _record_failure(client, tracked.run_id, exc)
-        client.set_terminated(tracked.run_id, status=status)
+        try:
+            client.set_terminated(tracked.run_id, status=status)
+        except Exception:  # the tracking server is down too: keep the original error
+            pass
         raise
     client.set_terminated(tracked.run_id, status="FINISHED")
 

@@ -74,12 +74,10 @@ def postgres_database(prefix: str = "quantmill") -> Iterator[str]:
         admin.close()
 
 
-@contextmanager
-def mlflow_server(
+def start_mlflow(
     backend: str, folder: Path, port: int | None = None, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """``mlflow server`` on loopback; artifacts proxied into ``folder`` unless the
-    environment points them elsewhere. Yields its URL."""
+) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on loopback, ready; artifacts proxied into ``folder``."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend]
     cmd += ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
@@ -88,7 +86,20 @@ def mlflow_server(
     proc = start(cmd, log, env)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, log)
-        yield f"http://127.0.0.1:{port}"
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def mlflow_server(
+    backend: str, folder: Path, port: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``start_mlflow`` for the duration of the block; yields its URL."""
+    proc, url = start_mlflow(backend, folder, port, env)
+    try:
+        yield url
     finally:
         stop(proc)
 
