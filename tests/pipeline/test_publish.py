@@ -22,7 +22,7 @@ from quantmill.recipe import load_recipe, save_recipe, with_overrides
 from tests.conftest import WIKI_TEST
 from tests.pipeline.conftest import small_data
 from tests.support.hub_server import running_hub
-from tests.support.servers import mlflow_server, start_mlflow, stop
+from tests.support.servers import mlflow_server, postgres_database, start_mlflow, stop
 
 pytestmark = pytest.mark.slow
 
@@ -382,3 +382,39 @@ def test_quantize_flow_ends_with_the_publication(hub_env, smollm2_path, mlflow_c
     # the checkpoint's summary holds both evaluations, so the card and the gate can use them
     summary = json.loads((Path("out") / qapi.SUMMARY_FILE).read_text())
     assert summary["original"]["perplexity"] == pytest.approx(result["perplexity_original"])
+
+
+@pytest.fixture(scope="module")
+def registry_url(tmp_path_factory):
+    """A real ``mlflow server`` with its runs and registry in PostgreSQL."""
+    with postgres_database("quantmill_registry") as backend:
+        with mlflow_server(backend, tmp_path_factory.mktemp("registry")) as url:
+            yield url
+
+
+def test_cli_publish_against_an_mlflow_server(hub_env, checkpoint, registry_url, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.pipeline.test_servers import last_json
+
+    repo = repo_name("cli")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry_url}
+    cmd = [sys.executable, "-m", "quantmill.cli", "publish", str(checkpoint)]
+    cmd += ["--hub-repo", repo, "--json"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = last_json(done.stdout)
+    assert TOKEN not in done.stdout + done.stderr
+    assert result["hub"]["verified"]["match"] is True
+    assert hub_env.api(TOKEN).list_repo_commits(repo)[0].commit_id == result["hub"]["commit"]
+    client = MlflowClient(registry_url)
+    name = result["registry"]["name"]
+    version = client.get_model_version_by_alias(name, "candidate")
+    assert version.version == result["registry"]["version"]
+    assert version.tags["hub_commit"] == result["hub"]["commit"]
+    files = {a.path for a in client.list_artifacts(version.run_id, "model")}
+    assert "model/MLmodel" in files  # logged through the server's artifact proxy
