@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-FLOW_COMMANDS = ("run", "sweep", "publish")
+FLOW_COMMANDS = ("run", "sweep", "publish", "deploy")
 
 
 def add_flow_commands(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,16 @@ def add_flow_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default="quantmill", help="MLflow experiment")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _publish_args(p)
+
+    d = sub.add_parser("deploy", help="create the deployments (quantize, sweep, evaluate)")
+    d.add_argument("--pool", default="quantmill", help="the work pool they run on")
+    d.add_argument(
+        "--schedule",
+        action="append",
+        default=[],
+        metavar="NAME=CRON",
+        help="a deployment's cron schedule (UTC), e.g. sweep='0 2 * * *'; CRON 'none' removes it",
+    )
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +87,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def run_flow_command(args: argparse.Namespace) -> int:
     if args.command == "publish":
         return _publish_command(args)
+    if args.command == "deploy":
+        return _deploy_command(args)
     from flows.params import RECIPES_DIR, QuantizeJob, SweepJob
 
     def shipped(name: str) -> bool:
@@ -135,6 +147,21 @@ def run_flow_command(args: argparse.Namespace) -> int:
 
         result = sweep_flow(job)
     print(json.dumps(result, indent=2, default=str) if args.json else _summary(result))
+    return 0
+
+
+def _deploy_command(args: argparse.Namespace) -> int:
+    from flows.deploy import DEPLOYMENTS, deploy_all, parse_schedules
+
+    try:
+        schedules = parse_schedules(args.schedule)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ids = deploy_all(args.pool, schedules)
+    for name, deployment_id in ids.items():
+        cron = schedules.get(name, DEPLOYMENTS[name].cron)
+        print(f"{name}: deployment {deployment_id} on pool {args.pool}, schedule {cron or 'none'}")
     return 0
 
 

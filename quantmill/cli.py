@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_flow_commands(sub)
+    try:  # the service stack, where the repository's stack/ package is installed
+        from stack.cli import add_stack_commands
+    except ImportError:
+        pass
+    else:
+        add_stack_commands(sub)
     return parser
 
 
@@ -126,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from quantmill import report
 
-    if args.command in ("run", "sweep", "publish"):
+    if args.command == "stack":
+        from stack.cli import run_stack_command
+
+        return run_stack_command(args)
+    if args.command in ("run", "sweep", "publish", "deploy"):
         from flows.cli import run_flow_command
 
         return run_flow_command(args)

@@ -1,0 +1,261 @@
+"""Start, stop and list the stack's processes. Each runs in its own process
+group with its log in ``<home>/logs/``; ``<home>/state.json`` records what runs
+where, so ``stack down`` and ``stack status`` work from another shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from stack.services import Service, StackSettings, client_env, services
+
+STATE = "state.json"
+
+
+class StackError(RuntimeError):
+    """The stack cannot start, or a service did not come up; the message says which."""
+
+
+def up(settings: StackSettings, timeout: float = 180) -> dict[str, Any]:
+    """Start every service in order, each once the one before answers."""
+    home = settings.home.resolve()
+    if running(home):
+        raise StackError(f"a stack already runs from {home}; `quantmill stack down` first")
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    if settings.postgres:
+        ensure_databases(settings)
+    state: dict[str, Any] = {
+        "settings": {k: str(v) for k, v in asdict(settings).items()},
+        "env": client_env(settings),
+        "services": {},
+    }
+    try:
+        for service in services(settings):
+            if service.name.startswith("worker") and "pool" not in state:
+                ensure_pool(settings)
+                state["pool"] = settings.pool
+            state["services"][service.name] = start(service, home)
+            _write(home, state)
+            wait_ready(service, state["services"][service.name], settings, timeout)
+            if service.name == "s3":
+                ensure_bucket(settings)
+    except BaseException:
+        down(home)
+        raise
+    return state
+
+
+def start(service: Service, home: Path) -> dict[str, Any]:
+    log = home / "logs" / f"{service.name}.log"
+    env = {**os.environ, **service.env}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            service.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return {"pid": proc.pid, "url": service.url, "health": service.health, "log": str(log)}
+
+
+def wait_ready(service: Service, info: dict[str, Any], s: StackSettings, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(info["pid"]):
+            raise StackError(f"{service.name} exited at start; its log:\n{_tail(info['log'])}")
+        if healthy(service.name, info, s):
+            return
+        time.sleep(0.5)
+    raise StackError(f"{service.name} not ready after {timeout:.0f} s; log:\n{_tail(info['log'])}")
+
+
+def healthy(name: str, info: dict[str, Any], s: StackSettings) -> bool:
+    if info.get("health"):
+        return _http_ok(info["health"])
+    return name in online_workers(s)
+
+
+def online_workers(s: StackSettings) -> set[str]:
+    """Names (``worker``, ``worker-2``, …) of the pool's workers that the server sees online."""
+    try:
+        with prefect_client(s.prefect_api) as client:
+            workers = client.read_workers_for_work_pool(s.pool)
+    except Exception:
+        return set()
+    prefix = f"{s.pool}-"
+    return {
+        w.name[len(prefix) :]
+        for w in workers
+        if str(getattr(w.status, "value", w.status)) == "ONLINE" and w.name.startswith(prefix)
+    }
+
+
+def down(home: Path, grace: float = 20) -> list[str]:
+    """Stop every recorded service (workers first) and forget the state."""
+    home = Path(home).resolve()
+    state = read_state(home)
+    stopped = []
+    for name, info in reversed(list(state.get("services", {}).items())):
+        if alive(info["pid"]):
+            _signal(info["pid"], signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while alive(info["pid"]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if alive(info["pid"]):
+                _signal(info["pid"], signal.SIGKILL)
+            stopped.append(name)
+    (home / STATE).unlink(missing_ok=True)
+    return stopped
+
+
+def status(home: Path) -> list[dict[str, Any]]:
+    state = read_state(Path(home).resolve())
+    settings = state.get("settings", {})
+    rows = []
+    for name, info in state.get("services", {}).items():
+        up_ = alive(info["pid"])
+        ready = up_ and (_http_ok(info["health"]) if info.get("health") else None)
+        rows.append(
+            {
+                "service": name,
+                "pid": info["pid"],
+                "running": up_,
+                "ready": ready,
+                "url": info["url"],
+                "log": info["log"],
+            }
+        )
+    if settings:
+        rows.append(
+            {
+                "service": "pool",
+                "pid": None,
+                "running": None,
+                "ready": None,
+                "url": settings.get("pool"),
+                "log": "",
+            }
+        )
+    return rows
+
+
+def running(home: Path) -> bool:
+    state = read_state(home)
+    return any(alive(i["pid"]) for i in state.get("services", {}).values())
+
+
+def read_state(home: Path) -> dict[str, Any]:
+    path = Path(home) / STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ensure_databases(s: StackSettings) -> None:
+    """Create ``<prefix>_prefect`` and ``<prefix>_mlflow`` on the PostgreSQL server if missing."""
+    try:
+        import psycopg2
+    except ImportError as exc:
+        raise StackError("--postgres needs psycopg2: pip install psycopg2-binary") from exc
+    url = s.postgres.split("://", 1)[1]  # type: ignore[union-attr]
+    try:
+        conn = psycopg2.connect(f"postgresql://{url.rstrip('/')}/postgres")
+    except psycopg2.Error as exc:
+        raise StackError(f"--postgres {s.postgres}: cannot connect: {exc}".strip()) from exc
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for name in ("prefect", "mlflow"):
+            db = f"{s.db_prefix}_{name}"
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{db}"')
+    conn.close()
+
+
+def ensure_bucket(s: StackSettings) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s.s3_url,
+        aws_access_key_id=s.aws_key,
+        aws_secret_access_key=s.aws_secret,
+        region_name="us-east-1",
+    )
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if s.bucket not in existing:
+        client.create_bucket(Bucket=s.bucket)
+
+
+def ensure_pool(s: StackSettings) -> None:
+    """The process work pool; its concurrency limit is the workers' total."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    limit = s.worker_limit * s.workers
+    with prefect_client(s.prefect_api) as client:
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(name=s.pool, type="process", concurrency_limit=limit)
+            )
+        except ObjectAlreadyExists:
+            client.update_work_pool(s.pool, WorkPoolUpdate(concurrency_limit=limit))
+
+
+@contextmanager
+def prefect_client(api_url: str) -> Iterator[Any]:
+    """A sync Prefect client on ``api_url``, whatever this process was configured with."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _tail(path: str, chars: int = 3000) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def _write(home: Path, state: dict[str, Any]) -> None:
+    tmp = home / f".{STATE}.partial"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(home / STATE)

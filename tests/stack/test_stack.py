@@ -1,0 +1,181 @@
+"""The service stack without Docker, on this machine's PostgreSQL: `quantmill
+stack up` (S3, Prefect server, MLflow server, a worker), the deployments, runs
+triggered through the Prefect API as the UI triggers them, schedules, and a
+burst of runs held to the deployment's concurrency limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import boto3
+import pytest
+
+from tests.conftest import WIKI_TEST, WIKI_VALID
+from tests.support.servers import PG, free_port
+
+pytestmark = pytest.mark.slow
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "quantmill.cli", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """`quantmill stack up --deploy` on free ports with fresh PostgreSQL databases."""
+    import psycopg2
+
+    home = tmp_path_factory.mktemp("stack")
+    prefix = f"qm_stack_{uuid.uuid4().hex[:6]}"
+    ports = [str(free_port()) for _ in range(3)]
+    args = ["--home", str(home), "--postgres", f"postgresql://{PG['user']}@{PG['host']}:5432"]
+    args += ["--db-prefix", prefix, "--prefect-port", ports[0], "--mlflow-port", ports[1]]
+    args += ["--s3-port", ports[2], "--deploy"]
+    try:
+        cli("stack", "up", *args)
+        env_lines = cli("stack", "env", "--home", str(home)).stdout.splitlines()
+        env = dict(line.removeprefix("export ").split("=", 1) for line in env_lines)
+        yield {"home": home, "env": env, "prefix": prefix}
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "quantmill.cli", "stack", "down", "--home", str(home)]
+        )
+        admin = psycopg2.connect(dbname="postgres", **PG)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            for name in ("prefect", "mlflow"):
+                cur.execute(f'DROP DATABASE IF EXISTS "{prefix}_{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def client(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack["env"]["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as c:
+            yield c
+
+
+def deployment(client, name: str):
+    return client.read_deployment_by_name(f"{name}/{name}")
+
+
+def wait_runs(client, ids, timeout: float, sample=None) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [client.read_flow_run(i) for i in ids]
+        if sample is not None:
+            sample(runs)
+        if all(r.state and r.state.type.value in TERMINAL for r in runs):
+            return runs
+        time.sleep(2)
+    states = [(r.name, r.state.type.value if r.state else None) for r in runs]
+    pytest.fail(f"runs not finished after {timeout} s: {states}")
+
+
+def test_status_shows_every_service_and_where(stack):
+    rows = json.loads(cli("stack", "status", "--home", str(stack["home"]), "--json").stdout)
+    by_name = {r["service"]: r for r in rows}
+    for name in ("s3", "prefect-server", "mlflow"):
+        assert by_name[name]["running"] and by_name[name]["ready"], by_name[name]
+    assert by_name["worker"]["running"]
+    assert by_name["mlflow"]["url"] == stack["env"]["MLFLOW_TRACKING_URI"]
+    assert by_name["pool"]["url"] == "quantmill"
+
+
+def test_deployments_have_forms_limits_and_schedules(stack, client):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    quantize = deployment(client, "quantize")
+    schema = json.dumps(quantize.parameter_openapi_schema)
+    assert '"gptq-w4g64"' in schema and '"rtn-w4g64"' in schema  # recipe choices in the form
+    assert "export_format" in schema and "hub_repo" in schema
+    assert quantize.global_concurrency_limit.limit == 2
+    assert quantize.concurrency_options.collision_strategy.value == "ENQUEUE"
+    assert quantize.work_pool_name == "quantmill"
+
+    sweep = deployment(client, "sweep")
+    assert [s.schedule.cron for s in sweep.schedules] == ["0 2 * * *"]
+    # the scheduler turns the cron schedule into scheduled runs at 02:00
+    deadline = time.monotonic() + 90
+    runs = []
+    while time.monotonic() < deadline and not runs:
+        flt = DeploymentFilter(id=DeploymentFilterId(any_=[sweep.id]))
+        runs = [
+            r
+            for r in client.read_flow_runs(deployment_filter=flt)
+            if r.state_type.value == "SCHEDULED"
+        ]
+        time.sleep(2)
+    assert runs, "no scheduled runs for the nightly sweep"
+    assert all(r.expected_start_time.hour == 2 and r.expected_start_time.minute == 0 for r in runs)
+
+    # a user sets another deployment's schedule
+    cli("deploy", "--schedule", "evaluate=30 4 * * 1-5", env={**os.environ, **stack["env"]})
+    evaluate = deployment(client, "evaluate")
+    assert [s.schedule.cron for s in evaluate.schedules] == ["30 4 * * 1-5"]
+
+
+def test_a_run_triggered_through_the_api_completes_into_mlflow_and_s3(stack, client, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    job = {
+        "model": "smollm2-135m",
+        "recipe": "rtn-w4g64",
+        "out_dir": str(tmp_path / "out"),
+        "data": {"calib_data": str(WIKI_VALID), "eval_data": str(WIKI_TEST), "eval_windows": 1},
+    }
+    run = client.create_flow_run_from_deployment(
+        deployment(client, "quantize").id, parameters={"job": job}
+    )
+    (done,) = wait_runs(client, [run.id], timeout=600)
+    assert done.state.type.value == "COMPLETED", done.state.message
+
+    mlflow = MlflowClient(stack["env"]["MLFLOW_TRACKING_URI"])
+    exp = mlflow.get_experiment_by_name("quantmill")
+    (tracked,) = mlflow.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert tracked.info.status == "FINISHED"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack["env"]["MLFLOW_S3_ENDPOINT_URL"],
+        aws_access_key_id=stack["env"]["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=stack["env"]["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    keys = [
+        o["Key"] for o in s3.list_objects_v2(Bucket="quantmill", MaxKeys=1000).get("Contents", [])
+    ]
+    run_keys = [k for k in keys if f"/{tracked.info.run_id}/artifacts/" in k]
+    names = {k.split("/artifacts/", 1)[1] for k in run_keys}
+    assert {"quantmill_eval.json", "quantmill_recipe.yaml", "model/MLmodel"} <= names
+    versions = mlflow.search_model_versions("name = 'SmolLM2-135M-Instruct'")
+    assert any(v.run_id == tracked.info.run_id for v in versions)
+
+
+def test_ten_runs_at_once_with_a_limit_of_two_all_complete(stack, client):
+    job = {"model": "smollm2-135m", "data": {"eval_data": str(WIKI_TEST), "eval_windows": 1}}
+    evaluate = deployment(client, "evaluate")
+    ids = [
+        client.create_flow_run_from_deployment(evaluate.id, parameters={"job": job}).id
+        for _ in range(10)
+    ]
+    most = []
+
+    def sample(runs):
+        most.append(sum(r.state.type.value == "RUNNING" for r in runs if r.state))
+
+    runs = wait_runs(client, ids, timeout=1200, sample=sample)
+    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 10
+    assert max(most) <= 2
+    assert max(most) == 2  # the limit was used, not just respected
