@@ -94,6 +94,7 @@ def deploy_all(
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.flows import Flow
 
+    ensure_pool(pool)
     chosen = schedules or {}
     ids = {}
     for name in names or list(DEPLOYMENTS):
@@ -116,3 +117,16 @@ def deploy_all(
             )
         )
     return ids
+
+
+def ensure_pool(pool: str) -> None:
+    """Create ``pool`` as a process work pool when it does not exist yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except ObjectAlreadyExists:
+            pass

@@ -1,4 +1,5 @@
-"""The Hugging Face token: from ``HF_TOKEN``, else from a Prefect Secret block.
+"""The Hugging Face token: from ``HF_TOKEN``, else the file named by ``HF_TOKEN_FILE``
+(a Docker/Compose secret, e.g. ``/run/secrets/hf_token``), else a Prefect Secret block.
 
 The token is read where it is used and handed to nothing that records values:
 it is never a flow or task parameter, a return value, a log line or an MLflow
@@ -8,10 +9,12 @@ param, tag or artifact (``tests/pipeline/test_publish.py`` searches them all).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from quantmill.errors import PublishError
 
 TOKEN_ENV = "HF_TOKEN"
+TOKEN_FILE_ENV = "HF_TOKEN_FILE"
 DEFAULT_SECRET_BLOCK = "hf-token"
 
 
@@ -20,6 +23,17 @@ def hub_token(secret_block: str | None = DEFAULT_SECRET_BLOCK) -> str:
     token = os.environ.get(TOKEN_ENV, "").strip()
     if token:
         return token
+    path = os.environ.get(TOKEN_FILE_ENV, "").strip()
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise PublishError(
+                f"{TOKEN_FILE_ENV}={path}: cannot read the token file ({exc.strerror}); "
+                "create it with the token alone in it, or unset the variable"
+            ) from None
+        if token:
+            return token
     if secret_block:
         value = _secret_block_value(secret_block)
         if value:

@@ -116,3 +116,15 @@ def test_the_token_comes_from_the_environment_first(monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(PublishError, match="HF_TOKEN is not set"):
         hub_token(None)
+
+
+def test_the_token_can_come_from_a_secret_file(monkeypatch, tmp_path):
+    from tasks.secrets import hub_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    (tmp_path / "hf_token").write_text("hf_from_file\n")
+    monkeypatch.setenv("HF_TOKEN_FILE", str(tmp_path / "hf_token"))
+    assert hub_token(None) == "hf_from_file"
+    monkeypatch.setenv("HF_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(PublishError, match="HF_TOKEN_FILE=.*cannot read the token file"):
+        hub_token(None)

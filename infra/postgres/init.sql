@@ -1,0 +1,3 @@
+-- One PostgreSQL server, two databases: Prefect's and MLflow's.
+CREATE DATABASE prefect;
+CREATE DATABASE mlflow;
