@@ -42,6 +42,7 @@ def add_flow_commands(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("deploy", help="create the deployments (quantize, sweep, evaluate)")
     d.add_argument("--pool", default="quantmill", help="the work pool they run on")
+    d.add_argument("--image", help="the project's image, for a Docker or Kubernetes pool")
     d.add_argument(
         "--schedule",
         action="append",
@@ -158,7 +159,7 @@ def _deploy_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ids = deploy_all(args.pool, schedules)
+    ids = deploy_all(args.pool, schedules, image=args.image)
     for name, deployment_id in ids.items():
         cron = schedules.get(name, DEPLOYMENTS[name].cron)
         print(f"{name}: deployment {deployment_id} on pool {args.pool}, schedule {cron or 'none'}")

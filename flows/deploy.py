@@ -84,17 +84,23 @@ def deploy_all(
     schedules: dict[str, str | None] | None = None,
     api_url: str | None = None,
     names: list[str] | None = None,
+    image: str | None = None,
 ) -> dict[str, str]:
-    """Create or update the deployments on ``pool``; returns ``{name: deployment id}``."""
+    """Create or update the deployments on ``pool``; returns ``{name: deployment id}``.
+
+    ``image`` (Docker or Kubernetes pools): the project's image, in which the code
+    sits at the same path as here, so run this from inside that image.
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if api_url:
         with temporary_settings({PREFECT_API_URL: api_url}):
-            return deploy_all(pool, schedules, None, names)
+            return deploy_all(pool, schedules, None, names, image)
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.flows import Flow
 
-    ensure_pool(pool)
+    if image is None:
+        ensure_pool(pool)
     chosen = schedules or {}
     ids = {}
     for name in names or list(DEPLOYMENTS):
@@ -111,6 +117,7 @@ def deploy_all(
                 ),
                 description=spec.description,
                 tags=list(spec.tags),
+                job_variables={"image": image} if image else None,
                 build=False,
                 push=False,
                 print_next_steps=False,
