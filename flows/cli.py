@@ -33,6 +33,9 @@ def add_flow_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--out-root", default="outputs/sweep", help="one folder per recipe here")
     s.add_argument("--max-concurrency", type=int, default=2, help="recipes run at once")
+    s.add_argument(
+        "--dask", help="run recipes on Dask: 'local' (a cluster of processes) or tcp://host:8786"
+    )
 
     p = sub.add_parser("publish", help="publish a checkpoint to the Hub and the MLflow registry")
     p.add_argument("checkpoint", help="a checkpoint folder written by quantmill")
@@ -129,6 +132,7 @@ def run_flow_command(args: argparse.Namespace) -> int:
                 recipe_files=files,
                 out_root=args.out_root,
                 max_concurrency=args.max_concurrency,
+                dask=args.dask,
             )
         job.load()  # every recipe is validated before a flow starts
     except ValidationError as exc:

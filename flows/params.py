@@ -108,6 +108,11 @@ class SweepJob(ModelSettings):
     recipe_files: list[str] = Field(default_factory=list, description="more recipe files")
     out_root: str = Field("outputs/sweep", description="one folder per recipe under this")
     max_concurrency: int = Field(2, ge=1, le=16, description="recipes quantized at once")
+    dask: str | None = Field(
+        None,
+        description="run the recipes on Dask: a scheduler address (tcp://host:8786), or "
+        "'local' for a local cluster of max_concurrency processes; empty: threads here",
+    )
     overwrite: bool = Field(False, description="replace existing output folders")
 
     def load(self) -> list[Recipe]:

@@ -53,6 +53,7 @@ def run_recipe(
         torch.set_num_threads(threads)
     parsed = Recipe.model_validate(recipe)
     tags = {"quantmill.flow": "sweep", "quantmill.recipe": parsed.name}
+    tags["quantmill.pid"] = str(os.getpid())  # which process ran it (threads or Dask)
     with mlflow_run(parsed.name, parent=parent, tags=tags) as run:
         return quantize_one(
             model, parsed, out_dir, run, calibration, statistics, original_eval, overwrite
@@ -71,7 +72,7 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
         shared = prepare_shared(model, recipes)
         with (
             threads_per_recipe(job.max_concurrency, len(recipes)) as threads,
-            ThreadPoolTaskRunner(max_workers=job.max_concurrency) as runner,
+            task_runner(job) as runner,
         ):
             futures = {
                 recipe.name: runner.submit(
@@ -102,6 +103,19 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
                 "; ".join(f"recipe {r['recipe']} failed: {r['error']}" for r in failed)
             )
         return {"rows": rows, "mlflow": parent.where(), **comparison}
+
+
+def task_runner(job: SweepJob) -> Any:
+    """Threads in this process, or the processes of a Dask cluster (local or remote)."""
+    if not job.dask:
+        return ThreadPoolTaskRunner(max_workers=job.max_concurrency)
+    from prefect_dask import DaskTaskRunner
+
+    if job.dask == "local":
+        # one recipe per worker process, each process with its own torch threads
+        cluster = {"n_workers": job.max_concurrency, "threads_per_worker": 1, "processes": True}
+        return DaskTaskRunner(cluster_kwargs=cluster)
+    return DaskTaskRunner(address=job.dask)
 
 
 @contextmanager
