@@ -101,6 +101,7 @@ def deploy_all(
 
     if image is None:
         ensure_pool(pool)
+    ensure_crash_detection()
     chosen = schedules or {}
     ids = {}
     for name in names or list(DEPLOYMENTS):
@@ -137,3 +138,46 @@ def ensure_pool(pool: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         except ObjectAlreadyExists:
             pass
+
+
+CRASH_AUTOMATION = "quantmill: mark runs without heartbeats as crashed"
+HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY that workers set for their runs
+MISSED_HEARTBEATS_S = 90
+
+
+def ensure_crash_detection() -> None:
+    """An automation that marks a run Crashed once its heartbeats stop (its worker or
+    machine died), instead of leaving it Running forever. Runs emit heartbeats when
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set, as the stack's workers do."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        Automation.read(name=CRASH_AUTOMATION)
+        return
+    except ValueError:  # not there yet
+        pass
+    ends = ("Completed", "Failed", "Cancelled", "Crashed")
+    Automation(
+        name=CRASH_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{e}" for e in ends)},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=MISSED_HEARTBEATS_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {MISSED_HEARTBEATS_S} s: its worker or machine died",
+            )
+        ],
+    ).create()

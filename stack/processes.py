@@ -61,7 +61,27 @@ def start(service: Service, home: Path) -> dict[str, Any]:
         proc = subprocess.Popen(
             service.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    return {"pid": proc.pid, "url": service.url, "health": service.health, "log": str(log)}
+    return {
+        "pid": proc.pid,
+        "url": service.url,
+        "health": service.health,
+        "log": str(log),
+        "cmd": service.cmd,
+        "env": service.env,
+    }
+
+
+def restart(home: Path, name: str) -> int:
+    """Start service ``name`` again with its recorded command (after a crash); its pid."""
+    home = Path(home).resolve()
+    state = read_state(home)
+    info = state["services"][name]
+    if alive(info["pid"]):
+        raise StackError(f"{name} still runs (pid {info['pid']})")
+    service = Service(name, info["cmd"], info["url"], info["health"], info["env"])
+    state["services"][name] = start(service, home)
+    _write(home, state)
+    return state["services"][name]["pid"]
 
 
 def wait_ready(service: Service, info: dict[str, Any], s: StackSettings, timeout: float) -> None:

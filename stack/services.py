@@ -118,7 +118,12 @@ def services(s: StackSettings) -> list[Service]:
                 + ["--limit", str(s.worker_limit), "--name", f"{s.pool}-{name}"],
                 s.prefect_api,
                 "",  # checked through the API: the worker shows up in its pool
-                {**client_env(s), "PREFECT_HOME": str(home / "prefect")},
+                {
+                    **client_env(s),
+                    "PREFECT_HOME": str(home / "prefect"),
+                    # runs send heartbeats; flows/deploy.py marks silent ones Crashed
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                },
             )
         )
     return out

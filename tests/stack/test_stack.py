@@ -179,3 +179,48 @@ def test_ten_runs_at_once_with_a_limit_of_two_all_complete(stack, client):
     assert [r.state.type.value for r in runs] == ["COMPLETED"] * 10
     assert max(most) <= 2
     assert max(most) == 2  # the limit was used, not just respected
+
+
+def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
+    stack, client, tmp_path
+):
+    import psutil
+
+    from stack import processes
+
+    job = {
+        "model": "smollm2-135m",
+        "recipe": "gptq-w4g64",
+        "out_dir": str(tmp_path / "out"),
+        "overwrite": True,
+        "data": {
+            "calib_data": str(WIKI_VALID),
+            "calib_samples": 8,
+            "eval_data": str(WIKI_TEST),
+            "eval_windows": 1,
+        },
+    }
+    quantize = deployment(client, "quantize")
+    run = client.create_flow_run_from_deployment(quantize.id, parameters={"job": job})
+    deadline = time.monotonic() + 300
+    while client.read_flow_run(run.id).state.type.value != "RUNNING":
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(1)
+    time.sleep(10)  # well into the run: heartbeats are flowing
+
+    # the worker dies with everything it started, as when its machine goes down
+    worker = psutil.Process(processes.read_state(stack["home"])["services"]["worker"]["pid"])
+    family = [worker, *worker.children(recursive=True)]
+    assert len(family) > 1  # the flow run's own process is among them
+    for proc in family:
+        proc.kill()
+    psutil.wait_procs(family, timeout=30)
+
+    (crashed,) = wait_runs(client, [run.id], timeout=300)
+    assert crashed.state.type.value == "CRASHED", crashed.state
+    assert "heartbeat" in (crashed.state.message or "")
+
+    processes.restart(stack["home"], "worker")
+    again = client.create_flow_run_from_deployment(quantize.id, parameters={"job": job})
+    (done,) = wait_runs(client, [again.id], timeout=600)
+    assert done.state.type.value == "COMPLETED", done.state.message
