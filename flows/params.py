@@ -86,7 +86,7 @@ class PublishSettings(Params):
 class QuantizeJob(ModelSettings):
     recipe: RecipeName = Field("gptq-w4g64", description="a recipe shipped in recipes/")  # type: ignore[valid-type]
     recipe_file: str | None = Field(None, description="a YAML/JSON recipe; replaces `recipe`")
-    out_dir: str | None = Field(None, description="default: outputs/<model>-<recipe>")
+    out_dir: str | None = Field(None, description="default: outputs/MODEL-RECIPE")
     overwrite: bool = Field(False, description="replace an existing output folder")
     export_format: Literal["packed", "fake"] = Field(
         "packed", description="packed: compressed-tensors integers; fake: float weights"

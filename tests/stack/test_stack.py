@@ -7,64 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-import uuid
 
 import boto3
 import pytest
 
 from tests.conftest import WIKI_TEST, WIKI_VALID
-from tests.support.servers import PG, free_port
+from tests.stack.conftest import cli
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "quantmill.cli", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    return done
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """`quantmill stack up --deploy` on free ports with fresh PostgreSQL databases."""
-    import psycopg2
-
-    home = tmp_path_factory.mktemp("stack")
-    prefix = f"qm_stack_{uuid.uuid4().hex[:6]}"
-    ports = [str(free_port()) for _ in range(3)]
-    args = ["--home", str(home), "--postgres", f"postgresql://{PG['user']}@{PG['host']}:5432"]
-    args += ["--db-prefix", prefix, "--prefect-port", ports[0], "--mlflow-port", ports[1]]
-    args += ["--s3-port", ports[2], "--deploy"]
-    try:
-        cli("stack", "up", *args)
-        env_lines = cli("stack", "env", "--home", str(home)).stdout.splitlines()
-        env = dict(line.removeprefix("export ").split("=", 1) for line in env_lines)
-        yield {"home": home, "env": env, "prefix": prefix}
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "quantmill.cli", "stack", "down", "--home", str(home)]
-        )
-        admin = psycopg2.connect(dbname="postgres", **PG)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            for name in ("prefect", "mlflow"):
-                cur.execute(f'DROP DATABASE IF EXISTS "{prefix}_{name}" WITH (FORCE)')
-        admin.close()
-
-
-@pytest.fixture
-def client(stack):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: stack["env"]["PREFECT_API_URL"]}):
-        with get_client(sync_client=True) as c:
-            yield c
 
 
 def deployment(client, name: str):

@@ -1,0 +1,97 @@
+"""The Prefect UI in a real browser (Debian's headless Chromium driven by
+Playwright): open the `quantize` deployment, fill its form, start a run, watch it
+reach Completed; then the MLflow UI shows that run. Screenshots of each step go
+to ``test-artifacts/ui/``."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, WIKI_TEST, WIKI_VALID
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = REPO / "test-artifacts" / "ui"
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail("chromium not found: `make test` installs it (apt-get install chromium)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
+
+
+def field(page, label: str):
+    """The innermost form property labelled ``label``."""
+    return page.locator(".schema-form-property", has=page.get_by_text(label, exact=True)).last
+
+
+def fill(page, label: str, value: str, kind: str = "str") -> None:
+    prop = field(page, label)
+    prop.get_by_text(kind, exact=True).click()  # from None to a value of this type
+    prop.locator("textarea, input").first.fill(value)
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_start_a_quantize_run_from_the_prefect_ui_and_find_it_in_mlflow(stack, page, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    ui = stack["env"]["PREFECT_API_URL"].removesuffix("/api")
+    page.goto(f"{ui}/deployments")
+    page.get_by_text("quantize", exact=True).first.click()
+    page.wait_for_url("**/deployments/deployment/**")
+    shot(page, "1-deployment")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").click()
+    page.wait_for_url("**/run**")
+
+    field(page, "Recipe (Optional)").locator("button.p-select-button__control").focus()
+    page.keyboard.press("ArrowDown")  # opens the list of shipped recipes
+    page.get_by_role("option", name="rtn-w4g64", exact=True).click()
+    fill(page, "Calib Data (Optional)", str(WIKI_VALID))
+    fill(page, "Eval Data (Optional)", str(WIKI_TEST))
+    fill(page, "Eval Windows (Optional)", "1", kind="int")
+    fill(page, "Out Dir (Optional)", str(tmp_path / "from-the-ui"))
+    shot(page, "2-form")
+    page.get_by_role("button", name="Submit", exact=True).click()
+    # back on the deployment's runs: open the run just started
+    page.wait_for_url("**/deployments/deployment/**tab=Runs**")
+    page.locator("a[href*='/runs/flow-run/']").first.click()
+    page.wait_for_url("**/runs/flow-run/**")
+    flow_run_id = page.url.split("/runs/flow-run/")[1].split("?")[0].split("/")[0]
+
+    deadline = time.monotonic() + 600
+    while not page.get_by_text("Completed", exact=True).first.is_visible():
+        assert not page.get_by_text("Failed", exact=True).first.is_visible(), "the run failed"
+        assert time.monotonic() < deadline, "the run did not complete in 10 minutes"
+        page.wait_for_timeout(5000)
+        page.reload()
+    shot(page, "3-completed")
+    assert (tmp_path / "from-the-ui" / "quantmill_eval.json").is_file()
+
+    mlflow_url = stack["env"]["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(mlflow_url)
+    exp = client.get_experiment_by_name("quantmill")
+    (run,) = client.search_runs(
+        [exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+    assert run.data.params["recipe.steps.0.method"] == "rtn"
+    page.goto(f"{mlflow_url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}")
+    page.get_by_text("rtn-w4g64").first.wait_for()
+    page.get_by_text("perplexity", exact=True).first.wait_for()
+    shot(page, "4-mlflow-run")
