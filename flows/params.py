@@ -108,6 +108,11 @@ class SweepJob(ModelSettings):
     recipe_files: list[str] = Field(default_factory=list, description="more recipe files")
     out_root: str = Field("outputs/sweep", description="one folder per recipe under this")
     max_concurrency: int = Field(2, ge=1, le=16, description="recipes quantized at once")
+    fan_out: bool = Field(
+        False,
+        description="run each recipe as a run of the quantize deployment, shared among "
+        "the workers of its work pool (needs the deployments)",
+    )
     dask: str | None = Field(
         None,
         description="run the recipes on Dask: a scheduler address (tcp://host:8786), or "

@@ -68,6 +68,11 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
     name = f"sweep-{slug(job.model)}"
     with mlflow_run(name, job.experiment, tags={"quantmill.flow": "sweep"}) as parent:
         log_params(parent, None, None)
+        if job.fan_out:
+            from flows.fanout import fan_out
+
+            rows, original = fan_out(job)
+            return _finish(parent, rows, original, logger)
         model = download_model(job.model, job.revision)
         shared = prepare_shared(model, recipes)
         with (
@@ -93,16 +98,19 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
             }
             rows = [_row(name, future) for name, future in futures.items()]
         original = next(iter(shared["original"].values()))
-        comparison = publish_comparison(parent, rows, original)
-        failed = [r for r in rows if r["status"] != "ok"]
-        for row in rows:
-            logger.info("%s", {k: row.get(k) for k in COLUMNS})
-        logger.info("MLflow: %s", parent.where())
-        if failed:
-            raise RuntimeError(
-                "; ".join(f"recipe {r['recipe']} failed: {r['error']}" for r in failed)
-            )
-        return {"rows": rows, "mlflow": parent.where(), **comparison}
+        return _finish(parent, rows, original, logger)
+
+
+def _finish(parent: TrackedRun, rows: list[dict[str, Any]], original: dict[str, Any], logger):
+    """Compare the recipes; fail, naming each failed recipe, when one failed."""
+    comparison = publish_comparison(parent, rows, original)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for row in rows:
+        logger.info("%s", {k: row.get(k) for k in COLUMNS})
+    logger.info("MLflow: %s", parent.where())
+    if failed:
+        raise RuntimeError("; ".join(f"recipe {r['recipe']} failed: {r['error']}" for r in failed))
+    return {"rows": rows, "mlflow": parent.where(), **comparison}
 
 
 def task_runner(job: SweepJob) -> Any:

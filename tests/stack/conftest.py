@@ -29,7 +29,7 @@ def stack(tmp_path_factory):
     ports = [str(free_port()) for _ in range(3)]
     args = ["--home", str(home), "--postgres", f"postgresql://{PG['user']}@{PG['host']}:5432"]
     args += ["--db-prefix", prefix, "--prefect-port", ports[0], "--mlflow-port", ports[1]]
-    args += ["--s3-port", ports[2], "--deploy"]
+    args += ["--s3-port", ports[2], "--workers", "2", "--deploy"]
     try:
         cli("stack", "up", *args)
         env_lines = cli("stack", "env", "--home", str(home)).stdout.splitlines()

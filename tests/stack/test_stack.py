@@ -41,7 +41,7 @@ def test_status_shows_every_service_and_where(stack):
     by_name = {r["service"]: r for r in rows}
     for name in ("s3", "prefect-server", "mlflow"):
         assert by_name[name]["running"] and by_name[name]["ready"], by_name[name]
-    assert by_name["worker"]["running"]
+    assert by_name["worker-1"]["running"] and by_name["worker-2"]["running"]
     assert by_name["mlflow"]["url"] == stack["env"]["MLFLOW_TRACKING_URI"]
     assert by_name["pool"]["url"] == "quantmill"
 
@@ -160,8 +160,13 @@ def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
         time.sleep(1)
     time.sleep(10)  # well into the run: heartbeats are flowing
 
-    # the worker dies with everything it started, as when its machine goes down
-    worker = psutil.Process(processes.read_state(stack["home"])["services"]["worker"]["pid"])
+    # the worker running it dies with everything it started, as when its machine goes down
+    flow_process = psutil.Process(
+        int(client.read_flow_run(run.id).infrastructure_pid.split(":")[-1])
+    )
+    worker = flow_process.parent()
+    services = processes.read_state(stack["home"])["services"]
+    (name,) = [n for n, info in services.items() if info["pid"] == worker.pid]
     family = [worker, *worker.children(recursive=True)]
     assert len(family) > 1  # the flow run's own process is among them
     for proc in family:
@@ -172,7 +177,37 @@ def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
     assert crashed.state.type.value == "CRASHED", crashed.state
     assert "heartbeat" in (crashed.state.message or "")
 
-    processes.restart(stack["home"], "worker")
+    processes.restart(stack["home"], name)
     again = client.create_flow_run_from_deployment(quantize.id, parameters={"job": job})
     (done,) = wait_runs(client, [again.id], timeout=600)
     assert done.state.type.value == "COMPLETED", done.state.message
+
+
+def test_a_sweep_fans_out_over_the_pools_workers(stack, client, tmp_path):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    job = {
+        "model": "smollm2-135m",
+        "recipes": ["rtn-w4g64", "rtn-w8-channel"],
+        "out_root": str(tmp_path / "sweep"),
+        "fan_out": True,
+        "data": {"eval_data": str(WIKI_TEST), "eval_windows": 1},
+    }
+    sweep = client.create_flow_run_from_deployment(
+        deployment(client, "sweep").id, parameters={"job": job}
+    )
+    (done,) = wait_runs(client, [sweep.id], timeout=900)
+    assert done.state.type.value == "COMPLETED", done.state.message
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[sweep.id])
+        )
+    )
+    assert len(children) == 2
+    assert {c.deployment_id for c in children} == {deployment(client, "quantize").id}
+    assert all(c.state_type.value == "COMPLETED" for c in children)
+    # each recipe ran in a process a worker started, not in the sweep's own
+    pids = {c.infrastructure_pid for c in children} | {done.infrastructure_pid}
+    assert len(pids) == 3
+    for name in ("rtn-w4g64", "rtn-w8-channel"):
+        assert (tmp_path / "sweep" / name / "quantmill_eval.json").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,11 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def test_start_a_quantize_run_from_the_prefect_ui_and_find_it_in_mlflow(stack, page, tmp_path):
+def test_start_a_quantize_run_from_the_prefect_ui_and_find_it_in_mlflow(
+    stack, client, page, tmp_path
+):
     from mlflow.tracking import MlflowClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     ui = stack["env"]["PREFECT_API_URL"].removesuffix("/api")
     page.goto(f"{ui}/deployments")
@@ -58,8 +62,11 @@ def test_start_a_quantize_run_from_the_prefect_ui_and_find_it_in_mlflow(stack, p
     shot(page, "1-deployment")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").click()
-    page.wait_for_url("**/run**")
+    page.wait_for_url("**/deployment/*/run?**")
+    page.get_by_text("Run Name", exact=True).wait_for()
 
+    run_name = f"from-the-ui-{uuid.uuid4().hex[:6]}"
+    page.locator("input[type=text], input:not([type])").first.fill(run_name)  # Run Name
     field(page, "Recipe (Optional)").locator("button.p-select-button__control").focus()
     page.keyboard.press("ArrowDown")  # opens the list of shipped recipes
     page.get_by_role("option", name="rtn-w4g64", exact=True).click()
@@ -69,11 +76,14 @@ def test_start_a_quantize_run_from_the_prefect_ui_and_find_it_in_mlflow(stack, p
     fill(page, "Out Dir (Optional)", str(tmp_path / "from-the-ui"))
     shot(page, "2-form")
     page.get_by_role("button", name="Submit", exact=True).click()
-    # back on the deployment's runs: open the run just started
     page.wait_for_url("**/deployments/deployment/**tab=Runs**")
-    page.locator("a[href*='/runs/flow-run/']").first.click()
-    page.wait_for_url("**/runs/flow-run/**")
-    flow_run_id = page.url.split("/runs/flow-run/")[1].split("?")[0].split("/")[0]
+    (flow_run,) = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]))
+    )
+    flow_run_id = str(flow_run.id)
+    assert flow_run.parameters["job"]["recipe"] == "rtn-w4g64"  # what the form said
+    page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+    page.get_by_text(run_name).first.wait_for()
 
     deadline = time.monotonic() + 600
     while not page.get_by_text("Completed", exact=True).first.is_visible():

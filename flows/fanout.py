@@ -1,0 +1,87 @@
+"""A sweep fanned out over the work pool: each recipe becomes a run of the
+``quantize`` deployment, picked up by whichever worker of the pool is free, so
+the recipes of one sweep spread over machines. Each run tracks itself in
+MLflow; the sweep reads their figures back to compare them."""
+
+from __future__ import annotations
+
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from flows.params import RECIPES_DIR, QuantizeJob, SweepJob, slug
+from tasks.tracking import get_client
+
+QUANTIZE_DEPLOYMENT = "quantize/quantize"
+FIGURES = ("perplexity", "size_bytes", "bits_per_weight", "quant_seconds")
+
+
+def fan_out(job: SweepJob) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the comparison, and the original model's figures, from one deployment
+    run per recipe (at most ``max_concurrency`` submitted at once)."""
+    jobs = {name: quantize_job(job, name) for name in recipe_sources(job)}
+    with ThreadPoolExecutor(max_workers=job.max_concurrency) as pool:
+        futures = {
+            name: pool.submit(contextvars.copy_context().run, run_one, child)
+            for name, child in jobs.items()
+        }
+        rows = [row_of(name, future.result()) for name, future in futures.items()]
+    done = [r for r in rows if r["status"] == "ok"]
+    original = {
+        "perplexity": done[0].get("perplexity_original") if done else None,
+        "size_bytes": (done[0].get("original_size_bytes") or 0) if done else 0,
+    }
+    return rows, original
+
+
+def recipe_sources(job: SweepJob) -> list[str]:
+    return [str(n) for n in job.recipes] + list(job.recipe_files)
+
+
+def quantize_job(job: SweepJob, source: str) -> QuantizeJob:
+    shipped = (RECIPES_DIR / f"{source}.yaml").is_file()
+    recipe = {"recipe": source} if shipped else {"recipe_file": str(Path(source).resolve())}
+    name = source if shipped else Path(source).stem
+    return QuantizeJob(
+        model=job.model,
+        revision=job.revision,
+        data=job.data,
+        experiment=job.experiment,
+        out_dir=str((Path(job.out_root) / slug(name)).resolve()),
+        overwrite=job.overwrite,
+        publish={"registry": False},
+        **recipe,
+    )
+
+
+def run_one(child: QuantizeJob) -> Any:
+    from prefect.deployments import run_deployment
+
+    return run_deployment(
+        QUANTIZE_DEPLOYMENT,
+        parameters={"job": child.model_dump(mode="json")},
+        timeout=None,  # wait for the run, however long the queue
+        as_subflow=True,
+    )
+
+
+def row_of(name: str, flow_run: Any) -> dict[str, Any]:
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        message = state.message if state else "no state"
+        return {"recipe": name, "status": "failed", "error": f"run {flow_run.name}: {message}"}
+    client = get_client()
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
+    )
+    if not runs:
+        return {"recipe": name, "status": "failed", "error": "no MLflow run recorded"}
+    metrics = runs[0].data.metrics
+    row = {"recipe": name, "status": "ok", "mlflow_run_id": runs[0].info.run_id}
+    row.update({k: metrics.get(k) for k in FIGURES})
+    row["perplexity_original"] = metrics.get("perplexity_original")
+    row["original_size_bytes"] = metrics.get("original_size_bytes")
+    row["flow_run_id"] = str(flow_run.id)
+    return row
