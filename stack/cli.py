@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from stack.services import DEFAULT_HOME, StackSettings, client_env
+from stack.services import DEFAULT_HOME, StackSettings
 
 
 def add_stack_commands(sub: argparse._SubParsersAction) -> None:
@@ -113,5 +113,3 @@ def _print_status(home: Path) -> None:
             state = "running"
         print(f"{row['service']:<16} {row['pid']:>7}  {state:<9} {row['url']}")
 
-
-__all__ = ["add_stack_commands", "client_env", "run_stack_command"]
