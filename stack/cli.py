@@ -112,4 +112,3 @@ def _print_status(home: Path) -> None:
         if row["ready"] is None and row["running"]:
             state = "running"
         print(f"{row['service']:<16} {row['pid']:>7}  {state:<9} {row['url']}")
-
