@@ -142,16 +142,22 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
         raise ModelSourceError(
             f"model {repo_id!r} (revision {revision or 'main'}) could not be fetched from "
             f"the Hub: {exc}. Check the repo id, the revision and HF_TOKEN.",
-            transient=_status(exc) in {None, 408, 429} or (_status(exc) or 0) >= 500,
+            transient=transient_status(http_status(exc)),
         ) from exc
     # snapshot folders are named after the commit hash they hold
     commit = Path(local).name
     return ResolvedModel(repo_id, "hub", Path(local), commit)
 
 
-def _status(exc: Exception) -> int | None:
+def http_status(exc: Exception) -> int | None:
+    """The HTTP status of a client error, None when no response came back."""
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
+
+
+def transient_status(status: int | None) -> bool:
+    """Worth retrying: no response (network), a timeout, rate limiting or a server error."""
+    return status is None or status in (408, 429) or status >= 500
 
 
 def _resolve_preset(name: str) -> ResolvedModel:

@@ -85,7 +85,7 @@ def run_stack_command(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            _print_status(args.home)
+            _print_status(args.home, rows)
         return 0 if rows else 1
     state = processes.read_state(args.home.resolve())
     if not state:
@@ -96,10 +96,10 @@ def run_stack_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(home: Path) -> None:
+def _print_status(home: Path, rows: list[dict] | None = None) -> None:
     from stack import processes
 
-    rows = processes.status(home)
+    rows = processes.status(home) if rows is None else rows
     if not rows:
         print(f"no stack runs from {home.resolve()}")
         return

@@ -24,14 +24,17 @@ def retry_transient(task, task_run, state) -> bool:
     return isinstance(exc, (OSError, TimeoutError))
 
 
-@task(
-    name="download-model",
-    retries=DOWNLOAD_RETRIES,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=DOWNLOAD_TIMEOUT_S,
-)
+# Task options for work that talks to a remote service (the Hub): transient
+# failures are retried twice, after about 5 s and 10 s.
+TRANSIENT_RETRIES = {
+    "retries": DOWNLOAD_RETRIES,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_transient,
+}
+
+
+@task(name="download-model", timeout_seconds=DOWNLOAD_TIMEOUT_S, **TRANSIENT_RETRIES)
 def download_model(model: str, revision: str | None = None) -> dict[str, Any]:
     """``ResolvedModel.to_dict()`` plus ``seconds``; ``revision`` is a commit or content hash."""
     start = time.perf_counter()

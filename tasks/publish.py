@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.tasks import exponential_backoff
 
 from quantmill import card, compare, digest
 from quantmill.errors import PublishError
-from tasks.download import retry_transient
+from quantmill.sources import http_status, transient_status
+from tasks.download import TRANSIENT_RETRIES
 from tasks.secrets import DEFAULT_SECRET_BLOCK, hub_token
-
-PUBLISH_RETRIES = 2
 
 
 @task(name="write-model-card")
@@ -54,14 +52,7 @@ def check_hub_access(repo_id: str, token_secret: str | None = DEFAULT_SECRET_BLO
     return _check_access(HfApi(endpoint=hub_endpoint(), token=hub_token(token_secret)), repo_id)
 
 
-@task(
-    name="publish-hub",
-    retries=PUBLISH_RETRIES,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=3600,
-)
+@task(name="publish-hub", timeout_seconds=3600, **TRANSIENT_RETRIES)
 def publish_to_hub(
     checkpoint: str,
     repo_id: str,
@@ -153,7 +144,7 @@ def _check_access(api: Any, repo_id: str) -> str:
     try:
         who = api.whoami()
     except HfHubHTTPError as exc:
-        status = _status(exc)
+        status = http_status(exc)
         if status in (401, 403):
             raise PublishError(
                 f"the Hugging Face token was rejected by {where} ({status}): it is wrong, "
@@ -216,16 +207,10 @@ def hub_errors(what: str) -> Iterator[None]:
 def _as_publish_error(exc: Exception, what: str) -> PublishError:
     from huggingface_hub.errors import HfHubHTTPError
 
-    status = _status(exc)
     if isinstance(exc, HfHubHTTPError):
-        transient = status is None or status in (408, 429) or status >= 500
+        transient = transient_status(http_status(exc))
     else:
         transient = isinstance(exc, (OSError, TimeoutError)) or "httpx" in type(exc).__module__
     hint = "it will be retried" if transient else "check hub_repo and the token's rights"
     endpoint = hub_endpoint() or "https://huggingface.co"
     return PublishError(f"{what} at {endpoint} failed: {exc} ({hint})", transient=transient)
-
-
-def _status(exc: Exception) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
