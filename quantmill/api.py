@@ -20,11 +20,13 @@ import torch
 from quantmill import __version__
 from quantmill.arch import arch_for
 from quantmill.data import calibration_ids, eval_ids
-from quantmill.driver import quantize_model
+from quantmill.driver import build_methods, quantize_model
 from quantmill.evaluate import bits_per_weight, perplexity, size_on_disk
 from quantmill.export.checkpoint import ExportFormat, save_quantized, staged_output, write_json
+from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
 from quantmill.models import load_model
 from quantmill.recipe import Recipe, save_recipe
+from quantmill.runtime import apply_runtime, runtime_summary
 from quantmill.sources import ResolvedModel, cache_root, resolve_model
 from quantmill.stages import load_calibration
 from quantmill.stats import StatisticsFile
@@ -80,7 +82,7 @@ def quantize(
     with staged_output(out_dir, overwrite=overwrite) as tmp:
         resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
         net, tokenizer = load_model(resolved, trust_remote_code)
-        arch_for(net)  # an unsupported architecture fails before any data is read
+        check_recipe(net, recipe)  # before any data is read
         if calibration is not None:
             calib = load_calibration(calibration)
         elif recipe.needs_calibration():
@@ -101,9 +103,8 @@ def quantize(
         quantized = None
         if windows is not None:
             # Evaluate what was written, loaded the way users load it.
-            reloaded, _ = load_model(ResolvedModel(str(out_dir), "local", tmp, "staged"))
-            quantized = perplexity(reloaded, windows, progress).to_dict()
-            del reloaded
+            staged = ResolvedModel(str(out_dir), "local", tmp, "staged")
+            quantized = _quantized_perplexity(staged, recipe, windows, progress)
         summary = QuantizeSummary(
             out_dir=str(out_dir),
             model=resolved.to_dict(),
@@ -137,11 +138,14 @@ def evaluate_checkpoint(
     """
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     net, tokenizer = load_model(resolved)
+    if recipe.evaluation.kv_cache is not None:
+        check_kv_supported(net)
     windows = eval_ids(tokenizer, recipe.evaluation)
     if cache:
         result = _original_perplexity(net, resolved, recipe, windows, progress) or {}
     else:
-        result = perplexity(net, windows, progress).to_dict()
+        del net
+        result = _quantized_perplexity(resolved, recipe, windows, progress)
     has_config = (resolved.path / "config.json").is_file()
     return {
         "model": resolved.to_dict(),
@@ -150,6 +154,33 @@ def evaluate_checkpoint(
         "size_bytes": _source_size(resolved),
         "bits_per_weight": bits_per_weight(resolved.path) if has_config else None,
     }
+
+
+def check_recipe(net: torch.nn.Module, recipe: Recipe) -> None:
+    """Everything about ``recipe`` that depends on the model, checked before any work:
+    the architecture, each step's mappings and layers, the KV-cache layout."""
+    arch_for(net)
+    build_methods(net, recipe.steps)
+    if recipe.evaluation.kv_cache is not None:
+        check_kv_supported(net)
+
+
+def _quantized_perplexity(
+    resolved: ResolvedModel, recipe: Recipe, windows: torch.Tensor, progress: bool
+) -> dict[str, Any]:
+    """Perplexity of a checkpoint loaded the way users load it, then run the way it is
+    meant to run: integer or quantized-input layers from its runtime file, and the
+    recipe's KV-cache quantization. The original model is never evaluated this way."""
+    net, _ = load_model(resolved)
+    apply_runtime(net, resolved.path)
+    with kv_cache_quantized(net, recipe.evaluation.kv_cache):
+        result = perplexity(net, windows, progress).to_dict()
+    result.update(runtime_summary(net))
+    if recipe.evaluation.kv_cache is not None:
+        result["kv_cache"] = recipe.evaluation.kv_cache.label()
+    del net
+    gc.collect()
+    return result
 
 
 def _original_perplexity(

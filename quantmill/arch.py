@@ -15,11 +15,26 @@ from quantmill.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
+class Mapping:
+    """A layer whose output feeds ``balance`` directly, so per-channel scales move
+    exactly between them: ``smooth`` (a norm or linear) divides its output channels by
+    ``s`` and every ``balance`` linear multiplies its input columns by ``s``."""
+
+    smooth: str
+    balance: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     blocks: str  # dotted path from the model to the ModuleList of decoder blocks
     linear_groups: tuple[tuple[str, ...], ...]  # names inside a block, by shared input
     # GPT-2 stores weights as transformers' Conv1D ([in, out]) rather than nn.Linear.
     conv1d: bool = False
+    # Where SmoothQuant and AWQ may move scales (norm → projections, linear → linear).
+    mappings: tuple[Mapping, ...] = ()
+    # Attention goes through transformers' attention interface with keys and values
+    # as [batch, heads, tokens, head_dim]: what KV-cache quantization hooks into.
+    kv_cache: bool = False
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -34,6 +49,15 @@ _LLAMA = ArchSpec(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    mappings=(
+        Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        # Exact only when v_proj's outputs are o_proj's inputs one to one (no grouped
+        # query attention); methods skip it otherwise and say so in their report.
+        Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        Mapping("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    kv_cache=True,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -48,6 +72,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("self_attn.out_proj",),
             ("fc1",),
             ("fc2",),
+        ),
+        mappings=(
+            Mapping(
+                "self_attn_layer_norm",
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ),
+            Mapping("self_attn.v_proj", ("self_attn.out_proj",)),
+            Mapping("final_layer_norm", ("fc1",)),
+            Mapping("fc1", ("fc2",)),  # ReLU commutes with positive scales
         ),
     ),
     "gpt2": ArchSpec(

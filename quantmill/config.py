@@ -54,11 +54,25 @@ class QuantScheme(StrictModel):
         return f"w{self.bits}{group}{'s' if self.symmetric else 'a'}"
 
 
+class ActScheme(StrictModel):
+    """Dynamic activation quantization of a layer's input: one scale per token,
+    computed at run time from that token's largest magnitude (no calibration)."""
+
+    bits: int = Field(8, ge=4, le=8, description="integer width of each activation")
+    symmetric: bool = True
+
+    def label(self) -> str:
+        return f"a{self.bits}"
+
+
 class MethodConfig(StrictModel):
     """Fields every method step shares: what it quantizes and how."""
 
     method: str
     weights: QuantScheme = Field(default_factory=QuantScheme)
+    # Quantize each selected layer's input per token at run time (W8A8, W4A8);
+    # null keeps activations in floating point (weight-only).
+    activations: ActScheme | None = None
     # Patterns over module names: "re:<regex>" or a shell-style glob ("*.q_proj").
     targets: list[str] = Field(default_factory=lambda: ["*"])
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
@@ -108,6 +122,18 @@ class QualityGate(StrictModel):
     min_recovery: float = Field(0.8, gt=0, le=1)
 
 
+class KVCacheSpec(StrictModel):
+    """Quantize attention keys and values (what a KV cache holds) during evaluation."""
+
+    bits: Literal[4, 8] = 8
+    # "token": one scale per token over all heads; "head": one per token and head.
+    granularity: Literal["token", "head"] = "token"
+    symmetric: bool = False
+
+    def label(self) -> str:
+        return f"kv{self.bits}{self.granularity[0]}"
+
+
 class EvalSpec(StrictModel):
     """Perplexity protocol of the GPTQ paper: non-overlapping windows of the test text."""
 
@@ -117,3 +143,5 @@ class EvalSpec(StrictModel):
     seq_len: int = Field(2048, ge=8, le=32_768)
     # None evaluates every window; a cap keeps evaluation inside a CPU budget.
     max_windows: int | None = Field(8, ge=1)
+    # Quantize keys and values while evaluating, to measure what a quantized KV cache costs.
+    kv_cache: KVCacheSpec | None = None

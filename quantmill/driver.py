@@ -25,6 +25,7 @@ from quantmill.config import MethodConfig
 from quantmill.errors import CalibrationDataError
 from quantmill.methods.base import LayerQuant, LayerReport, Method, StopForward, hooks_removed
 from quantmill.registry import get_method
+from quantmill.runtime import activation_hooks, runtime_spec
 from quantmill.stats import Statistics, StatisticsFile, collect_statistics, save_statistics
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def quantize_model(
     start = time.perf_counter()
     spec = arch_for(model)
     blocks = decoder_blocks(model, spec)
-    methods = [get_method(step.method).impl(step, spec.conv1d) for step in steps]
+    methods = build_methods(model, steps)
     calibrated = [m for m in methods if m.needs_calibration]
     live = any(m.sequential for m in calibrated)  # statistics of the partly quantized model
     shared = any(not m.sequential for m in calibrated)
@@ -83,12 +84,28 @@ def quantize_model(
         inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size) if live else None
         for index, block in enumerate(tqdm(blocks, desc=f"{label} blocks", disable=not progress)):
             prefix = f"{spec.blocks}.{index}."
+            targets = None
+            if inputs is not None and any(m.needs_targets for m in methods):
+                targets = block_outputs(block, inputs)  # the original block's, for distillation
             for method in methods:
-                _quantize_block(method, block, spec, prefix, inputs, statistics, layers, reports)
+                _quantize_block(
+                    method, block, spec, prefix, inputs, statistics, layers, reports, targets
+                )
             if inputs is not None and index + 1 < len(blocks):
-                run_block(block, inputs, keep_outputs=True)
+                # the next block sees what this one will produce, quantized activations included
+                with activation_hooks(block, runtime_spec(layers), prefix):
+                    run_block(block, inputs, keep_outputs=True)
             progress_log.info("%s: block %d/%d quantized", label, index + 1, len(blocks))
     return QuantizeOutcome(layers, reports, time.perf_counter() - start)
+
+
+def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
+    """Each step's method, checked against ``model`` (mappings, layouts) before any work."""
+    spec = arch_for(model)
+    methods = [get_method(step.method).impl(step, spec.conv1d) for step in steps]
+    for method in methods:
+        method.check_model(model, spec)
+    return methods
 
 
 def _statistics_file(
@@ -109,6 +126,7 @@ def _quantize_block(
     statistics: Statistics | StatisticsFile | None,
     layers: dict[str, LayerQuant],
     reports: list[LayerReport],
+    targets: list[Tensor] | None = None,
 ) -> None:
     selected = {
         name: module
@@ -126,11 +144,19 @@ def _quantize_block(
             for group in spec.linear_groups
         ]
         with method.observe([g for g in groups if g], stop_after_last=True):
-            run_block(block, inputs, keep_outputs=False)
+            with activation_hooks(block, runtime_spec(layers), prefix):
+                run_block(block, inputs, keep_outputs=False)
+    reports += method.prepare_block(block, spec, prefix, inputs)
+    block_layers: dict[str, LayerQuant] = {}
     for name, module in selected.items():
         quant, report = method.quantize_layer(prefix + name, module)
-        layers[prefix + name] = quant
-        reports.append(report)
+        if report is not None:
+            reports.append(report)
+        if quant is not None:  # None: the step only rescaled, a later step quantizes
+            block_layers[prefix + name] = quant
+    layers.update(block_layers)
+    if method.needs_targets and inputs is not None and targets is not None:
+        reports += method.finish_block(block, prefix, inputs, targets, block_layers)
 
 
 @torch.no_grad()
@@ -158,6 +184,16 @@ def capture_block_inputs(
             except StopForward:
                 pass
     return inputs
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+    """The block's output hidden states for every batch of ``inputs`` (a copy)."""
+    outputs = []
+    for b, hidden in enumerate(inputs.hidden):
+        out = block(hidden, *inputs.args[b], **inputs.kwargs[b])
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from torch import nn
 from quantmill.errors import ExportError
 from quantmill.export.compressed import build_schemes, compressed_state_dict, quantization_config
 from quantmill.methods.base import LayerQuant
+from quantmill.runtime import write_runtime
 
 ExportFormat = Literal["packed", "fake"]
 
@@ -67,6 +68,7 @@ def save_quantized(
             del model.config.quantization_config
     else:
         raise ExportError(f"unknown export format {fmt!r}; allowed: packed, fake")
+    write_runtime(folder, layers)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

@@ -56,19 +56,39 @@ def quantization_args(scheme: QuantScheme, in_features: int) -> QuantizationArgs
     return QuantizationArgs(strategy="block", block_structure=[1, group or in_features], **common)
 
 
+def activation_args(quant: LayerQuant) -> QuantizationArgs | None:
+    """Dynamic per-token input quantization, as compressed-tensors describes it.
+
+    LLM.int8()'s outlier decomposition has no compressed-tensors form: those
+    layers are stored weight-only (int8 per channel) and the threshold lives in
+    ``quantmill_runtime.json``.
+    """
+    act = quant.activations
+    if act is None or quant.outlier_threshold is not None:
+        return None
+    return QuantizationArgs(
+        num_bits=act.bits, type="int", symmetric=act.symmetric, strategy="token", dynamic=True
+    )
+
+
 def build_schemes(
     layers: dict[str, LayerQuant], in_features: dict[str, int]
 ) -> dict[str, QuantizationScheme]:
     """One compressed-tensors scheme per distinct (args, format), targeting exact module names."""
-    by_key: dict[str, tuple[QuantizationArgs, CompressionFormat, list[str]]] = {}
+    by_key: dict[
+        str, tuple[QuantizationArgs, QuantizationArgs | None, CompressionFormat, list[str]]
+    ] = {}
     for name, quant in layers.items():
         args = quantization_args(quant.scheme, in_features[name])
+        acts = activation_args(quant)
         fmt = compression_format(quant.scheme)
-        key = args.model_dump_json() + fmt.value
-        by_key.setdefault(key, (args, fmt, []))[2].append(name)
+        key = args.model_dump_json() + (acts.model_dump_json() if acts else "") + fmt.value
+        by_key.setdefault(key, (args, acts, fmt, []))[3].append(name)
     return {
-        f"group_{i}": QuantizationScheme(targets=names, weights=args, format=fmt.value)
-        for i, (args, fmt, names) in enumerate(by_key.values())
+        f"group_{i}": QuantizationScheme(
+            targets=names, weights=args, input_activations=acts, format=fmt.value
+        )
+        for i, (args, acts, fmt, names) in enumerate(by_key.values())
     }
 
 

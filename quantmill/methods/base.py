@@ -12,12 +12,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from quantmill.config import MethodConfig, QuantScheme
+from quantmill.config import ActScheme, MethodConfig, QuantScheme
+
+if TYPE_CHECKING:
+    from quantmill.arch import ArchSpec
+    from quantmill.driver import BlockInputs
 
 
 class StopForward(Exception):
@@ -31,6 +35,10 @@ class LayerQuant:
     scheme: QuantScheme
     scale: Tensor  # [out, n_groups]
     zero: Tensor | None
+    # How the layer's input is quantized at run time (None: floating point).
+    activations: ActScheme | None = None
+    # LLM.int8(): input columns with any |x| at or above this stay in floating point.
+    outlier_threshold: float | None = None
 
 
 @dataclass
@@ -57,10 +65,38 @@ class Method:
     """Base class; subclasses register with ``@register_method``."""
 
     needs_calibration: ClassVar[bool] = False
+    # True when ``finish_block`` needs the original block's outputs on the block inputs.
+    needs_targets: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:
         self.config = config
         self.conv1d = conv1d
+
+    def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
+        """Raise ``ConfigError`` when this step cannot apply to ``model`` (before any work)."""
+
+    def prepare_block(
+        self, block: nn.Module, spec: ArchSpec, prefix: str, inputs: BlockInputs | None
+    ) -> list[LayerReport]:
+        """After ``observe`` and before ``quantize_layer``: rescale the block (SmoothQuant, AWQ)."""
+        return []
+
+    def finish_block(
+        self,
+        block: nn.Module,
+        prefix: str,
+        inputs: BlockInputs,
+        targets: list[Tensor],
+        layers: dict[str, LayerQuant],
+    ) -> list[LayerReport]:
+        """After every layer of the block is quantized (layer-wise distillation)."""
+        return []
+
+    def layer_quant(
+        self, scale: Tensor, zero: Tensor | None, scheme: QuantScheme | None = None
+    ) -> LayerQuant:
+        """The layer's grid, with this step's activation setting."""
+        return LayerQuant(scheme or self.config.weights, scale, zero, self.config.activations)
 
     @contextmanager
     def observe(

@@ -98,10 +98,10 @@ class GPTQ(Method):
             Q = fake_quantize(W, scale, zero, cfg.weights)
             set_weight(layer, Q, self.conv1d)
             report = self._timed_report(name, "gptq", float("nan"), start, fallback="rtn")
-            return LayerQuant(cfg.weights, scale, zero), report
+            return self.layer_quant(scale, zero), report
         set_weight(layer, result.weight, self.conv1d)
         report = self._timed_report(name, "gptq", result.loss, start, dampening=result.dampening)
-        return LayerQuant(cfg.weights, result.scale, result.zero), report
+        return self.layer_quant(result.scale, result.zero), report
 
 
 class _Given:

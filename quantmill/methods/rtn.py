@@ -1,7 +1,8 @@
 """Round-to-nearest (RTN): each weight to its nearest grid point, no calibration.
 
 The baseline every paper in the survey compares against (e.g. Dettmers &
-Zettlemoyer, "The case for 4-bit precision", ICML 2023).
+Zettlemoyer, "The case for 4-bit precision", ICML 2023). With ``activations``
+set it is also the naive W8A8 / W4A8 baseline of SmoothQuant and ZeroQuant.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from torch import nn
+from torch import Tensor, nn
 
-from quantmill.config import MethodConfig
+from quantmill.config import MethodConfig, QuantScheme
 from quantmill.methods.base import LayerQuant, LayerReport, Method, get_weight, set_weight
 from quantmill.quant.grid import compute_qparams, fake_quantize
 from quantmill.registry import register_method
@@ -21,16 +22,23 @@ class RTNConfig(MethodConfig):
     method: Literal["rtn"] = "rtn"
 
 
+def round_layer(
+    layer: nn.Module, scheme: QuantScheme, conv1d: bool
+) -> tuple[Tensor, Tensor | None, float]:
+    """Put ``layer``'s weights on their nearest grid points; returns the grid and the
+    squared weight error."""
+    W = get_weight(layer, conv1d).float()
+    scale, zero = compute_qparams(W, scheme)
+    Q = fake_quantize(W, scale, zero, scheme)
+    set_weight(layer, Q, conv1d)
+    return scale, zero, float((W - Q).square().sum())
+
+
 @register_method("rtn", config=RTNConfig)
 class RTN(Method):
     needs_calibration = False
 
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
         start = time.perf_counter()
-        scheme = self.config.weights
-        W = get_weight(layer, self.conv1d).float()
-        scale, zero = compute_qparams(W, scheme)
-        Q = fake_quantize(W, scale, zero, scheme)
-        loss = float((W - Q).square().sum())  # weight-space squared error
-        set_weight(layer, Q, self.conv1d)
-        return LayerQuant(scheme, scale, zero), self._timed_report(name, "rtn", loss, start)
+        scale, zero, loss = round_layer(layer, self.config.weights, self.conv1d)
+        return self.layer_quant(scale, zero), self._timed_report(name, "rtn", loss, start)

@@ -40,7 +40,7 @@ def expand_groups(t: Tensor, cols: int, group_size: int | None) -> Tensor:
     return t.repeat_interleave(group_size, dim=1)[:, :cols]
 
 
-def _grouped(W: Tensor, group_size: int | None) -> Tensor:
+def grouped(W: Tensor, group_size: int | None) -> Tensor:
     """``[rows, cols]`` → ``[rows, n_groups, g]``; a partial last group is padded with zeros.
 
     Zeros never change a group's min/max (the range always spans 0) and are
@@ -77,7 +77,7 @@ def _storable(scale: Tensor) -> Tensor:
 
 def compute_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
     """Per-group scale ``[rows, n_groups]`` and zero point (``None`` when symmetric)."""
-    G = _grouped(W.float(), scheme.group_size)
+    G = grouped(W.float(), scheme.group_size)
     wmin = G.amin(dim=2).clamp_max(0)
     wmax = G.amax(dim=2).clamp_min(0)
     if scheme.observer == "minmax":

@@ -1,0 +1,85 @@
+"""Integer matrix multiplication for W8A8 layers on CPU.
+
+``int8_linear``: per-token int8 activations times per-channel int8 weights,
+accumulated in int32 by ``torch._int_mm`` (VNNI on x86), then rescaled by the
+outer product of the two scale vectors: ``y = (qx · qwᵀ) * sx * swᵀ + b``.
+
+``mixed_int8_linear``: LLM.int8()'s decomposition (Dettmers et al., 2022):
+input columns holding any activation of magnitude ≥ ``threshold`` are
+multiplied in floating point (with the dequantized weights of those
+columns); the rest go through ``int8_linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quantmill.config import ActScheme
+
+INT8 = ActScheme(bits=8, symmetric=True)
+
+
+def quantize_rows_int8(W: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: ``W ≈ q * scale`` with ``scale`` ``[rows]``."""
+    scale = (W.abs().amax(dim=1).float() / 127).clamp_min(1e-8)
+    q = torch.round(W.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _quantize_tokens_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-8)
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def int8_matmul(x: Tensor, qweight_t: Tensor, w_scale: Tensor) -> Tensor:
+    """``x`` ``[tokens, in]`` (float) times int8 ``qweight_t`` ``[in, out]``: float32 output."""
+    qx, x_scale = _quantize_tokens_int8(x.float())
+    acc = torch._int_mm(qx, qweight_t)
+    return acc.float() * x_scale * w_scale
+
+
+def int8_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` with per-token int8 activations and per-channel int8 weights."""
+    shape = x.shape
+    y = int8_matmul(x.reshape(-1, shape[-1]), qweight_t, w_scale)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def outlier_columns(x: Tensor, threshold: float) -> Tensor:
+    """Boolean ``[in]``: input columns with any ``|x| ≥ threshold`` in this batch."""
+    return (x.reshape(-1, x.shape[-1]).abs() >= threshold).any(dim=0)
+
+
+def mixed_int8_linear(
+    x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float
+) -> tuple[Tensor, int]:
+    """LLM.int8(): returns the output and the number of outlier columns used."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1]).float()
+    outliers = outlier_columns(flat, threshold)
+    count = int(outliers.sum())
+    if count == 0:
+        y = int8_matmul(flat, qweight_t, w_scale)
+    else:
+        regular = ~outliers
+        y = int8_matmul(flat[:, regular], qweight_t[regular], w_scale)
+        w_out = qweight_t[outliers].float() * w_scale  # [n_outliers, out], dequantized
+        y = y + flat[:, outliers] @ w_out
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], -1).to(x.dtype), count
+
+
+def fake_mixed_int8(x: Tensor, threshold: float) -> Tensor:
+    """What ``mixed_int8_linear`` does to its input, in floating point: outlier
+    columns unchanged, the others quantized to int8 per token (over those columns)."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1]).float()
+    outliers = outlier_columns(flat, threshold)
+    regular = flat.masked_fill(outliers, 0.0)
+    q, scale = _quantize_tokens_int8(regular)
+    out = torch.where(outliers, flat, q.float() * scale)
+    return out.reshape(shape).to(x.dtype)
