@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from quantmill.recipe import Recipe, load_recipe, with_overrides
+from quantmill.recipe import Recipe, load_recipe, parse_recipe, with_overrides
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -92,6 +92,9 @@ class QuantizeJob(ModelSettings):
         "packed", description="packed: compressed-tensors integers; fake: float weights"
     )
     publish: PublishSettings = Field(default_factory=PublishSettings)
+    outlier_report: bool = Field(
+        False, description="also write the original model's outlier report (needs calibration)"
+    )
 
     def load(self) -> Recipe:
         return load_job_recipe(self.recipe_file or str(self.recipe), self.data)
@@ -131,6 +134,30 @@ class SweepJob(ModelSettings):
         if not recipes:
             raise ValueError("recipes: give at least one recipe name or recipe_files entry")
         return recipes
+
+
+class AnalyzeJob(ModelSettings):
+    """The outlier report of a model, on the calibration data of a recipe (default
+    settings when none: 128 samples of 512 tokens of WikiText-2 train)."""
+
+    recipe_file: str | None = Field(None, description="take calibration settings from it")
+    seq_len: int | None = Field(None, ge=8, description="calibration sample length in tokens")
+    out_dir: str | None = Field(None, description="default: outputs/MODEL-outliers")
+
+    def load(self) -> Recipe:
+        if self.recipe_file:
+            recipe = load_job_recipe(self.recipe_file, self.data)
+        else:  # calibration settings only: the step is a placeholder that never runs
+            base = parse_recipe({"name": "analyze", "steps": [{"method": "rtn"}]})
+            recipe = with_overrides(base, **self.data.model_dump())
+        if self.seq_len is None:
+            return recipe
+        data = recipe.to_dict()
+        data["calibration"]["seq_len"] = self.seq_len
+        return parse_recipe(data)
+
+    def output_dir(self) -> str:
+        return self.out_dir or str(Path("outputs") / f"{slug(self.model)}-outliers")
 
 
 class PublishJob(Params):

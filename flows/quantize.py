@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from flows.params import PublishSettings, QuantizeJob
 from flows.publish import publish_checkpoint
 from quantmill.recipe import Recipe
+from tasks.analyze import outlier_report
 from tasks.calibrate import collect_statistics, prepare_calibration
 from tasks.download import download_model
 from tasks.evaluate import evaluate_model
@@ -70,12 +71,18 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
         model = download_model(job.model, job.revision)
         calibration = statistics = None
         timings = {"download": model["seconds"]}
-        if recipe.needs_calibration():
-            calibration = prepare_calibration(model, recipe.to_dict())
-            timings["calibration_data"] = calibration["seconds"]
+        if recipe.needs_calibration() or job.outlier_report:
+            prepared = prepare_calibration(model, recipe.to_dict())
+            timings["calibration_data"] = prepared["seconds"]
+            calibration = prepared if recipe.needs_calibration() else None
             if recipe.uses_shared_statistics():
                 statistics = collect_statistics(model, recipe.to_dict(), calibration)
                 timings["statistics"] = statistics["seconds"]
+            if job.outlier_report:
+                folder = f"{job.output_dir(recipe)}-outliers"
+                batch = recipe.calibration.batch_size
+                outliers = outlier_report(model, prepared["path"], folder, batch, run)
+                timings["outliers"] = outliers["seconds"]
         original = evaluate_model(model, recipe.to_dict(), original=True)
         timings["evaluate_original"] = original["seconds"]
         result = quantize_one(

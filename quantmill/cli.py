@@ -1,4 +1,4 @@
-"""Command line: ``quantmill quantize`` and ``quantmill eval``."""
+"""Command line: ``quantmill quantize``, ``quantmill eval`` and ``quantmill outliers``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e)
     e.add_argument("--recipe", help="take the evaluation settings from this recipe")
     _eval_args(e)
+
+    o = sub.add_parser("outliers", help="per-layer activation and weight outlier report")
+    o.add_argument("model", help="preset (smollm2-135m), local folder, .gguf file or Hub repo id")
+    o.add_argument("--out", required=True, help="folder for outliers.json, .csv and .png")
+    o.add_argument("--calib-data", help="calibration text file (default: WikiText-2 train)")
+    o.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
+    o.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    o.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list the registered quantization methods")
     try:  # the pipeline commands, where the repository's flows/ package is installed
@@ -145,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
 
         print("\n".join(method_names()))
         return 0
+    if args.command == "outliers":
+        return _outliers(args)
     recipe = _recipe(args)
     if args.command == "quantize":
         from quantmill.api import quantize
@@ -169,6 +180,31 @@ def _run(args: argparse.Namespace) -> int:
         args.model, recipe, revision=args.revision, progress=not args.quiet
     )
     print(json.dumps(result, indent=2) if args.json else report.eval_table(result))
+    return 0
+
+
+def _outliers(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from quantmill.config import CalibrationSpec
+    from quantmill.data import calibration_ids
+    from quantmill.errors import ConfigError
+    from quantmill.models import load_model
+    from quantmill.outliers import collect_outliers, save_report, worst_layers_table
+    from quantmill.recipe import format_validation_error
+    from quantmill.sources import resolve_model
+
+    data = {"dataset": args.calib_data} if args.calib_data else {}
+    try:
+        spec = CalibrationSpec(num_samples=args.calib_samples, seq_len=args.seq_len, **data)
+    except ValidationError as exc:  # --calib-samples / --seq-len out of range
+        raise ConfigError(format_validation_error(exc, "calibration settings")) from None
+    model, tokenizer = load_model(resolve_model(args.model, args.revision))
+    ids = calibration_ids(tokenizer, spec)
+    report = collect_outliers(model, ids, spec.batch_size, progress=not args.quiet)
+    paths = save_report(report, args.out)
+    print(worst_layers_table(report))
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
 
 

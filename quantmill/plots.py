@@ -67,3 +67,52 @@ def _save(fig, plt, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def outlier_stats(layers: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Per-layer outlier figures in model order (``quantmill.outliers`` layer dicts):
+    activation max/median ratio, activation and weight kurtosis (log scales) and
+    outlier channel count, coloured by layer kind."""
+    plt = _pyplot()
+    fig, (ratio, kurt, count) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    labels = _kind_labels([layer["kind"] for layer in layers])
+    colours = plt.get_cmap("tab10")
+    for number, kind in enumerate(labels):
+        points = [(i, layer) for i, layer in enumerate(layers) if layer["kind"] == kind]
+        xs = [i for i, _ in points]
+        style = {"s": 12, "color": colours(number % 10)}
+        ratio.scatter(xs, [_positive(p["act_max_median_ratio"]) for _, p in points], **style)
+        kurt.scatter(xs, [_positive(p["act_kurtosis"]) for _, p in points], **style)
+        weights = [_positive(p["weight_kurtosis"]) for _, p in points]
+        kurt.scatter(xs, weights, marker="x", **style)
+        count.scatter(xs, [p["act_outlier_count"] for _, p in points], **style)
+        ratio.scatter([], [], label=labels[kind], **style)  # one legend entry per kind
+    ratio.set_yscale("log")
+    ratio.set_ylabel("activation\nmax / median")
+    kurt.set_yscale("log")
+    kurt.set_ylabel("kurtosis\n(● activations, × weights)")
+    kurt.axhline(3.0, color="grey", linewidth=0.8, linestyle="--")  # a Gaussian's
+    count.set_ylabel("outlier\nchannels")
+    count.set_xlabel("layer (model order)")
+    for ax in (ratio, kurt, count):
+        ax.grid(alpha=0.3)
+    if labels:  # above the top panel, where it hides no point
+        ratio.legend(
+            fontsize=8, ncols=min(len(labels), 7), loc="lower left", bbox_to_anchor=(0, 1.0)
+        )
+    fig.suptitle(title or "Outliers per layer: activations and weights")
+    return _save(fig, plt, path)
+
+
+def _kind_labels(kinds: list[str]) -> dict[str, str]:
+    """Each kind's legend label: its last name part (q_proj), unless two kinds share it."""
+    unique = list(dict.fromkeys(kinds))
+    short = [kind.rsplit(".", 1)[-1] for kind in unique]
+    return {k: s if short.count(s) == 1 else k for k, s in zip(unique, short, strict=True)}
+
+
+def _positive(value: float | None) -> float:
+    """Log axes skip NaN; zero, negative, missing and inf values become NaN."""
+    if value is None or not math.isfinite(value) or value <= 0:
+        return math.nan
+    return float(value)
