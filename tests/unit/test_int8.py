@@ -1,0 +1,194 @@
+"""Integer kernels, the runtime file, and a planted-outlier model where naive W8A8
+fails and SmoothQuant and LLM.int8() recover."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from quantmill.config import ActScheme
+from quantmill.driver import quantize_model
+from quantmill.export.checkpoint import save_quantized
+from quantmill.quant.act import fake_quantize_tokens, quantize_tokens
+from quantmill.quant.int8 import (
+    fake_mixed_int8,
+    int8_linear,
+    mixed_int8_linear,
+    quantize_rows_int8,
+)
+from quantmill.recipe import parse_recipe
+from quantmill.runtime import (
+    RUNTIME_FILE,
+    Int8Linear,
+    MixedInt8Linear,
+    activation_hooks,
+    apply_runtime,
+    runtime_spec,
+)
+
+
+def test_int8_matmul_matches_the_dequantized_reference():
+    torch.manual_seed(0)
+    W = torch.randn(96, 64)
+    x = torch.randn(2, 7, 64)
+    bias = torch.randn(96)
+    q, scale = quantize_rows_int8(W)
+    y = int8_linear(x, q.t().contiguous(), scale, bias)
+    # reference: the same integers, dequantized, in float
+    qx, sx, _ = quantize_tokens(x, ActScheme(bits=8))
+    reference = (qx.float() * sx) @ (q.float() * scale[:, None]).t() + bias
+    assert y.shape == (2, 7, 96)
+    assert torch.allclose(y, reference, atol=1e-4, rtol=1e-5)
+    # and close to the float layer itself
+    exact = x @ W.t() + bias
+    assert (y - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_int8_linear_handles_a_single_token():
+    W = torch.randn(32, 16)
+    q, scale = quantize_rows_int8(W)
+    x = torch.randn(1, 16)
+    y = int8_linear(x, q.t().contiguous(), scale, None)
+    assert torch.allclose(
+        y, fake_quantize_tokens(x, ActScheme()) @ (q.float() * scale[:, None]).t(), atol=1e-4
+    )
+
+
+def test_mixed_int8_keeps_outlier_columns_in_float():
+    torch.manual_seed(0)
+    W = torch.randn(32, 16)
+    q, scale = quantize_rows_int8(W)
+    x = torch.randn(10, 16)
+    x[:, 4] = 60.0  # an outlier feature
+    w_deq = q.float() * scale[:, None]
+    y, count = mixed_int8_linear(x, q.t().contiguous(), scale, None, threshold=6.0)
+    assert count == 1
+    assert torch.allclose(y, fake_mixed_int8(x, 6.0) @ w_deq.t(), atol=1e-4)
+    assert torch.equal(fake_mixed_int8(x, 6.0)[:, 4], x[:, 4])  # untouched
+    plain = int8_linear(x, q.t().contiguous(), scale, None)
+    exact = x @ w_deq.t()
+    assert (y - exact).abs().max() < 0.2 * (plain - exact).abs().max()
+
+
+def test_per_token_fake_quantization_passes_gradients_straight_through():
+    x = torch.randn(4, 8, requires_grad=True)
+    fake_quantize_tokens(x, ActScheme(bits=4)).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def planted(tiny_model):
+    """A tiny Llama whose normed hidden states carry a few huge channels, as real LLMs do."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight[[3, 17]] = 150.0
+            block.post_attention_layernorm.weight[[9]] = 200.0
+    return model
+
+
+def logits_error(model, ids, reference, spec=None):
+    with torch.no_grad(), activation_hooks(model, spec or {}):
+        return float((model(ids).logits - reference).square().mean())
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(0)
+    return torch.randint(0, 320, (8, 32))
+
+
+def quantized_error(tiny_model, ids, steps):
+    model = planted(tiny_model)
+    with torch.no_grad():
+        reference = model(ids).logits
+    outcome = quantize_model(model, parse_recipe({"steps": steps}).steps, ids, 4, progress=False)
+    return logits_error(model, ids, reference, runtime_spec(outcome.layers)), outcome
+
+
+W8A8 = {"weights": {"bits": 8, "group_size": None}, "activations": {"bits": 8}}
+
+
+def test_planted_outliers_break_naive_w8a8_and_smoothquant_and_llm_int8_recover(tiny_model, ids):
+    naive, _ = quantized_error(tiny_model, ids, [{"method": "rtn", **W8A8}])
+    weight_only, _ = quantized_error(
+        tiny_model, ids, [{"method": "rtn", "weights": W8A8["weights"]}]
+    )
+    smooth, _ = quantized_error(tiny_model, ids, [{"method": "smoothquant", "alpha": 0.5}])
+    mixed, outcome = quantized_error(tiny_model, ids, [{"method": "llm_int8"}])
+    assert naive > 5 * weight_only  # activations are what fails
+    assert smooth < naive / 5
+    assert mixed < naive / 5
+    q_proj = next(r for r in outcome.reports if r.name.endswith("0.self_attn.q_proj"))
+    assert q_proj.extra["outlier_columns"] == 2  # the two planted channels
+    assert q_proj.extra["outlier_fraction"] == pytest.approx(2 / 64)
+
+
+def test_w8a8_checkpoint_runs_with_integer_kernels(tmp_path, tiny_model, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = planted(tiny_model)
+    outcome = quantize_model(
+        model,
+        parse_recipe({"steps": [{"method": "smoothquant", "alpha": 0.8}]}).steps,
+        ids,
+        4,
+        False,
+    )
+    save_quantized(model, None, outcome.layers, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    group = next(iter(config["config_groups"].values()))
+    assert group["input_activations"]["strategy"] == "token"
+    assert group["input_activations"]["dynamic"] is True
+    assert group["weights"]["num_bits"] == 8
+    runtime = json.loads((tmp_path / RUNTIME_FILE).read_text())["layers"]
+    assert len(runtime) == 14
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    swapped = apply_runtime(loaded, tmp_path)
+    assert set(swapped.values()) == {"Int8Linear"} and len(swapped) == 14
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, Int8Linear) and layer.qweight_t.dtype == torch.int8
+    with torch.no_grad():
+        simulated = None
+        with activation_hooks(model, runtime_spec(outcome.layers)):
+            simulated = model(ids).logits
+        integer = loaded(ids).logits
+    assert (integer - simulated).abs().max() < 1e-2 * simulated.abs().max()
+
+
+def test_llm_int8_checkpoint_counts_outlier_columns_at_run_time(tmp_path, tiny_model, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = planted(tiny_model)
+    outcome = quantize_model(
+        model, parse_recipe({"steps": [{"method": "llm_int8"}]}).steps, ids, 4, False
+    )
+    save_quantized(model, None, outcome.layers, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert all("input_activations" not in g for g in config["config_groups"].values())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    apply_runtime(loaded, tmp_path)
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, MixedInt8Linear) and layer.threshold == 6.0
+    with torch.no_grad():
+        loaded(ids)
+    assert layer.outlier_columns >= 2  # the planted channels, at least
+
+
+def test_weight_only_checkpoint_has_no_runtime_file(tmp_path, tiny_model, ids):
+    model = tiny_model("llama")
+    outcome = quantize_model(
+        model, parse_recipe({"steps": [{"method": "rtn"}]}).steps, None, 4, False
+    )
+    save_quantized(model, None, outcome.layers, tmp_path)
+    assert not (tmp_path / RUNTIME_FILE).exists()
+    assert apply_runtime(nn.Module(), tmp_path) == {}
+
+
+def test_llm_int8_refuses_other_weight_grids():
+    from quantmill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"steps\.0\.weights.*8-bit symmetric per-row"):
+        parse_recipe({"steps": [{"method": "llm_int8", "weights": {"bits": 4}}]})
+    with pytest.raises(ConfigError, match=r"steps\.0\.activations"):
+        parse_recipe({"steps": [{"method": "llm_int8", "activations": {"bits": 8}}]})
