@@ -45,6 +45,7 @@ class DistillResult:
     initial_loss: float
     final_loss: float
     steps: int
+    kept: bool  # False: distillation did not lower the loss, the rounded weights were kept
 
 
 def distill_block(
@@ -80,6 +81,7 @@ def distill_block(
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(inputs, targets, batch_size)
     initial = final = float("nan")
+    kept = True
     try:
         with torch.enable_grad(), activation_hooks(block, runtime_spec(layers), prefix):
             initial = _mean_loss(block, batches)
@@ -91,7 +93,7 @@ def distill_block(
                 loss = nn.functional.mse_loss(
                     (out[0] if isinstance(out, tuple) else out).float(), target.float()
                 )
-                if not math.isfinite(float(loss)):
+                if not math.isfinite(loss.item()):
                     raise FloatingPointError(
                         f"{prefix}: distillation loss is {float(loss)}; lower lkd_lr"
                     )
@@ -99,12 +101,17 @@ def distill_block(
                 loss.backward()
                 optimizer.step()
             final = _mean_loss(block, batches)
+            if not final < initial:  # never leave a block worse than plain rounding
+                kept = False
+                with torch.no_grad():
+                    for name, latent in zip(modules, latents, strict=True):
+                        latent.copy_(originals[name])
     finally:
         for module in modules.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return DistillResult(initial, final, steps)
+    return DistillResult(initial, min(initial, final), steps, kept)
 
 
 @torch.no_grad()

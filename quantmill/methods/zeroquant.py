@@ -26,7 +26,7 @@ class ZeroQuantConfig(MethodConfig):
     method: Literal["zeroquant"] = "zeroquant"
     activations: ActScheme | None = Field(default_factory=ActScheme)
     lkd_steps: int = Field(50, ge=0, description="distillation steps per block; 0: no LKD")
-    lkd_lr: float = Field(1e-4, gt=0, le=1, description="Adam learning rate")
+    lkd_lr: float = Field(5e-5, gt=0, le=1, description="Adam learning rate")
     lkd_batch_size: int = Field(4, ge=1, description="calibration samples per step")
     seed: int = 0
 
@@ -74,5 +74,9 @@ class ZeroQuant(Method):
             cfg.lkd_steps, cfg.lkd_lr, cfg.lkd_batch_size, cfg.seed,
         )  # fmt: skip
         name = prefix.rstrip(".")
-        extra = {"initial_loss": result.initial_loss, "steps": result.steps}
+        extra = {
+            "initial_loss": result.initial_loss,
+            "steps": result.steps,
+            "kept": "distilled" if result.kept else "rounded",
+        }
         return [self._timed_report(name, "zeroquant-lkd", result.final_loss, start, **extra)]
