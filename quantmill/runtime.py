@@ -20,16 +20,19 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from quantmill.config import ActScheme
-from quantmill.methods.base import LayerQuant, hooks_removed
+from quantmill.hooks import hooks_removed
 from quantmill.quant.act import fake_quantize_tokens
 from quantmill.quant.int8 import fake_mixed_int8, int8_linear, mixed_int8_linear
+
+if TYPE_CHECKING:
+    from quantmill.methods.base import LayerQuant
 
 RUNTIME_FILE = "quantmill_runtime.json"
 

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from quantmill.config import ActScheme, MethodConfig, QuantScheme
+from quantmill.hooks import hooks_removed  # noqa: F401  (methods import it from here)
 
 if TYPE_CHECKING:
     from quantmill.arch import ArchSpec
@@ -120,13 +120,3 @@ class Method:
     @staticmethod
     def _timed_report(name: str, method: str, loss: float, start: float, **extra) -> LayerReport:
         return LayerReport(name, method, loss, time.perf_counter() - start, dict(extra))
-
-
-@contextmanager
-def hooks_removed(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
-    """Remove every hook handle on exit, whatever happens inside."""
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
