@@ -14,7 +14,7 @@ from tasks.calibrate import collect_statistics, prepare_calibration
 from tasks.download import download_model
 from tasks.evaluate import evaluate_model
 from tasks.publish import check_hub_access
-from tasks.quantize import quantize_model
+from tasks.quantize import check_recipe, quantize_model
 from tasks.tracking import TrackedRun, log_params, mlflow_run, record_run
 
 
@@ -69,6 +69,7 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
     with mlflow_run(recipe.name, job.experiment, tags={"quantmill.flow": "quantize"}) as run:
         log_params(run, None, recipe.to_dict())
         model = download_model(job.model, job.revision)
+        check_recipe(model, [recipe.to_dict()])
         calibration = statistics = None
         timings = {"download": model["seconds"]}
         if recipe.needs_calibration() or job.outlier_report:

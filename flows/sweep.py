@@ -29,6 +29,7 @@ from quantmill.recipe import Recipe
 from tasks.calibrate import collect_statistics, prepare_calibration
 from tasks.download import download_model
 from tasks.evaluate import evaluate_model
+from tasks.quantize import check_recipe
 from tasks.tracking import TrackedRun, error_message, get_client, log_params, mlflow_run
 
 COLUMNS = ("recipe", "status", "perplexity", "size_bytes", "bits_per_weight", "quant_seconds")
@@ -74,6 +75,7 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
             rows, original = fan_out(job)
             return _finish(parent, rows, original, logger)
         model = download_model(job.model, job.revision)
+        check_recipe(model, [recipe.to_dict() for recipe in recipes])
         shared = prepare_shared(model, recipes)
         with (
             threads_per_recipe(job.max_concurrency, len(recipes)) as threads,

@@ -165,6 +165,23 @@ def check_recipe(net: torch.nn.Module, recipe: Recipe) -> None:
         check_kv_supported(net)
 
 
+def check_recipe_source(
+    model: str | ResolvedModel, recipe: Recipe, trust_remote_code: bool = False
+) -> None:
+    """``check_recipe`` on an empty model built from the source's config (no weights
+    read): what a pipeline runs right after download, before any expensive step."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    config = AutoConfig.from_pretrained(resolved.path, **kwargs)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_recipe(net, recipe)
+
+
 def _quantized_perplexity(
     resolved: ResolvedModel, recipe: Recipe, windows: torch.Tensor, progress: bool
 ) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from quantmill.arch import ArchSpec, arch_for, block_linears, decoder_blocks
 from quantmill.config import MethodConfig
-from quantmill.errors import CalibrationDataError
+from quantmill.errors import CalibrationDataError, ConfigError
 from quantmill.methods.base import LayerQuant, LayerReport, Method, StopForward, hooks_removed
 from quantmill.registry import get_method
 from quantmill.runtime import activation_hooks, runtime_spec
@@ -103,8 +103,11 @@ def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
     """Each step's method, checked against ``model`` (mappings, layouts) before any work."""
     spec = arch_for(model)
     methods = [get_method(step.method).impl(step, spec.conv1d) for step in steps]
-    for method in methods:
-        method.check_model(model, spec)
+    for index, method in enumerate(methods):
+        try:
+            method.check_model(model, spec)
+        except ConfigError as exc:  # name the step, as recipe validation does
+            raise ConfigError(f"steps.{index}.{exc}") from None
     return methods
 
 

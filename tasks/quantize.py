@@ -13,6 +13,15 @@ from quantmill.recipe import Recipe
 from quantmill.sources import ResolvedModel
 
 
+@task(name="check-recipe")
+def check_recipe(model: dict[str, Any], recipes: list[dict[str, Any]]) -> None:
+    """Fail before any expensive step when a recipe does not fit the model
+    (mappings, layers, KV-cache layout); reads the model's config only."""
+    source = ResolvedModel.from_dict(model)
+    for recipe in recipes:
+        api.check_recipe_source(source, Recipe.model_validate(recipe))
+
+
 @task(name="quantize")
 def quantize_model(
     model: dict[str, Any],

@@ -69,7 +69,7 @@ class SmoothQuant(Method):
     def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
         custom = self.config.mappings is not None
         self._mappings = resolve_mappings(self.config.mappings, spec)
-        check_mappings(model, spec, self._mappings, f"{self.label}.mappings", custom)
+        check_mappings(model, spec, self._mappings, "mappings", custom)
 
     @contextmanager
     def observe(

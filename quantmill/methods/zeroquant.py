@@ -52,7 +52,7 @@ class ZeroQuant(Method):
             from quantmill.errors import ConfigError
 
             raise ConfigError(
-                "zeroquant.lkd_steps: layer-wise distillation needs nn.Linear layers; "
+                "lkd_steps: layer-wise distillation needs nn.Linear layers; "
                 f"{model.config.model_type} uses Conv1D. Set lkd_steps: 0"
             )
 

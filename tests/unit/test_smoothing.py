@@ -135,7 +135,7 @@ def test_mapping_that_does_not_match_the_model_fails_before_any_work(
     recipe["calibration"]["dataset"] = str(tmp_path / "no-such-file.txt")  # never read
     out = tmp_path / "out"
     with pytest.raises(
-        ConfigError, match=r"smoothquant\.mappings\.0.*no module 'input_norm'.*input_layernorm"
+        ConfigError, match=r"steps\.0\.mappings\.0.*no module 'input_norm'.*input_layernorm"
     ):
         quantize(tiny_checkpoint("llama"), parse_recipe(recipe), out, progress=False)
     assert not out.exists()
@@ -154,7 +154,7 @@ def test_mapping_with_mismatched_shapes_is_refused(tiny_model):
         }
     )
     with pytest.raises(
-        ConfigError, match=r"awq\.mappings\.0: self_attn\.v_proj has 32 output channels"
+        ConfigError, match=r"steps\.0\.mappings\.0: self_attn\.v_proj has 32 output channels"
     ):
         build_methods(model, recipe.steps)
 
@@ -218,3 +218,23 @@ def test_fold_is_applied_through_a_mapping(tiny_model):
     assert torch.allclose(
         column_max([block.mlp.up_proj.weight.detach()]), column_max([weights[1]]) * 2
     )
+
+
+def test_pipeline_check_reads_only_the_config(tiny_checkpoint):
+    from quantmill.api import check_recipe_source
+
+    folder = tiny_checkpoint("llama")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()  # the check must not need them
+    check_recipe_source(str(folder), parse_recipe({"steps": [{"method": "awq"}]}))
+    bad = {
+        "steps": [
+            {"method": "rtn"},
+            {"method": "awq", "mappings": [{"smooth": "ln", "balance": ["mlp.up_proj"]}]},
+        ]
+    }
+    with pytest.raises(ConfigError, match=r"steps\.1\.mappings\.0: .* no module 'ln'"):
+        check_recipe_source(str(folder), parse_recipe(bad))
+    kv = {"steps": [{"method": "rtn"}], "evaluation": {"kv_cache": {"bits": 4}}}
+    with pytest.raises(ConfigError, match="kv_cache"):
+        check_recipe_source(str(tiny_checkpoint("gpt2", "g")), parse_recipe(kv))
