@@ -3,7 +3,8 @@
 The other side of the quantmill benchmark: the same model, the same
 calibration rows (an int64 ``[N, L]`` tensor of token ids saved with
 ``torch.save``) and the same weight-only scheme, run through llmcompressor's
-``oneshot`` (GPTQModifier for ``gptq``, QuantizationModifier for ``rtn``) on
+``oneshot`` (GPTQModifier for ``gptq``, AWQModifier for ``awq``,
+QuantizationModifier for ``rtn``) on
 CPU in fp32, saved as a compressed-tensors ``pack-quantized`` checkpoint.
 
 Run it with the peer environment's python (``benchmarks/peer/setup.sh``)::
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model-dir", required=True, help="plain HF safetensors folder")
     p.add_argument("--calib", required=True, help=".pt file: int64 tensor [N, L]")
-    p.add_argument("--method", choices=["gptq", "rtn"], required=True)
+    p.add_argument("--method", choices=["gptq", "awq", "rtn"], required=True)
     p.add_argument("--bits", type=int, choices=[3, 4, 8], required=True)
     p.add_argument("--group-size", type=int, default=64, help="0 or -1: per-channel")
     sym = p.add_mutually_exclusive_group()
@@ -88,11 +89,15 @@ def build_scheme(bits: int, group_size: int, symmetric: bool) -> QuantizationSch
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
-def build_recipe(args: argparse.Namespace) -> GPTQModifier | QuantizationModifier:
+def build_recipe(args: argparse.Namespace) -> Any:
     """One modifier; built before the model loads so a bad config fails fast."""
     groups = {"group_0": build_scheme(args.bits, args.group_size, args.symmetric)}
     if args.method == "rtn":
         return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
+    if args.method == "awq":
+        from llmcompressor.modifiers.awq import AWQModifier  # its default Llama mappings
+
+        return AWQModifier(config_groups=groups, ignore=["lm_head"])
     return GPTQModifier(
         config_groups=groups,
         ignore=["lm_head"],
