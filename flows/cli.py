@@ -83,6 +83,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, help="number of calibration samples")
     p.add_argument("--eval-data", help="evaluation text file (overrides the recipe)")
     p.add_argument("--eval-windows", type=int, help="cap on evaluation windows (0: all)")
+    p.add_argument("--kv-cache", help="quantize keys/values while evaluating: 8, 4, 4:head")
     p.add_argument("--experiment", default="quantmill", help="MLflow experiment")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -103,6 +104,7 @@ def run_flow_command(args: argparse.Namespace) -> int:
         "calib_samples": args.calib_samples,
         "eval_data": args.eval_data,
         "eval_windows": args.eval_windows,
+        "kv_cache": args.kv_cache,
     }
     common = {
         "model": args.model,

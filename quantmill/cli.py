@@ -80,6 +80,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", help="evaluation text file (overrides the recipe)")
     p.add_argument("--eval-windows", type=int, help="cap on evaluation windows (0: all)")
     p.add_argument("--eval-seq-len", type=int, help="evaluation window length in tokens")
+    p.add_argument(
+        "--kv-cache",
+        metavar="BITS[:token|head]",
+        help="quantize keys and values while evaluating (8, 4, 4:head; none: off)",
+    )
 
 
 def _recipe(args: argparse.Namespace):
@@ -96,6 +101,7 @@ def _recipe(args: argparse.Namespace):
         eval_data=args.eval_data,
         eval_windows=args.eval_windows,
         eval_seq_len=args.eval_seq_len,
+        kv_cache=getattr(args, "kv_cache", None),
     )
 
 

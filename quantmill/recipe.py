@@ -99,10 +99,13 @@ def with_overrides(
     eval_data: str | None = None,
     eval_windows: int | None = None,
     eval_seq_len: int | None = None,
+    kv_cache: str | None = None,
 ) -> Recipe:
     """A copy of ``recipe`` with the given data settings replaced (and validated).
 
-    ``eval_windows = 0`` means every window.
+    ``eval_windows = 0`` means every window. ``kv_cache``: ``"8"``, ``"4"``,
+    ``"8:head"``, ``"4:token"``… quantizes keys and values during evaluation;
+    ``"none"`` turns it off.
     """
     data = recipe.to_dict()
     calib, evaluation = data["calibration"], data["evaluation"]
@@ -116,7 +119,22 @@ def with_overrides(
         evaluation["max_windows"] = eval_windows or None
     if eval_seq_len is not None:
         evaluation["seq_len"] = eval_seq_len
+    if kv_cache:
+        evaluation["kv_cache"] = parse_kv_cache(kv_cache)
     return parse_recipe(data)
+
+
+def parse_kv_cache(text: str) -> dict[str, Any] | None:
+    """``"BITS[:GRANULARITY]"`` (``8``, ``4:head``) or ``none``, as the CLI and flows take it."""
+    if text.strip().lower() == "none":
+        return None
+    bits, _, granularity = text.strip().partition(":")
+    if bits not in ("4", "8") or granularity not in ("", "token", "head"):
+        raise ConfigError(
+            f"kv_cache = {text!r}: expected BITS[:GRANULARITY] with BITS 8 or 4 and "
+            "GRANULARITY token or head (e.g. 8, 4:head), or none"
+        )
+    return {"bits": int(bits), "granularity": granularity or "token"}
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
