@@ -28,15 +28,15 @@ def quantize_rows_int8(W: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _quantize_tokens_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-8)
-    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+    scale = x.abs().amax(dim=1, keepdim=True).div_(127).clamp_min_(1e-8)
+    return torch.div(x, scale).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def int8_matmul(x: Tensor, qweight_t: Tensor, w_scale: Tensor) -> Tensor:
     """``x`` ``[tokens, in]`` (float) times int8 ``qweight_t`` ``[in, out]``: float32 output."""
     qx, x_scale = _quantize_tokens_int8(x.float())
     acc = torch._int_mm(qx, qweight_t)
-    return acc.float() * x_scale * w_scale
+    return acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
 
 
 def int8_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
