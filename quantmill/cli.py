@@ -87,6 +87,19 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _methods() -> int:
+    """Each registered method with the first line of its module's description."""
+    import importlib
+
+    from quantmill.registry import get_method, method_names
+
+    for name in method_names():
+        module = importlib.import_module(get_method(name).impl.__module__)
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {summary}")
+    return 0
+
+
 def _recipe(args: argparse.Namespace):
     from quantmill.recipe import load_recipe, parse_recipe, with_overrides
 
@@ -156,10 +169,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_flow_command(args)
     if args.command == "methods":
-        from quantmill.registry import method_names
-
-        print("\n".join(method_names()))
-        return 0
+        return _methods()
     if args.command == "outliers":
         return _outliers(args)
     recipe = _recipe(args)
