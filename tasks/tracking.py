@@ -246,6 +246,7 @@ def record_run(
         for i, r in enumerate(layers)
         if math.isfinite(float(r["loss"]))
     ]
+    metrics += method_metrics(layers)
     for start in range(0, len(metrics), 1000):
         client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
     if quantized:
@@ -259,6 +260,31 @@ def record_run(
     if quantized_eval and not quantized:
         client.log_dict(run.run_id, quantized_eval, "evaluation.json")
     return figures
+
+
+# Per-method figures from the layer reports, logged as stepped metrics (one step per
+# block or layer, in model order) so MLflow charts them: report field → metric name.
+METHOD_METRICS = {
+    ("zeroquant-lkd", "loss"): "lkd_loss",
+    ("zeroquant-lkd", "initial_loss"): "lkd_loss_before",
+    ("smoothquant", "alpha"): "smoothquant_alpha",
+    ("awq", "ratio"): "awq_ratio",
+    ("llm_int8", "outlier_fraction"): "outlier_column_fraction",
+}
+
+
+def method_metrics(layers: list[dict[str, Any]]) -> list[Metric]:
+    steps: dict[str, int] = {}
+    metrics = []
+    for report in layers:
+        values = {"loss": report.get("loss"), **report.get("extra", {})}
+        for field, value in values.items():
+            name = METHOD_METRICS.get((report.get("method"), field))
+            if name is None or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            metrics.append(Metric(name, float(value), 0, steps.get(name, 0)))
+            steps[name] = steps.get(name, 0) + 1
+    return metrics
 
 
 def run_metrics(
@@ -275,6 +301,10 @@ def run_metrics(
         figures["size_bytes"] = float(quantized_eval["size_bytes"])
         if quantized_eval.get("bits_per_weight") is not None:
             figures["bits_per_weight"] = float(quantized_eval["bits_per_weight"])
+        if quantized_eval.get("outlier_column_fraction") is not None:  # LLM.int8() at run time
+            figures["eval_outlier_column_fraction"] = float(
+                quantized_eval["outlier_column_fraction"]
+            )
     if quantized:
         figures["size_bytes"] = float(quantized["size_bytes"])
         figures["original_size_bytes"] = float(quantized["original_size_bytes"])

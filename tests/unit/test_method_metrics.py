@@ -1,0 +1,25 @@
+"""Per-method figures from layer reports become stepped MLflow metrics."""
+
+import math
+
+from tasks.tracking import method_metrics
+
+
+def test_lkd_losses_alphas_and_outlier_fractions_become_stepped_metrics():
+    layers = [
+        {"name": "b.0", "method": "zeroquant-lkd", "loss": 0.1, "extra": {"initial_loss": 0.3}},
+        {"name": "b.0.q", "method": "zeroquant", "loss": 5.0, "extra": {}},
+        {"name": "b.1", "method": "zeroquant-lkd", "loss": 0.05, "extra": {"initial_loss": 0.2}},
+        {"name": "b.0.ln", "method": "smoothquant", "loss": math.nan, "extra": {"alpha": 0.7}},
+        {"name": "b.0.v", "method": "smoothquant", "loss": math.nan, "extra": {"skipped": "gqa"}},
+        {"name": "b.0.q", "method": "llm_int8", "loss": 1.0, "extra": {"outlier_fraction": 0.25}},
+    ]
+    got = {(m.key, m.step): m.value for m in method_metrics(layers)}
+    assert got == {
+        ("lkd_loss", 0): 0.1,
+        ("lkd_loss_before", 0): 0.3,
+        ("lkd_loss", 1): 0.05,
+        ("lkd_loss_before", 1): 0.2,
+        ("smoothquant_alpha", 0): 0.7,
+        ("outlier_column_fraction", 0): 0.25,
+    }
