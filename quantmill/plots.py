@@ -60,6 +60,46 @@ def size_vs_perplexity(
     return _save(fig, plt, path)
 
 
+def distillation(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """ZeroQuant's layer-wise distillation: each block's output error before and after."""
+    blocks = [r for r in layers if r.get("method") == "zeroquant-lkd"]
+    if not blocks:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    index = list(range(len(blocks)))
+    ax.plot(index, [r["extra"]["initial_loss"] for r in blocks], "o-", label="rounded")
+    ax.plot(index, [r["loss"] for r in blocks], "o-", label="after distillation")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("block output MSE")
+    ax.set_title("Layer-wise distillation (ZeroQuant LKD)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def outlier_columns(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """LLM.int8(): the share of each layer's input columns over the threshold in calibration."""
+    rows = [r for r in layers if "outlier_fraction" in r.get("extra", {})]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for index, row in enumerate(rows):
+        kind = row["name"].rsplit(".", 1)[-1]
+        kinds.setdefault(kind, []).append((index, 100 * row["extra"]["outlier_fraction"]))
+    for kind, points in sorted(kinds.items()):
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=10, label=kind)
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("float columns (%)")
+    ax.set_title("LLM.int8(): input columns over the outlier threshold")
+    ax.legend(fontsize=7, ncols=4)
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
 def _save(fig, plt, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

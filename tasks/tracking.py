@@ -255,8 +255,14 @@ def record_run(
                 client.log_artifact(run.run_id, quantized[key])
     if layers:
         with tempfile.TemporaryDirectory() as tmp:
-            plots.layer_loss(layers, Path(tmp) / "layer_loss.png")
-            client.log_artifact(run.run_id, str(Path(tmp) / "layer_loss.png"), "plots")
+            drawn = [
+                plots.layer_loss(layers, Path(tmp) / "layer_loss.png"),
+                plots.distillation(layers, Path(tmp) / "distillation.png"),
+                plots.outlier_columns(layers, Path(tmp) / "outlier_columns.png"),
+            ]
+            for path in drawn:
+                if path is not None:
+                    client.log_artifact(run.run_id, str(path), "plots")
     if quantized_eval and not quantized:
         client.log_dict(run.run_id, quantized_eval, "evaluation.json")
     return figures

@@ -283,3 +283,20 @@ def test_a_wrong_model_id_is_not_retried(pipeline_env, monkeypatch):
         "nobody/nothing", return_state=True
     )
     assert state.is_failed() and len(calls) == 1
+
+
+def test_quantize_flow_runs_llm_int8_and_logs_its_outlier_columns(
+    pipeline_env, smollm2_path, mlflow_client
+):
+    job = QuantizeJob(model=str(smollm2_path), recipe="llm-int8", out_dir="out8", data=small_data())
+    state = quantize_flow(job, return_state=True)
+    assert state.is_completed(), state.message
+    (run,) = runs_of(mlflow_client, str(state.state_details.flow_run_id))
+    metrics = run.data.metrics
+    assert metrics["perplexity"] < 1.03 * metrics["perplexity_original"]
+    assert 0 < metrics["eval_outlier_column_fraction"] < 0.5  # measured while evaluating
+    history = mlflow_client.get_metric_history(run.info.run_id, "outlier_column_fraction")
+    assert sorted(m.step for m in history) == list(range(210))  # one per layer
+    plots = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/layer_loss.png", "plots/outlier_columns.png"}
+    assert (Path("out8") / "quantmill_runtime.json").is_file()
