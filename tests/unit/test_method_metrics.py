@@ -23,3 +23,25 @@ def test_lkd_losses_alphas_and_outlier_fractions_become_stepped_metrics():
         ("smoothquant_alpha", 0): 0.7,
         ("outlier_column_fraction", 0): 0.25,
     }
+
+
+def test_method_plots_are_drawn_only_for_their_methods(tmp_path):
+    from quantmill import plots
+
+    lkd = [
+        {"name": f"b.{i}", "method": "zeroquant-lkd", "loss": 0.1, "extra": {"initial_loss": 0.2}}
+        for i in range(3)
+    ]
+    int8 = [
+        {
+            "name": "b.0.q_proj",
+            "method": "llm_int8",
+            "loss": 1.0,
+            "extra": {"outlier_fraction": 0.1},
+        }
+    ]
+    assert plots.distillation(lkd, tmp_path / "d.png").stat().st_size > 1000
+    assert plots.outlier_columns(int8, tmp_path / "o.png").stat().st_size > 1000
+    assert plots.distillation(int8, tmp_path / "x.png") is None
+    assert plots.outlier_columns(lkd, tmp_path / "y.png") is None
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
