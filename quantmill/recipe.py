@@ -53,19 +53,24 @@ class Recipe(StrictModel):
         return steps
 
     def needs_calibration(self) -> bool:
-        return any(get_method(step.method).impl.needs_calibration for step in self.steps)
+        return any(_method(step).needs_calibration for step in self.steps)
 
     def uses_shared_statistics(self) -> bool:
         """True when a step reads the original model's statistics (``sequential: false``),
         which depend only on the model and the calibration data and can be shared."""
         for step in self.steps:
-            impl = get_method(step.method).impl
-            if impl.needs_calibration and not impl(step).sequential:
+            method = _method(step)
+            if method.needs_calibration and not method.sequential:
                 return True
         return False
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _method(step: MethodConfig):
+    """The step's method object (what it needs can depend on its config)."""
+    return get_method(step.method).impl(step)
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
