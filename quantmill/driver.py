@@ -141,7 +141,7 @@ def _quantize_block(
     if method.needs_calibration and not method.sequential:
         assert statistics is not None  # quantize_model collects them when none were given
         method.use_statistics([prefix + name for name in selected], statistics)
-    elif method.needs_calibration and inputs is not None:
+    elif method.needs_calibration and inputs is not None and _observes(method):
         groups = [
             [(prefix + n, selected[n]) for n in group if n in selected]
             for group in spec.linear_groups
@@ -160,6 +160,11 @@ def _quantize_block(
     layers.update(block_layers)
     if method.needs_targets and inputs is not None and targets is not None:
         reports += method.finish_block(block, prefix, inputs, targets, block_layers)
+
+
+def _observes(method: Method) -> bool:
+    """False for methods that collect nothing by hooks (a forward pass would be wasted)."""
+    return type(method).observe is not Method.observe
 
 
 @torch.no_grad()

@@ -88,13 +88,14 @@ def test_awq_beats_rtn_at_three_bits(run):
 
 
 def test_zeroquant_distillation_lowers_block_losses(run):
-    steps = [{"method": "zeroquant", "weights": {"bits": 4, "group_size": 64}, "lkd_steps": 4}]
-    summary, _ = run("zeroquant", steps)
+    first_blocks = r"re:model\.layers\.[0-7]\..*"  # 8 blocks keep CI time down
+    step = {"method": "zeroquant", "weights": {"bits": 4, "group_size": 64}, "lkd_steps": 8}
+    summary, _ = run("zeroquant", [{**step, "targets": [first_blocks]}])
     blocks = [r for r in summary.layers if r["method"] == "zeroquant-lkd"]
-    assert len(blocks) == 30
+    assert len(blocks) == 8
     assert all(r["loss"] <= r["extra"]["initial_loss"] for r in blocks)
-    assert sum(r["extra"]["kept"] == "distilled" for r in blocks) >= 20
-    assert summary.quantized["runtime_layers"] == {"ActQuantLinear": 210}  # W4A8
+    assert sum(r["extra"]["kept"] == "distilled" for r in blocks) >= 6
+    assert summary.quantized["runtime_layers"] == {"ActQuantLinear": 8 * 7}  # W4A8
 
 
 def test_kv_cache_int8_costs_little_and_int4_more(run):
