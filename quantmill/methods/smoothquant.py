@@ -76,7 +76,8 @@ class SmoothQuant(Method):
         self, groups: list[list[tuple[str, nn.Module]]], stop_after_last: bool
     ) -> Iterator[None]:
         self._records = {}
-        rows = -(-self.config.score_tokens // 16)  # ~score_tokens over 16 calibration batches
+        # rows kept from each calibration batch: score_tokens in all once 16 batches are seen
+        rows = -(-self.config.score_tokens // 16)
         with record_inputs(groups, self._records, rows, stop_after_last):
             yield
 
@@ -106,23 +107,22 @@ class SmoothQuant(Method):
         weights = [block.get_submodule(n).weight.data.float() for n in mapping.balance]
         w_max = column_max(weights)
         alphas = cfg.alpha_grid or [cfg.alpha]
-        X = record.rows()[: cfg.score_tokens]
-        best = (float("inf"), alphas[0])
-        for alpha in alphas:
-            s = smoothquant_scales(record.absmax, w_max, alpha)
-            err = (
-                output_error(X, weights, s, cfg.weights, cfg.activations)
-                if len(alphas) > 1
-                else 0.0
-            )
-            best = min(best, (err, alpha))
-        err, alpha = best
+        loss, alpha = float("nan"), alphas[0]
+        if len(alphas) > 1:  # search: the α whose quantized layers best reproduce X Wᵀ
+            X = record.rows()[: cfg.score_tokens]
+            loss, alpha = min(
+                (output_error(X, weights, smoothquant_scales(record.absmax, w_max, a),
+                              cfg.weights, cfg.activations), a)
+                for a in alphas
+            )  # fmt: skip
         s = smoothquant_scales(record.absmax, w_max, alpha)
-        ratio_before = float(record.absmax.max() / record.absmax.median().clamp_min(1e-8))
         after = record.absmax / s
-        ratio_after = float(after.max() / after.median().clamp_min(1e-8))
-        extra = {"alpha": alpha, "act_ratio_before": ratio_before, "act_ratio_after": ratio_after}
-        extra["loss"] = err if len(alphas) > 1 else float("nan")
+        extra = {
+            "alpha": alpha,
+            "act_ratio_before": _max_median(record.absmax),
+            "act_ratio_after": _max_median(after),
+            "loss": loss,
+        }
         return s, extra
 
     def quantize_layer(
@@ -136,6 +136,10 @@ class SmoothQuant(Method):
 
     def _skipped(self, name: str, reason: str, start: float) -> LayerReport:
         return self._timed_report(name, self.label, float("nan"), start, skipped=reason)
+
+
+def _max_median(channel_max: Tensor) -> float:
+    return float(channel_max.max() / channel_max.median().clamp_min(1e-8))
 
 
 def fold(block: nn.Module, mapping: Mapping, s: Tensor) -> None:
