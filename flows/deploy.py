@@ -47,6 +47,12 @@ DEPLOYMENTS: dict[str, DeploymentSpec] = {
         cron=None,
         concurrency=2,
     ),
+    "analyze": DeploymentSpec(
+        "flows/analyze.py:analyze_flow",
+        "Outlier report: per-layer activation and weight statistics and a plot.",
+        cron=None,
+        concurrency=1,
+    ),
 }
 
 

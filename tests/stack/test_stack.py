@@ -57,6 +57,9 @@ def test_deployments_have_forms_limits_and_schedules(stack, client):
     assert quantize.concurrency_options.collision_strategy.value == "ENQUEUE"
     assert quantize.work_pool_name == "quantmill"
 
+    analyze = deployment(client, "analyze")  # the outlier report, from the UI too
+    assert "seq_len" in json.dumps(analyze.parameter_openapi_schema)
+
     sweep = deployment(client, "sweep")
     assert [s.schedule.cron for s in sweep.schedules] == ["0 2 * * *"]
     # the scheduler turns the cron schedule into scheduled runs at 02:00
