@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from quantmill.config import QuantScheme
-from quantmill.quant.grid import compute_qparams, fake_quantize, grouped, minmax_params
+from quantmill.quant.grid import best_shrink, compute_qparams, fake_quantize, grouped
 from quantmill.quant.smooth import awq_scales
 
 
@@ -54,18 +54,12 @@ def search_clip(
     Xg = grouped(X.float(), scheme.group_size)  # [tokens, n_groups, g]
     wmin = G.amin(dim=2).clamp_max(0)
     wmax = G.amax(dim=2).clamp_min(0)
-    best_err = torch.full_like(wmin, float("inf"))
-    best_scale = torch.empty_like(wmin)
-    best_zero = None if scheme.symmetric else torch.empty_like(wmin)
-    for shrink in torch.linspace(1.0, 1.0 - max_shrink, grid).tolist():
-        scale, zero = minmax_params(wmin * shrink, wmax * shrink, scheme)
+
+    def error(scale: Tensor, zero: Tensor | None) -> Tensor:
         offset = 0.0 if zero is None else zero[..., None]
         q = torch.clamp(torch.round(G / scale[..., None]) + offset, scheme.q_min, scheme.q_max)
         delta = (q - offset) * scale[..., None] - G
-        err = torch.einsum("rgk,ngk->rgn", delta, Xg).square().sum(dim=2)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        if best_zero is not None and zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        return torch.einsum("rgk,ngk->rgn", delta, Xg).square().sum(dim=2)
+
+    shrinks = torch.linspace(1.0, 1.0 - max_shrink, grid).tolist()
+    return best_shrink(wmin, wmax, scheme, shrinks, error)

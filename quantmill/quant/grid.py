@@ -82,13 +82,25 @@ def compute_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | No
     wmax = G.amax(dim=2).clamp_min(0)
     if scheme.observer == "minmax":
         return minmax_params(wmin, wmax, scheme)
+    work = torch.empty_like(G)  # one buffer for every candidate: no per-step allocations
+
+    def error(scale: Tensor, zero: Tensor | None) -> Tensor:
+        return _squared_error(G, scale[..., None], _z(zero), scheme, work)
+
+    return best_shrink(wmin, wmax, scheme, MSE_SHRINK, error)
+
+
+def best_shrink(
+    wmin: Tensor, wmax: Tensor, scheme: QuantScheme, shrinks: list[float], error
+) -> tuple[Tensor, Tensor | None]:
+    """Per group, the parameters of the range ``[wmin, wmax] · shrink`` with the least
+    ``error(scale, zero)`` (a ``[rows, n_groups]`` tensor) over ``shrinks``."""
     best_err = torch.full_like(wmin, float("inf"))
     best_scale = torch.empty_like(wmin)
     best_zero = None if scheme.symmetric else torch.empty_like(wmin)
-    work = torch.empty_like(G)  # one buffer for every candidate: no per-step allocations
-    for shrink in MSE_SHRINK:
+    for shrink in shrinks:
         scale, zero = minmax_params(wmin * shrink, wmax * shrink, scheme)
-        err = _squared_error(G, scale[..., None], _z(zero), scheme, work)
+        err = error(scale, zero)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
