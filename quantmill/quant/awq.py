@@ -12,7 +12,13 @@ import torch
 from torch import Tensor
 
 from quantmill.config import QuantScheme
-from quantmill.quant.grid import best_shrink, compute_qparams, fake_quantize, grouped
+from quantmill.quant.grid import (
+    best_shrink,
+    compute_qparams,
+    fake_quantize,
+    fake_quantize_column,
+    grouped,
+)
 from quantmill.quant.smooth import awq_scales
 
 
@@ -56,9 +62,8 @@ def search_clip(
     wmax = G.amax(dim=2).clamp_min(0)
 
     def error(scale: Tensor, zero: Tensor | None) -> Tensor:
-        offset = 0.0 if zero is None else zero[..., None]
-        q = torch.clamp(torch.round(G / scale[..., None]) + offset, scheme.q_min, scheme.q_max)
-        delta = (q - offset) * scale[..., None] - G
+        z = None if zero is None else zero[..., None]
+        delta = fake_quantize_column(G, scale[..., None], z, scheme) - G
         return torch.einsum("rgk,ngk->rgn", delta, Xg).square().sum(dim=2)
 
     shrinks = torch.linspace(1.0, 1.0 - max_shrink, grid).tolist()
