@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from quantmill.evaluate import bits_per_weight, perplexity, size_on_disk
 from quantmill.export.checkpoint import ExportFormat, save_quantized, staged_output, write_json
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
 from quantmill.models import load_model
+from quantmill.qat.loop import TrainContext
 from quantmill.recipe import Recipe, save_recipe
+from quantmill.registry import get_method
 from quantmill.runtime import apply_runtime, runtime_summary
 from quantmill.sources import ResolvedModel, cache_root, resolve_model
 from quantmill.stages import load_calibration
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 RECIPE_FILE = "quantmill_recipe.yaml"
 SUMMARY_FILE = "quantmill_eval.json"
 LAYERS_FILE = "quantmill_layers.json"
+TRAINING_FILE = "quantmill_training.json"
+# Training settings a resumed run may change (a lower lr after divergence, more steps).
+RESUMABLE_FIELDS = ("lr", "steps", "schedule", "warmup_steps", "checkpoint_every", "max_grad_norm")
 
 
 @dataclass
@@ -52,6 +58,7 @@ class QuantizeSummary:
     original: dict[str, Any] | None = None  # perplexity of the unquantized model
     quantized: dict[str, Any] | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)  # one per training step
     quantmill_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,9 +100,17 @@ def quantize(
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
         original = _original_perplexity(net, resolved, recipe, windows, progress)
         net.config.use_cache = False
-        outcome = quantize_model(
-            net, recipe.steps, calib, recipe.calibration.batch_size, progress, statistics=stats
+        training = TrainContext(
+            calib,
+            workdir=training_dir(out_dir, resolved, recipe),
+            cache_dir=cache_root() / "generated",
+            model_key=resolved.revision,
+            progress=progress,
         )
+        outcome = quantize_model(
+            net, recipe.steps, calib, recipe.calibration.batch_size, progress,
+            statistics=stats, training=training,
+        )  # fmt: skip
         del calib
         save_quantized(net, tokenizer, outcome.layers, tmp, export_format)
         del net
@@ -116,11 +131,32 @@ def quantize(
             original=original,
             quantized=quantized,
             layers=[asdict(report) for report in outcome.reports],
+            training=[result.to_dict() for result in outcome.training],
         )
         save_recipe(recipe, tmp / RECIPE_FILE)
         write_json(tmp, LAYERS_FILE, summary.layers)
-        write_json(tmp, SUMMARY_FILE, {k: v for k, v in summary.to_dict().items() if k != "layers"})
+        if summary.training:
+            write_json(tmp, TRAINING_FILE, summary.training)
+        detail = ("layers", "training")
+        write_json(tmp, SUMMARY_FILE, {k: v for k, v in summary.to_dict().items() if k not in detail})
+    if training.workdir is not None:  # the checkpoint is complete: nothing left to resume
+        shutil.rmtree(training.workdir.parent, ignore_errors=True)
     return summary
+
+
+def training_dir(out_dir: Path, resolved: ResolvedModel, recipe: Recipe) -> Path | None:
+    """Where a recipe's training steps keep checkpoints: beside ``out_dir``, keyed by
+    the model and everything in the recipe that shapes training, except the settings a
+    resumed run may change (``RESUMABLE_FIELDS``). ``None`` when nothing trains."""
+    if not any(get_method(step.method).impl.trains for step in recipe.steps):
+        return None
+    data = recipe.to_dict()
+    for step in data["steps"]:
+        for name in RESUMABLE_FIELDS:
+            step.get("training", {}).pop(name, None)
+    key = json.dumps([resolved.revision, data["steps"], data["calibration"]], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return out_dir.with_name(out_dir.name + ".training") / digest
 
 
 def evaluate_checkpoint(

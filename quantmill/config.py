@@ -145,3 +145,20 @@ class EvalSpec(StrictModel):
     max_windows: int | None = Field(8, ge=1)
     # Quantize keys and values while evaluating, to measure what a quantized KV cache costs.
     kv_cache: KVCacheSpec | None = None
+
+
+class TrainSpec(StrictModel):
+    """The training loop of a quantization-aware method (LLM-QAT, PEQA, L4Q)."""
+
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (Adam)")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(1, ge=1, description="sequences per step")
+    seq_len: int = Field(256, ge=8, le=32_768, description="tokens per training sequence")
+    seed: int = 0
+    # Saved every N steps (and at the end); an interrupted run resumes from the latest.
+    checkpoint_every: int = Field(50, ge=1)
+    # Sequences held out of training, scored before and after (0: no such evaluation).
+    eval_samples: int = Field(4, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null: no gradient clipping")

@@ -24,6 +24,7 @@ from quantmill.arch import ArchSpec, arch_for, block_linears, decoder_blocks
 from quantmill.config import MethodConfig
 from quantmill.errors import CalibrationDataError, ConfigError
 from quantmill.methods.base import LayerQuant, LayerReport, Method, StopForward, hooks_removed
+from quantmill.qat.loop import TrainContext, TrainResult
 from quantmill.registry import get_method
 from quantmill.runtime import activation_hooks, runtime_spec
 from quantmill.stats import Statistics, StatisticsFile, collect_statistics, save_statistics
@@ -47,6 +48,7 @@ class QuantizeOutcome:
     layers: dict[str, LayerQuant]  # full module name → the grid its weights lie on
     reports: list[LayerReport]
     seconds: float
+    training: list[TrainResult] = field(default_factory=list)
 
 
 def quantize_model(
@@ -56,6 +58,7 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     statistics: Statistics | StatisticsFile | None = None,
+    training: TrainContext | None = None,
 ) -> QuantizeOutcome:
     """Apply ``steps`` in order to every decoder block of ``model`` in place.
 
@@ -66,7 +69,9 @@ def quantize_model(
     start = time.perf_counter()
     spec = arch_for(model)
     blocks = decoder_blocks(model, spec)
-    methods = build_methods(model, steps)
+    everything = build_methods(model, steps)
+    methods = [m for m in everything if not m.trains]
+    trainers = [m for m in everything if m.trains]
     calibrated = [m for m in methods if m.needs_calibration]
     live = any(m.sequential for m in calibrated)  # statistics of the partly quantized model
     shared = any(not m.sequential for m in calibrated)
@@ -79,6 +84,8 @@ def quantize_model(
     reports: list[LayerReport] = []
     label = "+".join(step.method for step in steps)
     with ExitStack() as stack:
+        if not methods:
+            blocks = nn.ModuleList()  # training steps only
         if shared and statistics is None:
             statistics = _statistics_file(stack, model, calib_ids, batch_size, progress)
         inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size) if live else None
@@ -96,7 +103,11 @@ def quantize_model(
                 with activation_hooks(block, runtime_spec(layers), prefix):
                     run_block(block, inputs, keep_outputs=True)
             progress_log.info("%s: block %d/%d quantized", label, index + 1, len(blocks))
-    return QuantizeOutcome(layers, reports, time.perf_counter() - start)
+    trained = []
+    for trainer in trainers:
+        context = training or TrainContext(calib_ids, progress=progress)
+        trained.append(trainer.train(model, layers, context))
+    return QuantizeOutcome(layers, reports, time.perf_counter() - start, trained)
 
 
 def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
@@ -108,6 +119,11 @@ def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
             method.check_model(model, spec)
         except ConfigError as exc:  # name the step, as recipe validation does
             raise ConfigError(f"steps.{index}.{exc}") from None
+        if not method.trains and any(m.trains for m in methods[:index]):
+            raise ConfigError(
+                f"steps.{index}.method: {steps[index].method} is a post-training step after "
+                "a training step; training steps come last in a recipe"
+            )
     return methods
 
 

@@ -56,3 +56,8 @@ class RegistryError(QuantmillError):
 
 class StorageError(QuantmillError):
     """The object store (S3) holding artifacts and the cache failed or is misconfigured."""
+
+
+class TrainingDivergedError(QuantmillError):
+    """Quantization-aware training produced a non-finite loss; the last good checkpoint
+    is kept so a run with a lower learning rate resumes from it."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, QualityGate, StrictModel
 from quantmill.errors import ConfigError
@@ -51,6 +51,37 @@ class Recipe(StrictModel):
         if problems:
             raise StepErrors(problems)
         return steps
+
+    @model_validator(mode="after")
+    def _training_steps(self) -> Recipe:
+        """Training text long enough for each training step; a step's KV-cache setting is
+        what the evaluation measures."""
+        for index, step in enumerate(self.steps):
+            training = getattr(step, "training", None)
+            if training is not None and _method(step).needs_calibration:
+                calib = self.calibration
+                if training.seq_len > calib.seq_len:
+                    raise ValueError(
+                        f"steps.{index}.training.seq_len = {training.seq_len} is longer than "
+                        f"calibration.seq_len = {calib.seq_len} (the training text); "
+                        "lower it or raise calibration.seq_len"
+                    )
+                if training.eval_samples >= calib.num_samples:
+                    raise ValueError(
+                        f"steps.{index}.training.eval_samples = {training.eval_samples} leaves "
+                        f"no training text of calibration.num_samples = {calib.num_samples}; "
+                        "lower it or raise calibration.num_samples"
+                    )
+            kv = getattr(step, "kv_cache", None)
+            if kv is not None and self.evaluation.kv_cache is None:
+                self.evaluation = self.evaluation.model_copy(update={"kv_cache": kv})
+            elif kv is not None and self.evaluation.kv_cache != kv:
+                raise ValueError(
+                    f"steps.{index}.kv_cache ({kv.label()}) differs from evaluation.kv_cache "
+                    f"({self.evaluation.kv_cache.label()}); the model is evaluated the way "
+                    "it was trained: remove evaluation.kv_cache or make them equal"
+                )
+        return self
 
     def needs_calibration(self) -> bool:
         return any(_method(step).needs_calibration for step in self.steps)
@@ -175,5 +206,6 @@ def _problem_lines(exc: ValidationError, prefix: str = "") -> list[str]:
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{prefix}{loc or '(top level)'}{shown}: {message}")
+        # a recipe-wide check names its own fields in the message
+        lines.append(f"{prefix}{loc}{shown}: {message}" if loc else f"{prefix}{message}")
     return lines

@@ -22,6 +22,7 @@ from quantmill.hooks import hooks_removed  # noqa: F401  (methods import it from
 if TYPE_CHECKING:
     from quantmill.arch import ArchSpec
     from quantmill.driver import BlockInputs
+    from quantmill.qat.loop import TrainContext, TrainResult
 
 
 class StopForward(Exception):
@@ -67,6 +68,9 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     # True when ``finish_block`` needs the original block's outputs on the block inputs.
     needs_targets: ClassVar[bool] = False
+    # True for quantization-aware training: the driver calls ``train`` on the whole model
+    # after every post-training step, instead of working block by block.
+    trains: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:
         self.config = config
@@ -115,6 +119,12 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} collects its own statistics")
 
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
+        raise NotImplementedError
+
+    def train(
+        self, model: nn.Module, layers: dict[str, LayerQuant], context: TrainContext
+    ) -> TrainResult:
+        """Quantization-aware training of ``model`` in place; updates ``layers``."""
         raise NotImplementedError
 
     @staticmethod

@@ -43,7 +43,7 @@ def kv_qparams(t: Tensor, spec: KVCacheSpec) -> tuple[Tensor, Tensor | None]:
         raise ValueError(
             f"keys/values must be [batch, heads, tokens, head_dim]; got shape {tuple(t.shape)}"
         )
-    x = t.float()
+    x = t.detach().float()
     dims = REDUCED_DIMS[spec.granularity]
     low = x.amin(dim=dims, keepdim=True).clamp_max(0)
     high = x.amax(dim=dims, keepdim=True).clamp_min(0)
@@ -55,5 +55,7 @@ def fake_quantize_kv(t: Tensor, spec: KVCacheSpec) -> Tensor:
     scale, zero = kv_qparams(t, spec)
     scheme = _scheme(spec.bits, spec.symmetric)
     offset = 0.0 if zero is None else zero
-    q = (t.float() / scale).round_().add_(offset).clamp_(scheme.q_min, scheme.q_max)
-    return q.sub_(offset).mul_(scale).to(t.dtype)
+    q = (t.detach().float() / scale).round_().add_(offset).clamp_(scheme.q_min, scheme.q_max)
+    deq = q.sub_(offset).mul_(scale).to(t.dtype)
+    # straight-through when training (LLM-QAT): the gradient passes as if unquantized
+    return t + (deq - t).detach() if t.requires_grad else deq

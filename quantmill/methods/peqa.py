@@ -1,0 +1,96 @@
+"""PEQA: train only the quantization scales of an already quantized model.
+
+Paper: Kim et al., "Memory-Efficient Fine-Tuning of Compressed Large Language
+Models via sub-4-bit Integer Quantization" (NeurIPS 2023). The integer weights
+of a post-training step before it (RTN or GPTQ in the same recipe) stay frozen;
+each scale (per channel or per group) is trained on text by next-token loss.
+The export holds the same integers with the new scales.
+
+A scale is trained as ``s = s0 · exp(g)`` with ``g`` starting at 0: the same
+scales, kept positive, with a learning rate that means a relative change.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from quantmill.config import QuantScheme
+from quantmill.errors import ConfigError
+from quantmill.methods.base import LayerQuant, Method
+from quantmill.methods.qat_common import (
+    TrainingConfig, check_linear, frozen, lm_loss, model_linears, parametrized, text_rows,
+)  # fmt: skip
+from quantmill.qat.loop import TrainContext, TrainResult, train
+from quantmill.qat.ste import stored_ste
+from quantmill.quant.grid import expand_groups, quantize
+from quantmill.registry import register_method
+
+
+class PEQAConfig(TrainingConfig):
+    method: Literal["peqa"] = "peqa"
+
+
+class TrainedScales(nn.Module):
+    """Parametrization: the weight is ``(q - zero) · s0 · exp(g)``, ``q`` frozen."""
+
+    def __init__(self, weight: Tensor, quant: LayerQuant) -> None:
+        super().__init__()
+        self.scheme: QuantScheme = quant.scheme
+        self.register_buffer("q", quantize(weight, quant.scale, quant.zero, quant.scheme))
+        self.register_buffer("s0", quant.scale.float().clone())
+        self.register_buffer("zero", None if quant.zero is None else quant.zero.float())
+        self.log_gain = nn.Parameter(torch.zeros_like(self.s0))
+
+    def scale(self) -> Tensor:
+        return stored_ste(self.s0 * self.log_gain.exp())
+
+    def forward(self, _weight: Tensor) -> Tensor:
+        cols = self.q.shape[1]
+        group = self.scheme.group_size
+        offset = 0.0 if self.zero is None else expand_groups(self.zero, cols, group)
+        return (self.q.float() - offset) * expand_groups(self.scale(), cols, group)
+
+
+@register_method("peqa", config=PEQAConfig)
+class PEQA(Method):
+    config: PEQAConfig
+    needs_calibration = True
+    trains = True
+
+    def check_model(self, model: nn.Module, spec) -> None:
+        check_linear(model, spec, "peqa")
+
+    def train(
+        self, model: nn.Module, layers: dict[str, LayerQuant], context: TrainContext
+    ) -> TrainResult:
+        modules = model_linears(model, self.config)
+        missing = [name for name in modules if name not in layers]
+        if missing:
+            raise ConfigError(
+                f"method: peqa trains the scales of quantized weights, but {missing[0]} "
+                f"(and {len(missing) - 1} more) is not quantized; put an rtn or gptq step "
+                "with the same targets before the peqa step"
+            )
+        data = text_rows(context.calib_ids, "peqa")
+        start = time.perf_counter()
+
+        def make(name: str, module: nn.Linear) -> nn.Module:
+            return TrainedScales(module.weight.detach(), layers[name])
+
+        with frozen(model), parametrized(modules, make) as wrapped:
+            params = {name: m.log_gain for name, m in wrapped.items()}
+            result = train("peqa", params, lm_loss(model), data, self.config.training,
+                           context.workdir, context.progress)  # fmt: skip
+            with torch.no_grad():
+                for name, m in wrapped.items():
+                    old = layers[name]
+                    layers[name] = LayerQuant(
+                        old.scheme, m.scale().detach().clone(), old.zero,
+                        old.activations, old.outlier_threshold,
+                    )  # fmt: skip
+        result.seconds = time.perf_counter() - start
+        return result

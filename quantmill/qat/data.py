@@ -1,0 +1,83 @@
+"""Data-free training text for LLM-QAT: sequences the original model writes itself.
+
+Liu et al., "LLM-QAT: Data-Free Quantization Aware Training for Large Language
+Models" (2023), section 2.1: the first token is drawn uniformly from the
+vocabulary, the next few are the model's top-1 choices, the rest are sampled
+from its distribution. The sequences are saved as a ``datasets`` dataset under
+the cache, keyed by model and settings, so a second run (or a resumed one)
+trains on the same text without generating it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+GREEDY_TOKENS = 3  # after the random first token, before sampling starts
+
+
+@torch.no_grad()
+def generate_sequences(
+    model: nn.Module, num: int, length: int, seed: int, batch_size: int = 16, progress: bool = True
+) -> Tensor:
+    """``[num, length]`` token ids written by ``model`` from random first tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out = []
+    bar = tqdm(total=num * length, desc="generating training text", disable=not progress)
+    with bar:
+        for start in range(0, num, batch_size):
+            rows = min(batch_size, num - start)
+            ids = torch.randint(vocab, (rows, 1), generator=generator)
+            cache = None
+            step_input = ids
+            for position in range(1, length):
+                result = model(input_ids=step_input, cache=cache, use_cache=True)
+                cache = result.cache
+                logits = result.logits[:, -1, :].float()
+                if position <= GREEDY_TOKENS:
+                    step_input = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    probs = torch.softmax(logits, dim=-1)
+                    step_input = torch.multinomial(probs, 1, generator=generator)
+                ids = torch.cat([ids, step_input], dim=1)
+                bar.update(rows)
+            bar.update(rows)
+            out.append(ids)
+    return torch.cat(out)
+
+
+def generated_dataset(
+    model: nn.Module,
+    num: int,
+    length: int,
+    seed: int,
+    cache_dir: Path | None,
+    model_key: str,
+    progress: bool = True,
+) -> Tensor:
+    """The generated sequences, read from the cache when this model made them before."""
+    from datasets import Dataset, load_from_disk
+
+    if cache_dir is None:
+        return generate_sequences(model, num, length, seed, progress=progress)
+    key = json.dumps([model_key, num, length, seed, GREEDY_TOKENS])
+    folder = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if folder.is_dir():
+        log.info("reusing generated training text %s", folder)
+        return torch.tensor(load_from_disk(str(folder))["input_ids"], dtype=torch.long)
+    ids = generate_sequences(model, num, length, seed, progress=progress)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(partial))
+    partial.rename(folder)
+    return ids
