@@ -138,7 +138,9 @@ def quantize(
         if summary.training:
             write_json(tmp, TRAINING_FILE, summary.training)
         detail = ("layers", "training")
-        write_json(tmp, SUMMARY_FILE, {k: v for k, v in summary.to_dict().items() if k not in detail})
+        write_json(
+            tmp, SUMMARY_FILE, {k: v for k, v in summary.to_dict().items() if k not in detail}
+        )
     if training.workdir is not None:  # the checkpoint is complete: nothing left to resume
         shutil.rmtree(training.workdir.parent, ignore_errors=True)
     return summary

@@ -79,6 +79,31 @@ def distillation(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
     return _save(fig, plt, path)
 
 
+def training(results: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Quantization-aware training: loss per step (and learning rate) of each training step."""
+    results = [r for r in results if r.get("history")]
+    if not results:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    lr_ax = ax.twinx()
+    for result in results:
+        steps = [h["step"] for h in result["history"]]
+        ax.plot(
+            steps, [h["loss"] for h in result["history"]], lw=1, label=f"{result['method']} loss"
+        )
+        lr_ax.plot(steps, [h["lr"] for h in result["history"]], "--", lw=0.8, color="grey")
+        if result.get("resumed_from"):
+            ax.axvline(result["resumed_from"], color="red", lw=0.8, label="resumed")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    lr_ax.set_ylabel("learning rate (dashed)")
+    ax.set_title("Quantization-aware training")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
 def outlier_columns(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
     """LLM.int8(): the share of each layer's input columns over the threshold in calibration."""
     rows = [r for r in layers if "outlier_fraction" in r.get("extra", {})]

@@ -53,5 +53,6 @@ def quantize_model(
         "layers_file": str(Path(out_dir).resolve() / api.LAYERS_FILE),
         "summary_file": str(Path(out_dir).resolve() / api.SUMMARY_FILE),
         "recipe_file": str(Path(out_dir).resolve() / api.RECIPE_FILE),
+        "training_file": str(Path(out_dir).resolve() / api.TRAINING_FILE),
         "seconds": time.perf_counter() - start,
     }

@@ -247,16 +247,19 @@ def record_run(
         if math.isfinite(float(r["loss"]))
     ]
     metrics += method_metrics(layers)
+    trained = _training(quantized)
+    metrics += training_metrics(trained)
     for start in range(0, len(metrics), 1000):
         client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
     if quantized:
-        for key in ("recipe_file", "summary_file", "layers_file"):
-            if Path(quantized[key]).is_file():
+        for key in ("recipe_file", "summary_file", "layers_file", "training_file"):
+            if quantized.get(key) and Path(quantized[key]).is_file():
                 client.log_artifact(run.run_id, quantized[key])
-    if layers:
+    if layers or trained:
         with tempfile.TemporaryDirectory() as tmp:
             drawn = [
-                plots.layer_loss(layers, Path(tmp) / "layer_loss.png"),
+                plots.training(trained, Path(tmp) / "training.png"),
+                plots.layer_loss(layers, Path(tmp) / "layer_loss.png") if layers else None,
                 plots.distillation(layers, Path(tmp) / "distillation.png"),
                 plots.outlier_columns(layers, Path(tmp) / "outlier_columns.png"),
             ]
@@ -293,6 +296,26 @@ def method_metrics(layers: list[dict[str, Any]]) -> list[Metric]:
     return metrics
 
 
+def training_metrics(results: list[dict[str, Any]]) -> list[Metric]:
+    """Quantization-aware training: loss and learning rate per optimizer step (stepped),
+    held-out loss before and after, steps, tokens and time."""
+    metrics = []
+    for result in results:
+        for h in result["history"]:
+            if math.isfinite(h["loss"]):
+                metrics.append(Metric("train_loss", float(h["loss"]), 0, int(h["step"])))
+            metrics.append(Metric("train_lr", float(h["lr"]), 0, int(h["step"])))
+        figures = {
+            "train_steps": result["steps"],
+            "train_tokens": result["tokens_seen"],
+            "train_seconds": result["seconds"],
+            "train_eval_loss_before": result.get("eval_loss_before"),
+            "train_eval_loss_after": result.get("eval_loss_after"),
+        }
+        metrics += [Metric(k, float(v), 0, 0) for k, v in figures.items() if v is not None]
+    return metrics
+
+
 def run_metrics(
     quantized: dict[str, Any] | None,
     original_eval: dict[str, Any] | None,
@@ -323,6 +346,13 @@ def run_metrics(
     for stage, seconds in (timings or {}).items():
         figures[f"time_{stage}_s"] = float(seconds)
     return figures
+
+
+def _training(quantized: dict[str, Any] | None) -> list[dict[str, Any]]:
+    import json
+
+    path = (quantized or {}).get("training_file")
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else []
 
 
 def _layers(quantized: dict[str, Any] | None) -> list[dict[str, Any]]:

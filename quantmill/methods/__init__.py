@@ -3,5 +3,13 @@
 from quantmill.methods import awq, gptq, l4q, llm_int8, llm_qat, peqa, rtn, smoothquant, zeroquant
 
 __all__ = [
-    "awq", "gptq", "l4q", "llm_int8", "llm_qat", "peqa", "rtn", "smoothquant", "zeroquant",
+    "awq",
+    "gptq",
+    "l4q",
+    "llm_int8",
+    "llm_qat",
+    "peqa",
+    "rtn",
+    "smoothquant",
+    "zeroquant",
 ]

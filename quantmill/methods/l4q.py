@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from quantmill.config import QuantScheme
 from quantmill.methods.base import LayerQuant, Method
 from quantmill.methods.qat_common import (
-    TrainingConfig, check_linear, frozen, lm_loss, model_linears, parametrized, text_rows,
+    TrainingConfig,
+    check_linear,
+    frozen,
+    lm_loss,
+    model_linears,
+    parametrized,
+    text_rows,
 )  # fmt: skip
 from quantmill.qat.loop import TrainContext, TrainResult, train
 from quantmill.qat.ste import fake_quantize_ste, stored_ste

@@ -26,7 +26,11 @@ from quantmill.config import ActScheme, KVCacheSpec, QuantScheme, TrainSpec
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
 from quantmill.methods.base import LayerQuant, Method
 from quantmill.methods.qat_common import (
-    TrainingConfig, check_linear, frozen, model_linears, parametrized,
+    TrainingConfig,
+    check_linear,
+    frozen,
+    model_linears,
+    parametrized,
 )  # fmt: skip
 from quantmill.methods.rtn import round_layer
 from quantmill.qat.data import generated_dataset

@@ -22,11 +22,17 @@ from quantmill.config import QuantScheme
 from quantmill.errors import ConfigError
 from quantmill.methods.base import LayerQuant, Method
 from quantmill.methods.qat_common import (
-    TrainingConfig, check_linear, frozen, lm_loss, model_linears, parametrized, text_rows,
+    TrainingConfig,
+    check_linear,
+    frozen,
+    lm_loss,
+    model_linears,
+    parametrized,
+    text_rows,
 )  # fmt: skip
 from quantmill.qat.loop import TrainContext, TrainResult, train
-from quantmill.qat.ste import stored_ste
-from quantmill.quant.grid import expand_groups, quantize
+from quantmill.qat.ste import dequantize_grouped, stored_ste
+from quantmill.quant.grid import expand_groups, grouped, quantize
 from quantmill.registry import register_method
 
 
@@ -40,19 +46,23 @@ class TrainedScales(nn.Module):
     def __init__(self, weight: Tensor, quant: LayerQuant) -> None:
         super().__init__()
         self.scheme: QuantScheme = quant.scheme
-        self.register_buffer("q", quantize(weight, quant.scale, quant.zero, quant.scheme))
+        self.cols = weight.shape[1]
+        q = quantize(weight, quant.scale, quant.zero, quant.scheme).float()
+        offset = (
+            q
+            if quant.zero is None
+            else q - expand_groups(quant.zero, self.cols, quant.scheme.group_size)
+        )
+        # the frozen integers, less their zero point, in the grouped view
+        self.register_buffer("offset_q", grouped(offset, quant.scheme.group_size))
         self.register_buffer("s0", quant.scale.float().clone())
-        self.register_buffer("zero", None if quant.zero is None else quant.zero.float())
         self.log_gain = nn.Parameter(torch.zeros_like(self.s0))
 
     def scale(self) -> Tensor:
         return stored_ste(self.s0 * self.log_gain.exp())
 
     def forward(self, _weight: Tensor) -> Tensor:
-        cols = self.q.shape[1]
-        group = self.scheme.group_size
-        offset = 0.0 if self.zero is None else expand_groups(self.zero, cols, group)
-        return (self.q.float() - offset) * expand_groups(self.scale(), cols, group)
+        return dequantize_grouped(self.offset_q, self.s0 * self.log_gain.exp(), self.cols)
 
 
 @register_method("peqa", config=PEQAConfig)

@@ -227,7 +227,7 @@ def latest_checkpoint(workdir: Path) -> dict[str, Any] | None:
     for path in reversed(_checkpoints(workdir)):
         try:
             return torch.load(path, weights_only=False)
-        except Exception as exc:  # noqa: BLE001  (a damaged file: fall back to the one before)
+        except Exception as exc:
             log.warning("skipping unreadable training checkpoint %s: %s", path, exc)
     return None
 

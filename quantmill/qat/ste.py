@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from quantmill.config import QuantScheme
-from quantmill.quant.grid import MIN_SCALE, SCALE_DTYPE, expand_groups
+from quantmill.quant.grid import MIN_SCALE, SCALE_DTYPE, grouped
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -34,9 +34,24 @@ def stored_ste(scale: Tensor) -> Tensor:
 
 def fake_quantize_ste(W: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
     """``dequantize(quantize(W))`` on the grid ``scale``/``zero``, differentiable in
-    ``W`` (straight through the rounding) and in ``scale`` (LSQ)."""
-    cols = W.shape[1]
-    s = expand_groups(stored_ste(scale), cols, scheme.group_size)
-    z = 0.0 if zero is None else expand_groups(zero, cols, scheme.group_size)
-    q = torch.clamp(round_ste(W / s) + z, scheme.q_min, scheme.q_max)
-    return (q - z) * s
+    ``W`` (straight through the rounding) and in ``scale`` (LSQ).
+
+    Works on the ``[rows, n_groups, group]`` view, where a group's scale broadcasts
+    (no repeated copies of the scales, forward or backward)."""
+    rows, cols = W.shape
+    G = grouped(W, scheme.group_size)
+    s = stored_ste(scale)[..., None]
+    z = 0.0 if zero is None else zero[..., None]
+    q = torch.clamp(round_ste(G / s) + z, scheme.q_min, scheme.q_max)
+    return ungrouped((q - z) * s, cols)
+
+
+def dequantize_grouped(offset_q: Tensor, scale: Tensor, cols: int) -> Tensor:
+    """``[rows, cols]`` weights from ``q - zero`` in the grouped view ``[rows, n, group]``
+    and a (trainable) ``scale`` ``[rows, n]``."""
+    return ungrouped(offset_q * stored_ste(scale)[..., None], cols)
+
+
+def ungrouped(G: Tensor, cols: int) -> Tensor:
+    """``[rows, n_groups, group]`` → ``[rows, cols]`` (dropping a partial group's padding)."""
+    return G.reshape(G.shape[0], -1)[:, :cols]

@@ -2,7 +2,7 @@
 
 import math
 
-from tasks.tracking import method_metrics
+from tasks.tracking import method_metrics, training_metrics
 
 
 def test_lkd_losses_alphas_and_outlier_fractions_become_stepped_metrics():
@@ -45,3 +45,24 @@ def test_method_plots_are_drawn_only_for_their_methods(tmp_path):
     assert plots.distillation(int8, tmp_path / "x.png") is None
     assert plots.outlier_columns(lkd, tmp_path / "y.png") is None
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_training_loss_and_learning_rate_become_stepped_metrics(tmp_path):
+    from quantmill import plots
+
+    result = {
+        "method": "peqa", "steps": 3, "resumed_from": 2, "tokens_seen": 768, "seconds": 9.5,
+        "eval_loss_before": 3.2, "eval_loss_after": 3.0,
+        "history": [
+            {"step": 1, "loss": 3.1, "lr": 1e-4},
+            {"step": 2, "loss": math.nan, "lr": 5e-5},
+            {"step": 3, "loss": 2.9, "lr": 0.0},
+        ],
+    }  # fmt: skip
+    got = {(m.key, m.step): m.value for m in training_metrics([result])}
+    assert got[("train_loss", 1)] == 3.1 and got[("train_loss", 3)] == 2.9
+    assert ("train_loss", 2) not in got  # MLflow refuses NaN
+    assert [got[("train_lr", s)] for s in (1, 2, 3)] == [1e-4, 5e-5, 0.0]
+    assert got[("train_tokens", 0)] == 768 and got[("train_eval_loss_after", 0)] == 3.0
+    assert plots.training([result], tmp_path / "t.png").stat().st_size > 0
+    assert plots.training([], tmp_path / "none.png") is None

@@ -154,8 +154,10 @@ def test_peqa_without_a_quantizing_step_before_it_is_refused(tiny_model, ids):
 def test_a_post_training_step_after_a_training_step_is_refused(tiny_model, ids):
     with pytest.raises(ConfigError, match=r"steps\.1\.method.*training steps come last"):
         quantize_model(
-            tiny_model(), steps({"method": "l4q", "training": training()}, {"method": "rtn"}),
-            ids, progress=False,
+            tiny_model(),
+            steps({"method": "l4q", "training": training()}, {"method": "rtn"}),
+            ids,
+            progress=False,
         )
 
 
