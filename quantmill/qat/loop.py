@@ -6,9 +6,10 @@ by a seeded generator, and a checkpoint every ``checkpoint_every`` steps
 holding everything the next step depends on (tensors, optimizer moments,
 generator state, history). A run started again with the same work folder
 resumes from the latest checkpoint and takes the same batches an
-uninterrupted run would. A non-finite loss stops the run with
-``TrainingDivergedError`` before anything is written, so the last checkpoint
-on disk is always a good one.
+uninterrupted run would. A checkpoint is written only once the loss at its
+parameters is known to be finite (at the next step, or by the final held-out
+score), so when a non-finite loss stops the run with ``TrainingDivergedError``
+the last checkpoint on disk is a good one.
 """
 
 from __future__ import annotations
@@ -126,33 +127,48 @@ def train(
         total=spec.steps, initial=min(start_step, spec.steps), desc=f"{label} training",
         disable=not progress,
     )  # fmt: skip
+    pending = False  # a checkpoint is due for the current parameters
     with bar:
         for step in range(start_step, spec.steps):
             lr = lr_at(step, spec)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            generator_state = generator.get_state()
             batch = draw_batch(rows, spec, generator)
             with torch.enable_grad():
                 loss = loss_fn(batch)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDivergedError(_diverged(label, value, step, lr, workdir))
+                if pending:  # these parameters give a finite loss: a good checkpoint
+                    save_checkpoint(workdir, step, params, optimizer, generator_state,
+                                    history, eval_before)  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             if spec.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(tensors, spec.max_grad_norm)
             optimizer.step()
-            if not all(torch.isfinite(t).all() for t in tensors):
-                raise TrainingDivergedError(_diverged(label, float("nan"), step, lr, workdir))
             history.append({"step": step + 1, "loss": value, "lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             done = step + 1
             if done % LOG_EVERY == 0 or done == spec.steps:
                 progress_log.info("%s: step %d/%d loss %.4f", label, done, spec.steps, value)
-            if workdir is not None and (done % spec.checkpoint_every == 0 or done == spec.steps):
-                save_checkpoint(workdir, done, params, optimizer, generator, history, eval_before)
-    eval_after = evaluate(loss_fn, held, spec) if held.numel() else None
+            pending = workdir is not None and done % spec.checkpoint_every == 0
+    with torch.no_grad():
+        eval_after = evaluate(loss_fn, held, spec) if held.numel() else None
+        final = (
+            eval_after
+            if eval_after is not None
+            else float(loss_fn(draw_batch(rows, spec, generator)))
+        )
+    if not math.isfinite(final):
+        raise TrainingDivergedError(
+            _diverged(label, final, spec.steps - 1, lr_at(spec.steps - 1, spec), workdir)
+        )
+    if workdir is not None and start_step < spec.steps:  # kept until the export is complete
+        save_checkpoint(workdir, spec.steps, params, optimizer, generator.get_state(),
+                        history, eval_before)  # fmt: skip
     for t in tensors:
         t.requires_grad_(False)
     return TrainResult(
@@ -194,7 +210,7 @@ def save_checkpoint(
     step: int,
     params: dict[str, Tensor],
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
+    generator_state: Tensor,
     history: list[dict[str, float]],
     eval_before: float | None,
 ) -> Path:
@@ -204,7 +220,7 @@ def save_checkpoint(
         "step": step,
         "params": {name: t.detach().clone() for name, t in params.items()},
         "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
+        "generator": generator_state,
         "history": history,
         "eval_before": eval_before,
     }

@@ -76,7 +76,9 @@ def test_a_resumed_run_takes_the_same_steps_as_an_uninterrupted_one(tmp_path):
 
     def dying(batch):
         calls["n"] += 1
-        if calls["n"] == 2 + 7:  # 2 held-out scores, then killed in step 7 (6 is saved)
+        # 2 held-out scores, then killed in step 8; step 6 was saved once step 7's loss
+        # showed its parameters good
+        if calls["n"] == 2 + 8:
             raise KeyboardInterrupt
         return toy_loss(p)(batch)
 
@@ -107,10 +109,11 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkp
         history.append(float(out.detach()))
         return out
 
-    with pytest.raises(TrainingDivergedError, match=r"step 5 .*lower training\.lr.*step 4"):
+    # step 4's parameters give the infinite loss of step 5: step 2 is the last good one
+    with pytest.raises(TrainingDivergedError, match=r"step 5 .*lower training\.lr.*step 2"):
         train("toy", {"p": p}, counting, data, spec, tmp_path, progress=False)
-    assert latest_step(tmp_path) == 4
-    saved = torch.load(tmp_path / "step-000004.pt", weights_only=False)
+    assert latest_step(tmp_path) == 2
+    saved = torch.load(tmp_path / "step-000002.pt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in saved["params"].values())
 
 
