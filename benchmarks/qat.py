@@ -30,9 +30,7 @@ from typing import Any
 
 import torch
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_vs_peer import DATA, REPO, evaluate, measured_once  # noqa: E402
+from gptq_vs_peer import DATA, REPO, evaluate, measured_once
 
 G3 = {"bits": 3, "group_size": 64, "symmetric": True}
 W4PC = {"bits": 4, "group_size": None, "symmetric": True}
@@ -50,19 +48,45 @@ def experiments(args) -> dict[str, list[tuple[str, list[dict[str, Any]], dict | 
     return {
         "peqa": [
             ("rtn-w3g64", [{"method": "rtn", "weights": G3}], None),
-            ("peqa-w3g64", [{"method": "rtn", "weights": G3},
-                            {"method": "peqa", "training": training(args.peqa_lr, args.steps)}],
-             None),
+            (
+                "peqa-w3g64",
+                [
+                    {"method": "rtn", "weights": G3},
+                    {"method": "peqa", "training": training(args.peqa_lr, args.steps)},
+                ],
+                None,
+            ),
         ],  # fmt: skip
         "l4q": [
-            ("l4q-w3g64", [{"method": "l4q", "weights": G3, "rank": 8,
-                            "training": training(args.l4q_lr, args.steps)}], None),
+            (
+                "l4q-w3g64",
+                [
+                    {
+                        "method": "l4q",
+                        "weights": G3,
+                        "rank": 8,
+                        "training": training(args.l4q_lr, args.steps),
+                    }
+                ],
+                None,
+            ),
         ],  # fmt: skip
         "llm_qat": [
             ("rtn-w4a8kv8", [{"method": "rtn", "weights": W4PC, "activations": A8}], KV8),
-            ("llm-qat-w4a8kv8", [{"method": "llm_qat", "weights": W4PC, "activations": A8,
-                                  "kv_cache": KV8, "generated_samples": args.generated,
-                                  "training": training(args.llm_qat_lr, args.steps)}], KV8),
+            (
+                "llm-qat-w4a8kv8",
+                [
+                    {
+                        "method": "llm_qat",
+                        "weights": W4PC,
+                        "activations": A8,
+                        "kv_cache": KV8,
+                        "generated_samples": args.generated,
+                        "training": training(args.llm_qat_lr, args.steps),
+                    }
+                ],
+                KV8,
+            ),
         ],  # fmt: skip
     }
 
@@ -71,10 +95,17 @@ def recipe_file(folder: Path, name: str, steps, kv: dict | None, args) -> Path:
     recipe = {
         "name": name,
         "steps": [{**step, "ignore": ["lm_head"]} for step in steps],
-        "calibration": {"dataset": str(DATA / "wiki.valid.tokens"), "num_samples": args.samples,
-                        "seq_len": 512, "seed": 0},  # fmt: skip
-        "evaluation": {"dataset": str(DATA / "wiki.test.raw"), "max_windows": args.windows,
-                       "kv_cache": kv},  # fmt: skip
+        "calibration": {
+            "dataset": str(DATA / "wiki.valid.tokens"),
+            "num_samples": args.samples,
+            "seq_len": 512,
+            "seed": 0,
+        },  # fmt: skip
+        "evaluation": {
+            "dataset": str(DATA / "wiki.test.raw"),
+            "max_windows": args.windows,
+            "kv_cache": kv,
+        },  # fmt: skip
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
