@@ -22,16 +22,16 @@ pytestmark = pytest.mark.slow
 G3 = {"bits": 3, "group_size": 64}
 
 
-def recipe_dict(wiki_files, steps, **training):
+def recipe_dict(wiki_files, method_steps, **training):
     settings = {"steps": 6, "lr": 1e-3, "seq_len": 64, "eval_samples": 2, **training}
     return {
         "steps": [
             {
                 **step,
                 "ignore": ["lm_head"],
-                **({"training": settings} if i == len(steps) - 1 else {}),
+                **({"training": settings} if i == len(method_steps) - 1 else {}),
             }
-            for i, step in enumerate(steps)
+            for i, step in enumerate(method_steps)
         ],
         "calibration": {"dataset": str(wiki_files[0]), "num_samples": 8, "seq_len": 128},
         "evaluation": {"dataset": str(wiki_files[1]), "seq_len": 256, "max_windows": 1},
