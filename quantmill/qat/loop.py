@@ -194,14 +194,14 @@ def evaluate(loss_fn: Callable[[Tensor], Tensor], held: Tensor, spec: TrainSpec)
 def _diverged(label: str, value: float, step: int, lr: float, workdir: Path | None) -> str:
     kept = latest_step(workdir) if workdir is not None else 0
     where = (
-        f"the last good checkpoint (step {kept}) is kept in {workdir}; "
-        "the same recipe with a lower training.lr resumes from it"
+        f"The last good checkpoint (step {kept}) is kept in {workdir}; "
+        "the same recipe with a lower training.lr resumes from it."
         if kept
-        else "no checkpoint had been written yet"
+        else "No checkpoint had been written yet."
     )
     return (
         f"{label}: the training loss became {value} at step {step + 1} "
-        f"(learning rate {lr:.3g}); lower training.lr (or set training.max_grad_norm). {where}"
+        f"(learning rate {lr:.3g}); lower training.lr. {where}"
     )
 
 
