@@ -300,3 +300,39 @@ def test_quantize_flow_runs_llm_int8_and_logs_its_outlier_columns(
     plots = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/layer_loss.png", "plots/outlier_columns.png"}
     assert (Path("out8") / "quantmill_runtime.json").is_file()
+
+
+def test_quantize_flow_trains_peqa_and_logs_the_training_in_mlflow(
+    pipeline_env, smollm2_path, mlflow_client
+):
+    recipe = {
+        "name": "peqa-short",
+        "steps": [
+            {"method": "rtn", "weights": {"bits": 3, "group_size": 64}, "ignore": ["lm_head"]},
+            {
+                "method": "peqa",
+                "ignore": ["lm_head"],
+                "training": {"steps": 4, "lr": 1e-3, "seq_len": 64, "eval_samples": 1},
+            },
+        ],  # fmt: skip
+    }
+    Path("peqa.yaml").write_text(yaml.safe_dump(recipe))
+    job = QuantizeJob(
+        model=str(smollm2_path), recipe_file="peqa.yaml", out_dir="outq", data=small_data()
+    )
+    state = quantize_flow(job, return_state=True)
+    assert state.is_completed(), state.message
+    (run,) = runs_of(mlflow_client, str(state.state_details.flow_run_id))
+    metrics = run.data.metrics
+    assert metrics["train_steps"] == 4 and metrics["train_tokens"] == 4 * 64
+    assert metrics["train_eval_loss_after"] < metrics["train_eval_loss_before"]
+    losses = mlflow_client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4]
+    rates = mlflow_client.get_metric_history(run.info.run_id, "train_lr")
+    assert len(rates) == 4
+    plots = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/training.png" in plots
+    assert {a.path for a in mlflow_client.list_artifacts(run.info.run_id)} >= {
+        "quantmill_training.json"
+    }
+    assert not Path("outq.training").exists()
