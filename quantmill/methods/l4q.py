@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from quantmill.config import QuantScheme
 from quantmill.methods.base import LayerQuant, Method
 from quantmill.methods.qat_common import (
+    LearnedScale,
     TrainingConfig,
     check_linear,
     frozen,
@@ -34,7 +35,7 @@ from quantmill.methods.qat_common import (
     text_rows,
 )  # fmt: skip
 from quantmill.qat.loop import TrainContext, TrainResult, train
-from quantmill.qat.ste import fake_quantize_ste, stored_ste
+from quantmill.qat.ste import fake_quantize_ste
 from quantmill.quant.grid import compute_qparams
 from quantmill.registry import register_method
 
@@ -45,7 +46,7 @@ class L4QConfig(TrainingConfig):
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (alpha / rank)")
 
 
-class LoRAOnGrid(nn.Module):
+class LoRAOnGrid(LearnedScale):
     """Parametrization: ``fake_quantize(W0 + B·A·scaling, s0·exp(g), zero)``."""
 
     def __init__(self, weight: Tensor, scheme: QuantScheme, rank: int, alpha: float) -> None:
@@ -53,22 +54,18 @@ class LoRAOnGrid(nn.Module):
         self.scheme = scheme
         out_features, in_features = weight.shape
         scale, zero = compute_qparams(weight.float(), scheme)
-        self.register_buffer("s0", scale.float())
+        self.learn_scale(scale)
         self.register_buffer("zero", None if zero is None else zero.float())
-        self.log_gain = nn.Parameter(torch.zeros_like(self.s0))
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as peft initialises LoRA A
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
         self.scaling = alpha / rank
 
-    def scale(self) -> Tensor:
-        return stored_ste(self.s0 * self.log_gain.exp())
-
     def merged(self, weight: Tensor) -> Tensor:
         return weight.float() + (self.lora_b @ self.lora_a) * self.scaling
 
     def forward(self, weight: Tensor) -> Tensor:
-        return fake_quantize_ste(self.merged(weight), self.scale(), self.zero, self.scheme)
+        return fake_quantize_ste(self.merged(weight), self.raw_scale(), self.zero, self.scheme)
 
 
 @register_method("l4q", config=L4QConfig)

@@ -22,6 +22,7 @@ from quantmill.config import QuantScheme
 from quantmill.errors import ConfigError
 from quantmill.methods.base import LayerQuant, Method
 from quantmill.methods.qat_common import (
+    LearnedScale,
     TrainingConfig,
     check_linear,
     frozen,
@@ -31,7 +32,7 @@ from quantmill.methods.qat_common import (
     text_rows,
 )  # fmt: skip
 from quantmill.qat.loop import TrainContext, TrainResult, train
-from quantmill.qat.ste import dequantize_grouped, stored_ste
+from quantmill.qat.ste import dequantize_grouped
 from quantmill.quant.grid import expand_groups, grouped, quantize
 from quantmill.registry import register_method
 
@@ -40,7 +41,7 @@ class PEQAConfig(TrainingConfig):
     method: Literal["peqa"] = "peqa"
 
 
-class TrainedScales(nn.Module):
+class TrainedScales(LearnedScale):
     """Parametrization: the weight is ``(q - zero) · s0 · exp(g)``, ``q`` frozen."""
 
     def __init__(self, weight: Tensor, quant: LayerQuant) -> None:
@@ -55,14 +56,10 @@ class TrainedScales(nn.Module):
         )
         # the frozen integers, less their zero point, in the grouped view
         self.register_buffer("offset_q", grouped(offset, quant.scheme.group_size))
-        self.register_buffer("s0", quant.scale.float().clone())
-        self.log_gain = nn.Parameter(torch.zeros_like(self.s0))
-
-    def scale(self) -> Tensor:
-        return stored_ste(self.s0 * self.log_gain.exp())
+        self.learn_scale(quant.scale)
 
     def forward(self, _weight: Tensor) -> Tensor:
-        return dequantize_grouped(self.offset_q, self.s0 * self.log_gain.exp(), self.cols)
+        return dequantize_grouped(self.offset_q, self.raw_scale(), self.cols)
 
 
 @register_method("peqa", config=PEQAConfig)

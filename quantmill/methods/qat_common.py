@@ -14,6 +14,24 @@ from torch.nn.utils import parametrize
 from quantmill.arch import arch_for, block_linears, decoder_blocks
 from quantmill.config import MethodConfig, TrainSpec
 from quantmill.errors import CalibrationDataError, ConfigError
+from quantmill.qat.ste import stored_ste
+
+
+class LearnedScale(nn.Module):
+    """Base of the parametrizations that train scales, as ``s0 · exp(g)`` with ``g``
+    starting at 0: the same scales, kept positive, with a learning rate that means a
+    relative change."""
+
+    def learn_scale(self, s0: Tensor) -> None:
+        self.register_buffer("s0", s0.float().clone())
+        self.log_gain = nn.Parameter(torch.zeros_like(self.s0))
+
+    def raw_scale(self) -> Tensor:
+        return self.s0 * self.log_gain.exp()
+
+    def scale(self) -> Tensor:
+        """The scale as the checkpoint stores it (float16 values)."""
+        return stored_ste(self.raw_scale())
 
 
 class TrainingConfig(MethodConfig):
