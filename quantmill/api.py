@@ -25,10 +25,10 @@ from quantmill.driver import build_methods, quantize_model
 from quantmill.evaluate import bits_per_weight, perplexity, size_on_disk
 from quantmill.export.checkpoint import ExportFormat, save_quantized, staged_output, write_json
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
+from quantmill.methods import get_method
 from quantmill.models import load_model
 from quantmill.qat.loop import TrainContext
 from quantmill.recipe import Recipe, save_recipe
-from quantmill.registry import get_method
 from quantmill.runtime import apply_runtime, runtime_summary
 from quantmill.sources import ResolvedModel, cache_root, resolve_model
 from quantmill.stages import load_calibration

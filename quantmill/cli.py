@@ -91,7 +91,7 @@ def _methods() -> int:
     """Each registered method with the first line of its module's description."""
     import importlib
 
-    from quantmill.registry import get_method, method_names
+    from quantmill.methods import get_method, method_names
 
     for name in method_names():
         module = importlib.import_module(get_method(name).impl.__module__)

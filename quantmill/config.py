@@ -162,3 +162,55 @@ class TrainSpec(StrictModel):
     # Sequences held out of training, scored before and after (0: no such evaluation).
     eval_samples: int = Field(4, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="null: no gradient clipping")
+
+
+class EngineSpec(StrictModel):
+    """Where and how the engine runs: device, compute dtype, memory and output layout.
+
+    Not part of a recipe: the same recipe runs on a laptop CPU or a GPU.
+    """
+
+    # auto: the first CUDA device when there is one, else the CPU.
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    # auto: the checkpoint's own dtype on a GPU, float32 on a CPU.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the forward passes (statistics accumulate in float32)"
+    )
+    # auto: calibration activations stay on the device when they fit in half its free memory.
+    offload: Literal["auto", "none", "cpu"] = Field(
+        "auto", description="where calibration activations wait between blocks"
+    )
+    max_shard_size: str = Field("5GB", description="largest safetensors shard of the output")
+    # False: ignore the journal of an interrupted run into the same output and start afresh.
+    resume: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N (N a device number)")
+        return value
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    def shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``"5GB"``, ``"500MB"``, ``"2GiB"`` or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size: write it like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])

@@ -21,11 +21,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantmill.arch import ArchSpec, arch_for, block_linears, decoder_blocks
+from quantmill.blocks import StopForward
 from quantmill.config import MethodConfig
 from quantmill.errors import CalibrationDataError, ConfigError
-from quantmill.methods.base import LayerQuant, LayerReport, Method, StopForward, hooks_removed
+from quantmill.hooks import hooks_removed
+from quantmill.layers import LayerQuant, LayerReport
+from quantmill.methods import get_method
+from quantmill.methods.base import Method
 from quantmill.qat.loop import TrainContext, TrainResult
-from quantmill.registry import get_method
 from quantmill.runtime import activation_hooks, runtime_spec
 from quantmill.stats import Statistics, StatisticsFile, collect_statistics, save_statistics
 

@@ -39,6 +39,20 @@ class ExportError(QuantmillError):
     """A quantized model cannot be written in the requested format."""
 
 
+class OutOfSpaceError(ExportError):
+    """The disk filled up while a checkpoint was written; the run can resume once there is
+    space. ``needed`` is the number of bytes that could not be written at that moment."""
+
+    def __init__(self, message: str, folder: object = None, needed: int = 0) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.needed = needed
+
+
+class RunLockedError(QuantmillError):
+    """Another run is writing the same output folder."""
+
+
 class PublishError(QuantmillError):
     """Publishing to the Hub failed or was refused (token, repo, upload, verification).
 

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
 import torch
 from torch import nn
 
 from quantmill.errors import CheckpointError, ModelSourceError
+from quantmill.lazy import LOAD_LOCK
 from quantmill.sources import ResolvedModel
-
-# transformers builds models under process-wide patches (empty-weight init, default
-# dtype), so two threads loading at once corrupt each other's model (meta tensors).
-# Loading is serialized; everything after it runs concurrently.
-LOAD_LOCK = threading.Lock()
 
 log = logging.getLogger(__name__)
 

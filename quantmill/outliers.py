@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantmill.arch import arch_for, block_linears, decoder_blocks
-from quantmill.methods.base import hooks_removed
+from quantmill.hooks import hooks_removed
 
 # LLM.int8()'s rule: an input channel is an outlier when some |x| in it exceeds 6.0.
 ACT_THRESHOLD = 6.0

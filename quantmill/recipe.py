@@ -15,7 +15,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 
 from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, QualityGate, StrictModel
 from quantmill.errors import ConfigError
-from quantmill.registry import get_method, method_names
+from quantmill.methods import get_method, method_names
 
 
 class Recipe(StrictModel):

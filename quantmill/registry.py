@@ -1,7 +1,9 @@
 """The explicit method registry: each method module registers itself by name.
 
-``quantmill.methods`` imports every method module by name (no package walking),
-so importing it fills this table.
+This module only holds the table and the decorator. ``quantmill.methods``
+imports every built-in method module by name (no package walking) and offers
+the lookups (``get_method``, ``method_names``), so the table is full whenever
+someone can look a method up.
 """
 
 from __future__ import annotations
@@ -24,35 +26,16 @@ class MethodEntry:
     impl: type[Method]
 
 
-_METHODS: dict[str, MethodEntry] = {}
+METHODS: dict[str, MethodEntry] = {}
 
 
 def register_method(name: str, config: type[MethodConfig]) -> Callable[[M], M]:
     """Class decorator: ``@register_method("gptq", config=GPTQConfig)``."""
 
     def wrap(cls: M) -> M:
-        if name in _METHODS:
+        if name in METHODS:
             raise RuntimeError(f"method {name!r} is registered twice")
-        _METHODS[name] = MethodEntry(name, config, cls)
+        METHODS[name] = MethodEntry(name, config, cls)
         return cls
 
     return wrap
-
-
-def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> MethodEntry:
-    """The registry entry for ``name``; raises ``KeyError`` listing known names."""
-    _load_builtin()
-    try:
-        return _METHODS[name]
-    except KeyError:
-        known = ", ".join(sorted(_METHODS))
-        raise KeyError(f"unknown method {name!r}; known methods: {known}") from None
-
-
-def _load_builtin() -> None:
-    import quantmill.methods  # noqa: F401  (registers the built-in methods)

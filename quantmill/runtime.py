@@ -32,7 +32,7 @@ from quantmill.quant.act import fake_quantize_tokens
 from quantmill.quant.int8 import fake_mixed_int8, int8_linear, mixed_int8_linear
 
 if TYPE_CHECKING:
-    from quantmill.methods.base import LayerQuant
+    from quantmill.layers import LayerQuant
 
 RUNTIME_FILE = "quantmill_runtime.json"
 

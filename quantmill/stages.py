@@ -19,8 +19,9 @@ from torch import Tensor
 from quantmill.cache import cache_key, cached_file, code_version
 from quantmill.config import CalibrationSpec
 from quantmill.data import calibration_ids
+from quantmill.hashing import file_sha256
 from quantmill.models import load_model
-from quantmill.sources import ResolvedModel, file_sha256
+from quantmill.sources import ResolvedModel
 from quantmill.stats import collect_statistics, save_statistics
 
 

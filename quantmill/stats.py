@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantmill.arch import arch_for, block_linears, decoder_blocks
-from quantmill.methods.base import hooks_removed
+from quantmill.hooks import hooks_removed
 from quantmill.quant.gptq import HessianAccumulator
 
 

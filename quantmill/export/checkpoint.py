@@ -16,7 +16,7 @@ from torch import nn
 
 from quantmill.errors import ExportError
 from quantmill.export.compressed import build_schemes, compressed_state_dict, quantization_config
-from quantmill.methods.base import LayerQuant
+from quantmill.layers import LayerQuant
 from quantmill.runtime import write_runtime
 
 ExportFormat = Literal["packed", "fake"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from quantmill.config import QuantScheme
 from quantmill.errors import ExportError
-from quantmill.methods.base import LayerQuant
+from quantmill.layers import LayerQuant
 from quantmill.quant.grid import SCALE_DTYPE
 
 

@@ -1,15 +1,31 @@
 """Built-in methods. Each module registers itself; this list is the whole registry."""
 
 from quantmill.methods import awq, gptq, l4q, llm_int8, llm_qat, peqa, rtn, smoothquant, zeroquant
+from quantmill.registry import METHODS, MethodEntry
 
 __all__ = [
     "awq",
+    "get_method",
     "gptq",
     "l4q",
     "llm_int8",
     "llm_qat",
+    "method_names",
     "peqa",
     "rtn",
     "smoothquant",
     "zeroquant",
 ]
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> MethodEntry:
+    """The registry entry for ``name``; raises ``KeyError`` listing known names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise KeyError(f"unknown method {name!r}; known methods: {known}") from None

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quantmill.config import MethodConfig
-from quantmill.methods.base import LayerReport, get_weight, set_weight
+from quantmill.layers import LayerReport, get_weight, set_weight
 from quantmill.methods.mappings import MappingConfig
 from quantmill.methods.smoothquant import SmoothQuant
 from quantmill.quant.awq import search_clip, search_scales

@@ -11,55 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-from quantmill.config import ActScheme, MethodConfig, QuantScheme
-from quantmill.hooks import hooks_removed  # noqa: F401  (methods import it from here)
+from quantmill.config import MethodConfig, QuantScheme
+from quantmill.layers import LayerQuant, LayerReport
 
 if TYPE_CHECKING:
     from quantmill.arch import ArchSpec
-    from quantmill.driver import BlockInputs
+    from quantmill.blocks import BlockInputs
     from quantmill.qat.loop import TrainContext, TrainResult
-
-
-class StopForward(Exception):
-    """Raised by a hook once every statistic it needs for this batch is collected."""
-
-
-@dataclass
-class LayerQuant:
-    """The grid a layer's weights now lie on: ``w = (q - zero) * scale``."""
-
-    scheme: QuantScheme
-    scale: Tensor  # [out, n_groups]
-    zero: Tensor | None
-    # How the layer's input is quantized at run time (None: floating point).
-    activations: ActScheme | None = None
-    # LLM.int8(): input columns with any |x| at or above this stay in floating point.
-    outlier_threshold: float | None = None
-
-
-@dataclass
-class LayerReport:
-    name: str
-    method: str
-    loss: float  # the method's own error measure for this layer
-    seconds: float
-    extra: dict[str, float | str] = field(default_factory=dict)
-
-
-def get_weight(layer: nn.Module, conv1d: bool) -> Tensor:
-    """The layer's weight as ``[out, in]`` (Conv1D stores ``[in, out]``)."""
-    weight = layer.weight.data
-    return weight.t() if conv1d else weight
-
-
-def set_weight(layer: nn.Module, W: Tensor, conv1d: bool) -> None:
-    """Write ``W`` ``[out, in]`` into the layer in place (keeping its dtype)."""
-    layer.weight.data.copy_(W.t() if conv1d else W)
 
 
 class Method:

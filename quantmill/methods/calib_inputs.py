@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from quantmill.methods.base import StopForward, hooks_removed
+from quantmill.blocks import StopForward
+from quantmill.hooks import hooks_removed
 
 
 @dataclass

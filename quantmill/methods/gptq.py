@@ -15,16 +15,11 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
+from quantmill.blocks import StopForward
 from quantmill.config import MethodConfig
-from quantmill.methods.base import (
-    LayerQuant,
-    LayerReport,
-    Method,
-    StopForward,
-    get_weight,
-    hooks_removed,
-    set_weight,
-)
+from quantmill.hooks import hooks_removed
+from quantmill.layers import LayerQuant, LayerReport, get_weight, set_weight
+from quantmill.methods.base import Method
 from quantmill.quant.gptq import (
     HessianAccumulator,
     HessianNotPositiveDefinite,

@@ -23,7 +23,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quantmill.config import QuantScheme
-from quantmill.methods.base import LayerQuant, Method
+from quantmill.layers import LayerQuant
+from quantmill.methods.base import Method
 from quantmill.methods.qat_common import (
     LearnedScale,
     TrainingConfig,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from quantmill.methods.base import LayerQuant
+from quantmill.layers import LayerQuant
 from quantmill.quant.grid import expand_groups
 from quantmill.runtime import activation_hooks, runtime_spec
 

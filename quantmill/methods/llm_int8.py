@@ -18,7 +18,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from quantmill.config import MethodConfig, QuantScheme
-from quantmill.methods.base import LayerQuant, LayerReport, Method
+from quantmill.layers import LayerQuant, LayerReport
+from quantmill.methods.base import Method
 from quantmill.methods.calib_inputs import InputRecord, record_inputs
 from quantmill.methods.rtn import round_layer
 from quantmill.registry import register_method

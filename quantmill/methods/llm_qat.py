@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from quantmill.config import ActScheme, KVCacheSpec, QuantScheme, TrainSpec
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
-from quantmill.methods.base import LayerQuant, Method
+from quantmill.layers import LayerQuant
+from quantmill.methods.base import Method
 from quantmill.methods.qat_common import (
     TrainingConfig,
     check_linear,

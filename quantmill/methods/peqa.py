@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from quantmill.config import QuantScheme
 from quantmill.errors import ConfigError
-from quantmill.methods.base import LayerQuant, Method
+from quantmill.layers import LayerQuant
+from quantmill.methods.base import Method
 from quantmill.methods.qat_common import (
     LearnedScale,
     TrainingConfig,

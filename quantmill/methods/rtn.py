@@ -13,7 +13,8 @@ from typing import Literal
 from torch import Tensor, nn
 
 from quantmill.config import MethodConfig, QuantScheme
-from quantmill.methods.base import LayerQuant, LayerReport, Method, get_weight, set_weight
+from quantmill.layers import LayerQuant, LayerReport, get_weight, set_weight
+from quantmill.methods.base import Method
 from quantmill.quant.grid import compute_qparams, fake_quantize
 from quantmill.registry import register_method
 

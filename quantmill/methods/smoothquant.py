@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from quantmill.arch import ArchSpec, Mapping
 from quantmill.config import ActScheme, MethodConfig, QuantScheme
-from quantmill.methods.base import LayerQuant, LayerReport, Method
+from quantmill.layers import LayerQuant, LayerReport
+from quantmill.methods.base import Method
 from quantmill.methods.calib_inputs import InputRecord, record_inputs
 from quantmill.methods.mappings import MappingConfig, check_mappings, resolve_mappings, unfoldable
 from quantmill.methods.rtn import round_layer

@@ -16,7 +16,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quantmill.config import ActScheme, MethodConfig
-from quantmill.methods.base import LayerQuant, LayerReport, Method, get_weight
+from quantmill.layers import LayerQuant, LayerReport, get_weight
+from quantmill.methods.base import Method
 from quantmill.methods.lkd import distill_block
 from quantmill.methods.rtn import round_layer
 from quantmill.registry import register_method

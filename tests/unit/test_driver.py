@@ -7,7 +7,7 @@ from torch import nn
 from quantmill.arch import ARCHITECTURES, arch_for, block_linears, decoder_blocks
 from quantmill.driver import capture_block_inputs, quantize_model, run_block
 from quantmill.errors import CalibrationDataError, UnsupportedArchitectureError
-from quantmill.methods.base import get_weight
+from quantmill.layers import get_weight
 from quantmill.quant.grid import fake_quantize
 from quantmill.recipe import parse_recipe
 

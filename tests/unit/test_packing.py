@@ -6,7 +6,7 @@ from compressed_tensors.compressors import BaseCompressor
 
 from quantmill.config import QuantScheme
 from quantmill.export.compressed import build_schemes, compression_format
-from quantmill.methods.base import LayerQuant
+from quantmill.layers import LayerQuant
 from quantmill.quant.grid import compute_qparams, fake_quantize, quantize
 
 

@@ -1,0 +1,113 @@
+"""Running decoder blocks on calibration data: capture what the first block is
+called with, run a block over every batch, keep its outputs.
+
+Hidden states live on ``BlockInputs.storage`` (the compute device, or CPU
+memory when they are offloaded) and each batch is moved to the block's device
+only while it runs. Call arguments (position embeddings, masks) are small and
+stay on the compute device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from quantmill.hooks import hooks_removed
+
+
+class StopForward(Exception):
+    """Raised by a hook once every statistic it needs for this batch is collected."""
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering the current block, per batch, with the other call arguments."""
+
+    hidden: list[Tensor]  # each [batch, seq, hidden], on ``storage``
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    device: torch.device | None = None  # where blocks run; None: wherever hidden is
+    storage: torch.device | None = None  # where hidden states wait; None: ``device``
+
+    def batch(self, b: int) -> Tensor:
+        """Batch ``b``'s hidden states on the compute device."""
+        hidden = self.hidden[b]
+        return hidden if self.device is None else hidden.to(self.device, non_blocking=True)
+
+    def keep(self, b: int, out: Tensor) -> None:
+        """Replace batch ``b`` by a block's output, stored where hidden states wait."""
+        where = self.storage or self.device
+        self.hidden[b] = out if where is None else out.to(where)
+
+    def stored(self, out: Tensor) -> Tensor:
+        where = self.storage or self.device
+        return out if where is None else out.to(where)
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self.hidden)
+
+
+def _first(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    ids: Tensor,
+    batch_size: int,
+    device: torch.device | None = None,
+    storage: torch.device | None = None,
+) -> BlockInputs:
+    """Run the model up to its first block and keep what the block is called with.
+
+    ``ids`` ``[samples, seq]`` go to ``device`` batch by batch; the hidden states are
+    kept on ``storage`` (default: ``device``).
+    """
+    inputs = BlockInputs(hidden=[], device=device, storage=storage)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        inputs.hidden.append(inputs.stored(hidden))
+        inputs.args.append(rest)
+        inputs.kwargs.append(kwargs)
+        raise StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    with hooks_removed([handle]):
+        for batch in ids.split(batch_size):
+            if device is not None:
+                batch = batch.to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except StopForward:
+                pass
+    return inputs
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+    """The block's output hidden states for every batch of ``inputs`` (stored like them)."""
+    outputs = []
+    for b in range(len(inputs.hidden)):
+        out = block(inputs.batch(b), *inputs.args[b], **inputs.kwargs[b])
+        outputs.append(inputs.stored(_first(out)))
+    return outputs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool) -> None:
+    """Run every batch through ``block``; with ``keep_outputs`` replace inputs by outputs."""
+    for b in range(len(inputs.hidden)):
+        try:
+            out = block(inputs.batch(b), *inputs.args[b], **inputs.kwargs[b])
+        except StopForward:
+            continue
+        if keep_outputs:
+            inputs.keep(b, _first(out))
