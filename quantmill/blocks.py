@@ -111,3 +111,43 @@ def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool) -> None
             continue
         if keep_outputs:
             inputs.keep(b, _first(out))
+
+
+class BlockStore:
+    """Where the driver finds each block's weights and what it does with a finished block.
+
+    This one holds the whole model in memory: nothing to load or release, and a
+    finished block stays as it is (the model is written once at the end). The
+    engine's store reads each block from the checkpoint's files, writes it out
+    when finished and lets the run resume (``quantmill.engine``).
+    """
+
+    start = 0  # the first block to process (later when a run resumes)
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model
+
+    @property
+    def device(self) -> torch.device | None:
+        params = iter(self.model.parameters()) if self.model is not None else iter(())
+        first = next(params, None)
+        return None if first is None else first.device
+
+    def capture(self, model: nn.Module, first_block: nn.Module, ids: Tensor, batch_size: int):
+        """The inputs of block ``start`` for every calibration batch."""
+        return capture_block_inputs(model, first_block, ids, batch_size, self.device)
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Make block ``index``'s weights available."""
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` is not needed for now (a pass that changes nothing)."""
+
+    def finish(self, index: int, block: nn.Module, layers: dict, reports: list, inputs) -> dict:
+        """Block ``index`` is quantized (``inputs`` now enter the next block); returns
+        the layer grids the driver keeps for the rest of the run."""
+        return layers
+
+    def done(self) -> tuple[dict, list]:
+        """Layers and reports of blocks finished before ``start`` (an earlier run's)."""
+        return {}, []

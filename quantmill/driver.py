@@ -16,15 +16,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantmill.arch import ArchSpec, arch_for, block_linears, decoder_blocks
-from quantmill.blocks import StopForward
+from quantmill.blocks import BlockInputs, BlockStore, block_outputs, run_block
 from quantmill.config import MethodConfig
 from quantmill.errors import CalibrationDataError, ConfigError
-from quantmill.hooks import hooks_removed
 from quantmill.layers import LayerQuant, LayerReport
 from quantmill.methods import get_method
 from quantmill.methods.base import Method
@@ -35,15 +33,6 @@ from quantmill.stats import Statistics, StatisticsFile, collect_statistics, save
 log = logging.getLogger(__name__)
 # One line per block at INFO: what the pipeline's logs show (the CLI shows bars instead).
 progress_log = logging.getLogger("quantmill.progress")
-
-
-@dataclass
-class BlockInputs:
-    """Hidden states entering the current block, per batch, with the other call arguments."""
-
-    hidden: list[Tensor]  # each [batch, seq, hidden]
-    args: list[tuple] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -62,14 +51,18 @@ def quantize_model(
     progress: bool = True,
     statistics: Statistics | StatisticsFile | None = None,
     training: TrainContext | None = None,
+    store: BlockStore | None = None,
 ) -> QuantizeOutcome:
     """Apply ``steps`` in order to every decoder block of ``model`` in place.
 
     ``calib_ids`` is ``[num_samples, seq_len]`` token ids; it may be ``None``
     only when no step needs calibration, or when every calibrated step reads
     shared ``statistics`` (``sequential: false``) and those are given.
+    ``store`` says where block weights come from and where finished blocks go
+    (default: the whole model in memory, written by the caller afterwards).
     """
     start = time.perf_counter()
+    store = store or BlockStore(model)
     spec = arch_for(model)
     blocks = decoder_blocks(model, spec)
     everything = build_methods(model, steps)
@@ -83,28 +76,35 @@ def quantize_model(
             "the recipe's methods need calibration data but none was given "
             "(calibration.num_samples samples of calibration.seq_len tokens)"
         )
-    layers: dict[str, LayerQuant] = {}
-    reports: list[LayerReport] = []
+    layers, reports = store.done()
     label = "+".join(step.method for step in steps)
+    todo = range(store.start, len(blocks)) if methods else range(0)  # training steps only
     with ExitStack() as stack:
-        if not methods:
-            blocks = nn.ModuleList()  # training steps only
-        if shared and statistics is None:
-            statistics = _statistics_file(stack, model, calib_ids, batch_size, progress)
-        inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size) if live else None
-        for index, block in enumerate(tqdm(blocks, desc=f"{label} blocks", disable=not progress)):
+        if shared and statistics is None and todo:
+            statistics = _statistics_file(stack, model, calib_ids, batch_size, progress, store)
+        inputs = store.capture(model, blocks[0], calib_ids, batch_size) if live and todo else None
+        bar = tqdm(todo, desc=f"{label} blocks", disable=not progress, total=len(blocks))
+        bar.update(store.start)
+        for index in bar:
+            block = blocks[index]
+            store.load(index, block)
             prefix = f"{spec.blocks}.{index}."
             targets = None
             if inputs is not None and any(m.needs_targets for m in methods):
                 targets = block_outputs(block, inputs)  # the original block's, for distillation
+            block_layers: dict[str, LayerQuant] = {}
+            block_reports: list[LayerReport] = []
             for method in methods:
                 _quantize_block(
-                    method, block, spec, prefix, inputs, statistics, layers, reports, targets
-                )
+                    method, block, spec, prefix, inputs, statistics,
+                    {**layers, **block_layers}, block_layers, block_reports, targets,
+                )  # fmt: skip
             if inputs is not None and index + 1 < len(blocks):
                 # the next block sees what this one will produce, quantized activations included
-                with activation_hooks(block, runtime_spec(layers), prefix):
+                with activation_hooks(block, runtime_spec(block_layers), prefix):
                     run_block(block, inputs, keep_outputs=True)
+            layers.update(store.finish(index, block, block_layers, block_reports, inputs))
+            reports += block_reports
             progress_log.info("%s: block %d/%d quantized", label, index + 1, len(blocks))
     trained = []
     for trainer in trainers:
@@ -131,11 +131,17 @@ def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
 
 
 def _statistics_file(
-    stack: ExitStack, model: nn.Module, calib_ids: Tensor, batch_size: int, progress: bool
+    stack: ExitStack,
+    model: nn.Module,
+    calib_ids: Tensor,
+    batch_size: int,
+    progress: bool,
+    store: BlockStore,
 ) -> StatisticsFile:
     """Collect the original model's statistics into a temporary file read layer by layer."""
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantmill-stats-")))
-    save_statistics(collect_statistics(model, calib_ids, batch_size, progress), folder / "s.st")
+    stats = collect_statistics(model, calib_ids, batch_size, progress, store)
+    save_statistics(stats, folder / "s.st")
     return StatisticsFile(folder / "s.st")
 
 
@@ -146,10 +152,13 @@ def _quantize_block(
     prefix: str,
     inputs: BlockInputs | None,
     statistics: Statistics | StatisticsFile | None,
-    layers: dict[str, LayerQuant],
+    seen: dict[str, LayerQuant],
+    block_layers: dict[str, LayerQuant],
     reports: list[LayerReport],
     targets: list[Tensor] | None = None,
 ) -> None:
+    """One method on one block; ``seen`` holds the grids found so far (for the runtime
+    treatment of inputs), ``block_layers`` and ``reports`` receive this step's results."""
     selected = {
         name: module
         for name, module in block_linears(block, spec).items()
@@ -166,70 +175,22 @@ def _quantize_block(
             for group in spec.linear_groups
         ]
         with method.observe([g for g in groups if g], stop_after_last=True):
-            with activation_hooks(block, runtime_spec(layers), prefix):
+            with activation_hooks(block, runtime_spec(seen), prefix):
                 run_block(block, inputs, keep_outputs=False)
     reports += method.prepare_block(block, spec, prefix, inputs)
-    block_layers: dict[str, LayerQuant] = {}
+    step_layers: dict[str, LayerQuant] = {}
     for name, module in selected.items():
         quant, report = method.quantize_layer(prefix + name, module)
         if report is not None:
             reports.append(report)
         if quant is not None:  # None: the step only rescaled, a later step quantizes
-            block_layers[prefix + name] = quant
-    layers.update(block_layers)
+            step_layers[prefix + name] = quant
+    block_layers.update(step_layers)
+    seen.update(step_layers)
     if method.needs_targets and inputs is not None and targets is not None:
-        reports += method.finish_block(block, prefix, inputs, targets, block_layers)
+        reports += method.finish_block(block, prefix, inputs, targets, step_layers)
 
 
 def _observes(method: Method) -> bool:
     """False for methods that collect nothing by hooks (a forward pass would be wasted)."""
     return type(method).observe is not Method.observe
-
-
-@torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, ids: Tensor, batch_size: int
-) -> BlockInputs:
-    """Run the model up to its first block and keep what the block is called with."""
-    inputs = BlockInputs(hidden=[])
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        inputs.hidden.append(hidden)
-        inputs.args.append(rest)
-        inputs.kwargs.append(kwargs)
-        raise StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    with hooks_removed([handle]):
-        for batch in ids.split(batch_size):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except StopForward:
-                pass
-    return inputs
-
-
-@torch.no_grad()
-def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
-    """The block's output hidden states for every batch of ``inputs`` (a copy)."""
-    outputs = []
-    for b, hidden in enumerate(inputs.hidden):
-        out = block(hidden, *inputs.args[b], **inputs.kwargs[b])
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool) -> None:
-    """Run every batch through ``block``; with ``keep_outputs`` replace inputs by outputs."""
-    for b, hidden in enumerate(inputs.hidden):
-        try:
-            out = block(hidden, *inputs.args[b], **inputs.kwargs[b])
-        except StopForward:
-            continue
-        if keep_outputs:
-            inputs.hidden[b] = out[0] if isinstance(out, tuple) else out

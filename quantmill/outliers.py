@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantmill.arch import arch_for, block_linears, decoder_blocks
+from quantmill.blocks import BlockStore, run_block
 from quantmill.hooks import hooks_removed
 
 # LLM.int8()'s rule: an input channel is an outlier when some |x| in it exceeds 6.0.
@@ -169,6 +170,7 @@ def collect_outliers(
     batch_size: int = 8,
     progress: bool = True,
     threshold: float = ACT_THRESHOLD,
+    store: BlockStore | None = None,
 ) -> OutlierReport:
     """Run ``calib_ids`` (``[num_samples, seq_len]`` token ids) through ``model`` block by
     block and measure every linear layer's input activations and weight.
@@ -176,15 +178,15 @@ def collect_outliers(
     The model is not changed. Only one block's hidden states
     (``[num_samples, seq_len, hidden]``) and per-layer running sums live at a time.
     """
-    from quantmill.driver import capture_block_inputs, run_block  # the driver imports stats
-
+    store = store or BlockStore(model)
     spec = arch_for(model)
     blocks = decoder_blocks(model, spec)
-    inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size)
+    inputs = store.capture(model, blocks[0], calib_ids, batch_size)
     report = OutlierReport(
         threshold=threshold, samples=int(calib_ids.shape[0]), tokens=int(calib_ids.numel())
     )
     for index, block in enumerate(tqdm(blocks, desc="outliers", disable=not progress)):
+        store.load(index, block)
         linears = block_linears(block, spec)
         seen = {name: _Activations() for name in linears}
         handles = [
@@ -197,6 +199,7 @@ def collect_outliers(
             report.layers.append(
                 _layer_figures(full, index, name, seen[name], layer, spec.conv1d, threshold)
             )
+        store.release(index, block)
     return report
 
 

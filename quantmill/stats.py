@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantmill.arch import arch_for, block_linears, decoder_blocks
+from quantmill.blocks import BlockStore, run_block
 from quantmill.hooks import hooks_removed
+from quantmill.layers import in_features
 from quantmill.quant.gptq import HessianAccumulator
 
 
@@ -44,16 +46,24 @@ class Statistics:
 
 
 def collect_statistics(
-    model: nn.Module, calib_ids: Tensor, batch_size: int = 8, progress: bool = True
+    model: nn.Module,
+    calib_ids: Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    store: BlockStore | None = None,
 ) -> Statistics:
-    """Run the calibration ids through ``model`` block by block and record statistics."""
-    from quantmill.driver import capture_block_inputs, run_block  # the driver imports us
+    """Run the calibration ids through ``model`` block by block and record statistics.
 
+    ``store`` provides each block's weights (default: the model is in memory);
+    statistics are float32 on the CPU whatever the compute device.
+    """
+    store = store or BlockStore(model)
     spec = arch_for(model)
     blocks = decoder_blocks(model, spec)
-    inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size)
+    inputs = store.capture(model, blocks[0], calib_ids, batch_size)
     stats = Statistics(samples=int(calib_ids.shape[0]))
     for index, block in enumerate(tqdm(blocks, desc="statistics", disable=not progress)):
+        store.load(index, block)
         prefix = f"{spec.blocks}.{index}."
         linears = block_linears(block, spec)
         accumulators: dict[str, HessianAccumulator] = {}
@@ -63,7 +73,7 @@ def collect_statistics(
             if not names:
                 continue
             first = prefix + names[0]
-            acc = HessianAccumulator(_in_features(linears[names[0]], spec.conv1d))
+            acc = HessianAccumulator(in_features(linears[names[0]], spec.conv1d))
             accumulators[first] = acc
             handles.append(linears[names[0]].register_forward_pre_hook(_hessian_hook(acc)))
             for name in names:
@@ -72,8 +82,9 @@ def collect_statistics(
             handles.append(layer.register_forward_pre_hook(_absmax_hook(stats, prefix + name)))
         with hooks_removed(handles):
             run_block(block, inputs, keep_outputs=index + 1 < len(blocks))
+        store.release(index, block)
         for first, acc in accumulators.items():
-            stats.hessians[first] = acc.hessian()
+            stats.hessians[first] = acc.hessian().cpu()
     return stats
 
 
@@ -108,10 +119,6 @@ class StatisticsFile:
             return f.get_tensor(key)
 
 
-def _in_features(layer: nn.Module, conv1d: bool) -> int:
-    return layer.weight.shape[0] if conv1d else layer.weight.shape[1]
-
-
 def _hessian_hook(acc: HessianAccumulator):
     def hook(module: nn.Module, args: tuple) -> None:
         acc.add(args[0])
@@ -122,7 +129,7 @@ def _hessian_hook(acc: HessianAccumulator):
 def _absmax_hook(stats: Statistics, name: str):
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
-        peak = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        peak = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
         seen = stats.absmax.get(name)
         stats.absmax[name] = peak if seen is None else torch.maximum(seen, peak)
 

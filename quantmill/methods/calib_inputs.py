@@ -35,7 +35,7 @@ class InputRecord:
         self.abssum = total if self.abssum is None else self.abssum + total
         self.tokens += flat.shape[0]
         if keep > 0:
-            pick = torch.randperm(flat.shape[0], generator=generator)[:keep]
+            pick = torch.randperm(flat.shape[0], generator=generator)[:keep].to(flat.device)
             self.sample.append(flat[pick].clone())
 
 

@@ -81,11 +81,14 @@ class GPTQ(Method):
         start = time.perf_counter()
         cfg = self.config
         W = get_weight(layer, self.conv1d).float()
-        H = self._hessians.pop(name).hessian()
+        source = self._hessians.pop(name)
+        # the last layer of a group sharing one Hessian may let GPTQ overwrite it
+        last = all(other is not source for other in self._hessians.values())
         try:
             result = gptq_quantize_weight(
-                W, H, cfg.weights, cfg.block_size, cfg.dampening, cfg.actorder, cfg.static_groups
-            )
+                W, source.take() if last else source.hessian(), cfg.weights, cfg.block_size,
+                cfg.dampening, cfg.actorder, cfg.static_groups, consume=last,
+            )  # fmt: skip
         except HessianNotPositiveDefinite as exc:
             # Fall back to round-to-nearest for this layer and say so in its report.
             log.warning("%s: %s; falling back to RTN for this layer", name, exc)
@@ -107,6 +110,10 @@ class _Given:
 
     def hessian(self):
         return self.H
+
+    def take(self):
+        H, self.H = self.H, None
+        return H
 
 
 def _accumulate(acc: HessianAccumulator, stop: bool):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from quantmill.errors import TrainingDivergedError
 from quantmill.layers import LayerQuant
 from quantmill.quant.grid import expand_groups
 from quantmill.runtime import activation_hooks, runtime_spec
@@ -80,27 +81,29 @@ def distill_block(
     optimizer = torch.optim.Adam(latents, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(inputs, targets, batch_size)
+    device = inputs.device
     initial = final = float("nan")
     kept = True
     try:
         with torch.enable_grad(), activation_hooks(block, runtime_spec(layers), prefix):
-            initial = _mean_loss(block, batches)
-            for _ in range(steps):
+            initial = _mean_loss(block, batches, device)
+            for step in range(steps):
                 hidden, args, kwargs, target = batches[
                     int(torch.randint(len(batches), (1,), generator=generator))
                 ]
-                out = block(hidden, *args, **kwargs)
+                out = block(_on(hidden, device), *args, **kwargs)
                 loss = nn.functional.mse_loss(
-                    (out[0] if isinstance(out, tuple) else out).float(), target.float()
+                    (out[0] if isinstance(out, tuple) else out).float(), _on(target, device).float()
                 )
                 if not math.isfinite(loss.item()):
-                    raise FloatingPointError(
-                        f"{prefix}: distillation loss is {float(loss)}; lower lkd_lr"
+                    raise TrainingDivergedError(
+                        f"{prefix.rstrip('.')}: the distillation loss became {float(loss)} at "
+                        f"step {step + 1} (lkd_lr {lr:g}); lower lkd_lr or set lkd_steps: 0"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            final = _mean_loss(block, batches)
+            final = _mean_loss(block, batches, device)
             if not final < initial:  # never leave a block worse than plain rounding
                 kept = False
                 with torch.no_grad():
@@ -115,16 +118,21 @@ def distill_block(
 
 
 @torch.no_grad()
-def _mean_loss(block: nn.Module, batches) -> float:
+def _mean_loss(block: nn.Module, batches, device: torch.device | None) -> float:
     total = 0.0
     for hidden, args, kwargs, target in batches:
-        out = block(hidden, *args, **kwargs)
+        out = block(_on(hidden, device), *args, **kwargs)
         total += float(
             nn.functional.mse_loss(
-                (out[0] if isinstance(out, tuple) else out).float(), target.float()
+                (out[0] if isinstance(out, tuple) else out).float(), _on(target, device).float()
             )
         )
     return total / len(batches)
+
+
+def _on(tensor: Tensor, device: torch.device | None) -> Tensor:
+    """A batch on the compute device (calibration activations may wait in CPU memory)."""
+    return tensor if device is None else tensor.to(device, non_blocking=True)
 
 
 def _batches(inputs, targets: list[Tensor], size: int) -> list[tuple]:

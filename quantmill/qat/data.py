@@ -32,12 +32,13 @@ def generate_sequences(
     """``[num, length]`` token ids written by ``model`` from random first tokens."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().weight.shape[0]
+    device = model.get_input_embeddings().weight.device
     out = []
     bar = tqdm(total=num * length, desc="generating training text", disable=not progress)
     with bar:
         for start in range(0, num, batch_size):
             rows = min(batch_size, num - start)
-            ids = torch.randint(vocab, (rows, 1), generator=generator)
+            ids = torch.randint(vocab, (rows, 1), generator=generator).to(device)
             cache = None
             step_input = ids
             for position in range(1, length):
@@ -48,11 +49,13 @@ def generate_sequences(
                     step_input = logits.argmax(dim=-1, keepdim=True)
                 else:
                     probs = torch.softmax(logits, dim=-1)
-                    step_input = torch.multinomial(probs, 1, generator=generator)
+                    # drawn on the CPU: the same text whatever device the model is on
+                    pick = torch.multinomial(probs.cpu(), 1, generator=generator)
+                    step_input = pick.to(device)
                 ids = torch.cat([ids, step_input], dim=1)
                 bar.update(rows)
             bar.update(rows)
-            out.append(ids)
+            out.append(ids.cpu())
     return torch.cat(out)
 
 

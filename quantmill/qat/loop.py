@@ -87,8 +87,8 @@ def draw_batch(rows: Tensor, spec: TrainSpec, generator: torch.Generator) -> Ten
     """``batch_size`` windows of ``seq_len`` tokens at random rows and offsets."""
     n, length = rows.shape
     seq_len = min(spec.seq_len, length)
-    picks = torch.randint(n, (spec.batch_size,), generator=generator)
-    starts = torch.randint(length - seq_len + 1, (spec.batch_size,), generator=generator)
+    picks = torch.randint(n, (spec.batch_size,), generator=generator).tolist()
+    starts = torch.randint(length - seq_len + 1, (spec.batch_size,), generator=generator).tolist()
     return torch.stack([rows[r, s : s + seq_len] for r, s in zip(picks, starts, strict=True)])
 
 
@@ -111,7 +111,7 @@ def train(
         t.requires_grad_(True)
     optimizer = torch.optim.Adam(tensors, lr=spec.lr)
     generator = torch.Generator().manual_seed(spec.seed)
-    rows, held = split_rows(data, spec)
+    rows, held = split_rows(data.to(tensors[0].device), spec)
     history: list[dict[str, float]] = []
     start_step, eval_before = 0, None
     state = latest_checkpoint(workdir) if workdir is not None else None

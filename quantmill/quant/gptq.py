@@ -40,21 +40,36 @@ class GPTQResult:
 
 
 class HessianAccumulator:
-    """Running ``X Xᵀ`` over calibration inputs ``x`` ``[..., cols]``."""
+    """Running ``X Xᵀ`` over calibration inputs ``x`` ``[..., cols]``, in float32 on the
+    device the inputs come from, whatever their dtype."""
 
     def __init__(self, cols: int) -> None:
-        self.H = torch.zeros(cols, cols, dtype=torch.float32)
+        self.cols = cols
+        self.H: Tensor | None = None
         self.count = 0
+        self._scaled = False
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.H is None:
+            self.H = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=x.device)
         self.H.addmm_(x.t(), x)
         self.count += x.shape[0]
 
     def hessian(self) -> Tensor:
-        if self.count == 0:
+        """``2 X Xᵀ / n``, scaled in the accumulator's own buffer (adding ends here)."""
+        if self.H is None or self.count == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return self.H * (2.0 / self.count)
+        if not self._scaled:
+            self.H.mul_(2.0 / self.count)
+            self._scaled = True
+        return self.H
+
+    def take(self) -> Tensor:
+        """The Hessian, handed over: the accumulator lets go of it (its last user)."""
+        H = self.hessian()
+        self.H = None
+        return H
 
 
 def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
@@ -62,17 +77,22 @@ def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
 
     When ``H + λI`` is not positive definite, λ grows tenfold up to
     ``DAMP_TRIES`` times before ``HessianNotPositiveDefinite`` is raised.
+    ``H`` is left as it was; the work happens in one other matrix, in place
+    (two ``[cols, cols]`` matrices at most: 8192 columns cost 0.5 GB, not 1.6).
     """
     mean_diag = torch.diag(H).mean()
     damp = dampening
+    work = torch.empty_like(H)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for _ in range(DAMP_TRIES):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        work.copy_(H)
+        work.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(work, out=(work, info))
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
-                return U, damp
+            torch.cholesky_inverse(work, out=work)
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+            if info.item() == 0 and torch.isfinite(work).all():
+                return work, damp
         log.warning("Hessian not positive definite with dampening %.3g; retrying", damp)
         damp *= DAMP_GROWTH
     raise HessianNotPositiveDefinite(
@@ -88,8 +108,12 @@ def gptq_quantize_weight(
     dampening: float = 0.01,
     actorder: bool = True,
     static_groups: bool = False,
+    consume: bool = False,
 ) -> GPTQResult:
     """Quantize ``W`` ``[rows, cols]`` given the layer-input Hessian ``H`` ``[cols, cols]``.
+
+    Every tensor is made on ``W``'s device; ``H`` is moved there in float32.
+    ``consume`` lets the function overwrite ``H`` (one ``[cols, cols]`` copy fewer).
 
     Groups are always contiguous runs of ``group_size`` input columns in the
     original order (what compressed-tensors stores; the last may be partial).
@@ -100,15 +124,20 @@ def gptq_quantize_weight(
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian holds NaN or inf: calibration activations are not finite")
     rows, cols = W.shape
-    H = H.detach().float().clone()
+    device = W.device
+    given = H
+    H = H.detach().to(device, torch.float32)
+    if not consume and H.data_ptr() == given.data_ptr():
+        H = H.clone()  # ``to`` made no copy: do not change the caller's matrix
+    del given
     Wt = W.detach().float().t().contiguous()  # [cols, rows]: a column of W is a row here
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wt[dead, :] = 0
 
     n_groups = group_count(cols, scheme.group_size)
-    scale = torch.empty(rows, n_groups)
-    zero = None if scheme.symmetric else torch.empty(rows, n_groups)
+    scale = torch.empty(rows, n_groups, device=device)
+    zero = None if scheme.symmetric else torch.empty(rows, n_groups, device=device)
     ready = [False] * n_groups
     if static_groups or scheme.group_size is None:
         s, z = compute_qparams(Wt.t(), scheme)
@@ -117,8 +146,11 @@ def gptq_quantize_weight(
             zero.copy_(z)
         ready = [True] * n_groups
 
-    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols)
-    Wt, H = Wt[perm], H[perm][:, perm]
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(cols, device=device)
+    Wt, H = Wt[perm], H[perm[:, None], perm[None, :]]  # one gather: one new [cols, cols]
     group_at = (perm // (scheme.group_size or cols)).tolist()  # group of each permuted column
     members: dict[int, list[int]] = {}
     for position, group in enumerate(group_at):
@@ -127,11 +159,11 @@ def gptq_quantize_weight(
     Hinv, damp = inverse_cholesky(H, dampening)
     del H
     Qt = torch.empty_like(Wt)
-    losses = torch.zeros(rows)
+    losses = torch.zeros(rows, device=device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2]  # a view: updates land in Wt, so later groups see them
-        Err1 = torch.empty(i2 - i1, rows)
+        Err1 = torch.empty(i2 - i1, rows, device=device)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = group_at[i1 + i]

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
+from quantmill.blocks import capture_block_inputs, run_block
 from quantmill.config import CalibrationSpec, EvalSpec
 from quantmill.data import calibration_ids, eval_ids
-from quantmill.driver import capture_block_inputs, quantize_model, run_block
+from quantmill.driver import quantize_model
 from quantmill.evaluate import perplexity
 from quantmill.models import load_model
 from quantmill.recipe import parse_recipe

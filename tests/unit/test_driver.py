@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from quantmill.arch import ARCHITECTURES, arch_for, block_linears, decoder_blocks
-from quantmill.driver import capture_block_inputs, quantize_model, run_block
+from quantmill.blocks import capture_block_inputs, run_block
+from quantmill.driver import quantize_model
 from quantmill.errors import CalibrationDataError, UnsupportedArchitectureError
 from quantmill.layers import get_weight
 from quantmill.quant.grid import fake_quantize
