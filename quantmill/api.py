@@ -1,8 +1,13 @@
 """One call from a model source and a recipe to an evaluated, packed checkpoint.
 
-Order matters for users: everything that can be checked cheaply (recipe,
-output folder, model source, architecture, data) is checked before the
-expensive work starts, and the checkpoint appears only once complete.
+Order matters for users: everything that can be checked cheaply (device,
+output folder, model source and its weight files, architecture, recipe, free
+disk space) is checked before the expensive work starts, and the checkpoint
+appears only once complete. Post-training recipes run on the streaming engine
+(``quantmill.engine``): one block's weights in memory, shards written as
+blocks finish, resumable after a crash. Recipes with a training step hold the
+whole model (on the chosen device and dtype) and resume from their own
+training checkpoints.
 """
 
 from __future__ import annotations
@@ -20,28 +25,37 @@ import torch
 
 from quantmill import __version__
 from quantmill.arch import arch_for
+from quantmill.config import EngineSpec
 from quantmill.data import calibration_ids, eval_ids
-from quantmill.driver import build_methods, quantize_model
-from quantmill.evaluate import bits_per_weight, perplexity, size_on_disk
-from quantmill.export.checkpoint import ExportFormat, save_quantized, staged_output, write_json
+from quantmill.devices import dtype_name, resolve_device, resolve_dtype
+from quantmill.driver import QuantizeOutcome, build_methods, quantize_model
+from quantmill.engine import StreamingStore
+from quantmill.errors import ConfigError, OutOfSpaceError
+from quantmill.evaluate import bits_per_weight, perplexity, size_on_disk, streamed_perplexity
+from quantmill.export.checkpoint import ExportFormat, save_quantized, write_config, write_json
+from quantmill.folder import LAYERS_FILE, RECIPE_FILE, SOURCE_FILE, SUMMARY_FILE, TRAINING_FILE
+from quantmill.journal import Stage, check_output, code_version, staged_run
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
+from quantmill.lazy import LazyModel, empty_model
 from quantmill.methods import get_method
-from quantmill.models import load_model
+from quantmill.models import load_model, load_tokenizer
 from quantmill.qat.loop import TrainContext
 from quantmill.recipe import Recipe, save_recipe
 from quantmill.runtime import apply_runtime, runtime_summary
 from quantmill.sources import ResolvedModel, cache_root, resolve_model
-from quantmill.stages import load_calibration
+from quantmill.stages import data_fingerprint, load_calibration
 from quantmill.stats import StatisticsFile
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "quantmill_recipe.yaml"
-SUMMARY_FILE = "quantmill_eval.json"
-LAYERS_FILE = "quantmill_layers.json"
-TRAINING_FILE = "quantmill_training.json"
+__all__ = [
+    "LAYERS_FILE", "RECIPE_FILE", "SUMMARY_FILE", "TRAINING_FILE", "QuantizeSummary",
+    "check_recipe", "check_recipe_source", "evaluate_checkpoint", "quantize",
+]  # fmt: skip
 # Training settings a resumed run may change (a lower lr after divergence, more steps).
 RESUMABLE_FIELDS = ("lr", "steps", "schedule", "warmup_steps", "checkpoint_every", "max_grad_norm")
+# Free space asked beyond the estimated checkpoint size (a shard is copied once at close).
+SPACE_MARGIN = 1.1
 
 
 @dataclass
@@ -59,6 +73,7 @@ class QuantizeSummary:
     quantized: dict[str, Any] | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)  # one per training step
+    engine: dict[str, Any] = field(default_factory=dict)  # device, dtype, resumed_at
     quantmill_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,72 +93,210 @@ def quantize(
     progress: bool = True,
     calibration: str | Path | None = None,
     statistics: str | Path | None = None,
+    engine: EngineSpec | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model`` (preset, path, Hub id or resolved source) with ``recipe``.
 
     ``calibration`` (prepared token ids) and ``statistics`` (the original
     model's, for ``sequential: false`` steps) are files from ``quantmill.stages``;
     without them the data is prepared and the statistics collected here.
+    ``engine`` chooses the device, dtype, offloading, shard size and resuming.
     """
+    engine = engine or EngineSpec()
     out_dir = Path(out_dir)
-    with staged_output(out_dir, overwrite=overwrite) as tmp:
-        resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
-        net, tokenizer = load_model(resolved, trust_remote_code)
-        check_recipe(net, recipe)  # before any data is read
-        if calibration is not None:
-            calib = load_calibration(calibration)
-        elif recipe.needs_calibration():
-            calib = calibration_ids(tokenizer, recipe.calibration)
-        else:
-            calib = None
-        stats = StatisticsFile(statistics) if statistics is not None else None
+    device = resolve_device(engine.device)  # a missing GPU is an error before any work
+    check_output(out_dir, overwrite)
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
+    lazy = open_model(resolved, device, engine.dtype, trust_remote_code)
+    check_recipe(lazy.model, recipe, export_format)
+    check_space(out_dir, estimate_output_bytes(lazy, recipe, export_format))
+    tokenizer = load_tokenizer(resolved, trust_remote_code)
+    fingerprint = run_fingerprint(resolved, recipe, lazy, export_format, engine)
+    with staged_run(out_dir, fingerprint, resume=engine.resume, overwrite=overwrite) as stage:
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
-        original = _original_perplexity(net, resolved, recipe, windows, progress)
-        net.config.use_cache = False
-        training = TrainContext(
-            calib,
-            workdir=training_dir(out_dir, resolved, recipe),
-            cache_dir=cache_root() / "generated",
-            model_key=resolved.revision,
-            progress=progress,
-        )
-        outcome = quantize_model(
-            net, recipe.steps, calib, recipe.calibration.batch_size, progress,
-            statistics=stats, training=training,
-        )  # fmt: skip
-        del calib
-        save_quantized(net, tokenizer, outcome.layers, tmp, export_format)
-        del net
+        original = _original_perplexity(lazy, resolved, recipe, windows, progress)
+        trains = any(get_method(step.method).impl.trains for step in recipe.steps)
+        workdir = training_dir(out_dir, resolved, recipe) if trains else None
+        written = (stage.state or {}).get("written")
+        if written is None:
+            calib = _calibration(tokenizer, recipe, calibration)
+            stats = StatisticsFile(statistics) if statistics is not None else None
+            run = _train_in_memory if trains else _stream
+            outcome, resumed_at = run(
+                lazy, recipe, calib, stats, stage, export_format, engine, progress, workdir,
+                resolved,
+            )  # fmt: skip
+            del calib
+            tokenizer.save_pretrained(stage.folder)
+            _copy_lineage(resolved, stage.folder)
+            written = _journal_written(stage, outcome, resumed_at)
         gc.collect()
         quantized = None
         if windows is not None:
             # Evaluate what was written, loaded the way users load it.
-            staged = ResolvedModel(str(out_dir), "local", tmp, "staged")
-            quantized = _quantized_perplexity(staged, recipe, windows, progress)
+            staged = ResolvedModel(str(out_dir), "local", stage.folder, "staged")
+            quantized = _quantized_perplexity(staged, recipe, windows, progress, device, lazy.dtype)
         summary = QuantizeSummary(
             out_dir=str(out_dir),
             model=resolved.to_dict(),
             recipe=recipe.to_dict(),
-            quant_seconds=outcome.seconds,
-            size_bytes=size_on_disk(tmp),
-            original_size_bytes=_source_size(resolved),
-            bits_per_weight=bits_per_weight(tmp),
+            quant_seconds=written["quant_seconds"],
+            size_bytes=size_on_disk(stage.folder),
+            original_size_bytes=size_on_disk(resolved.path),
+            bits_per_weight=bits_per_weight(stage.folder),
             original=original,
             quantized=quantized,
-            layers=[asdict(report) for report in outcome.reports],
-            training=[result.to_dict() for result in outcome.training],
+            layers=written["reports"],
+            training=written["training"],
+            engine={
+                "device": str(device),
+                "dtype": dtype_name(lazy.dtype),
+                "resumed_at_block": written["resumed_at"],
+            },
         )
-        save_recipe(recipe, tmp / RECIPE_FILE)
-        write_json(tmp, LAYERS_FILE, summary.layers)
-        if summary.training:
-            write_json(tmp, TRAINING_FILE, summary.training)
-        detail = ("layers", "training")
-        write_json(
-            tmp, SUMMARY_FILE, {k: v for k, v in summary.to_dict().items() if k not in detail}
-        )
-    if training.workdir is not None:  # the checkpoint is complete: nothing left to resume
-        shutil.rmtree(training.workdir.parent, ignore_errors=True)
+        _write_run_files(stage.folder, recipe, summary)
+    if workdir is not None:  # the checkpoint is complete: nothing left to resume
+        shutil.rmtree(workdir.parent, ignore_errors=True)
     return summary
+
+
+def open_model(
+    resolved: ResolvedModel, device: torch.device, dtype: str, trust_remote_code: bool = False
+) -> LazyModel:
+    """The source's structure and checked weight files, computing in the chosen dtype."""
+    from quantmill.weights import WeightFiles
+
+    source = WeightFiles(resolved.path).main_dtype()
+    return LazyModel.open(
+        resolved.path, device, resolve_dtype(dtype, device, source), trust_remote_code
+    )
+
+
+def _stream(lazy, recipe, calib, stats, stage, fmt, engine, progress, workdir, resolved):
+    """Post-training steps on the streaming engine; the checkpoint's weights end written."""
+    store = StreamingStore(lazy, stage, fmt, engine.shard_bytes(), engine.offload)
+    if store.resumed:
+        log.info("resuming at block %d/%d (from %s)", store.start + 1, len(lazy.blocks), stage.work)
+    outcome = quantize_model(
+        lazy.model, recipe.steps, calib, recipe.calibration.batch_size, progress,
+        statistics=stats, store=store,
+    )  # fmt: skip
+    store.finish_weights()
+    write_config(stage.folder, lazy.model, outcome.layers, fmt, _main_dtype(lazy),
+                 store.in_features())  # fmt: skip
+    outcome.seconds += store.seconds_before
+    return outcome, (store.start if store.resumed else None)
+
+
+def _train_in_memory(lazy, recipe, calib, stats, stage, fmt, engine, progress, workdir, resolved):
+    """Recipes that train hold the whole model on the device; training resumes by itself."""
+    model = lazy.load_all()
+    context = TrainContext(
+        calib, workdir=workdir, cache_dir=cache_root() / "generated",
+        model_key=resolved.revision, progress=progress,
+    )  # fmt: skip
+    outcome = quantize_model(
+        model, recipe.steps, calib, recipe.calibration.batch_size, progress,
+        statistics=stats, training=context,
+    )  # fmt: skip
+    save_quantized(
+        model, None, outcome.layers, stage.folder, fmt, lazy.stored_dtype, engine.shard_bytes()
+    )
+    return outcome, None
+
+
+def _journal_written(stage: Stage, outcome: QuantizeOutcome, resumed_at: int | None) -> dict:
+    """Record that the checkpoint's weights are complete (a crash now resumes at evaluation)."""
+    written = {
+        "quant_seconds": outcome.seconds,
+        "reports": [asdict(r) for r in outcome.reports],
+        "training": [t.to_dict() for t in outcome.training],
+        "resumed_at": resumed_at,
+    }
+    stage.save({"written": written})
+    return written
+
+
+def _write_run_files(folder: Path, recipe: Recipe, summary: QuantizeSummary) -> None:
+    save_recipe(recipe, folder / RECIPE_FILE)
+    write_json(folder, LAYERS_FILE, summary.layers)
+    if summary.training:
+        write_json(folder, TRAINING_FILE, summary.training)
+    brief = {k: v for k, v in summary.to_dict().items() if k not in ("layers", "training")}
+    write_json(folder, SUMMARY_FILE, brief)
+
+
+def _calibration(tokenizer, recipe: Recipe, prepared: str | Path | None) -> torch.Tensor | None:
+    if prepared is not None:
+        return load_calibration(prepared)
+    if recipe.needs_calibration():
+        return calibration_ids(tokenizer, recipe.calibration)
+    return None
+
+
+def _copy_lineage(resolved: ResolvedModel, folder: Path) -> None:
+    """Keep where a converted source came from (base model, license) beside the checkpoint."""
+    lineage = resolved.path / SOURCE_FILE
+    if lineage.is_file():
+        shutil.copyfile(lineage, folder / SOURCE_FILE)
+
+
+def _main_dtype(lazy: LazyModel) -> torch.dtype:
+    return lazy.files.main_dtype()
+
+
+def run_fingerprint(
+    resolved: ResolvedModel, recipe: Recipe, lazy: LazyModel, fmt: str, engine: EngineSpec
+) -> dict[str, Any]:
+    """Everything that decides a checkpoint's bytes: a journal with another is not resumed."""
+    return {
+        "model": resolved.revision,
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("evaluation", "gate")},
+        "calibration_data": data_fingerprint(recipe.calibration.dataset),
+        "device": str(lazy.device),
+        "dtype": dtype_name(lazy.dtype),
+        "format": fmt,
+        "max_shard_size": engine.shard_bytes(),
+        "code": code_version(),
+    }
+
+
+def estimate_output_bytes(lazy: LazyModel, recipe: Recipe, fmt: str) -> int:
+    """The checkpoint's size, from the weight files and the recipe's last quantizing step
+    for each layer (packed: its bits plus at most one bit per weight of scales and zeros)."""
+    quantizing = [s for s in recipe.steps if not getattr(s, "smooth_only", False)]
+    candidates = {
+        f"{lazy.block_prefix(i)}{name}.weight"
+        for i in range(len(lazy.blocks))
+        for name in lazy.spec.linears
+    }
+    total = 0
+    for name, stored in lazy.names.items():
+        nbytes = lazy.files.tensors[stored].entry.nbytes
+        layer = name.removesuffix(".weight")
+        step = None
+        if name in candidates:
+            step = next((s for s in reversed(quantizing) if s.selects(layer)), None)
+        if step is None:
+            total += nbytes
+            continue
+        count = nbytes // lazy.source_dtype(name).itemsize
+        total += 4 * count if fmt == "fake" else count * (step.weights.bits + 1) // 8
+    return total
+
+
+def check_space(out_dir: Path, needed: int) -> None:
+    """Refuse to start when the output's disk cannot hold the checkpoint (before any work)."""
+    where = next((p for p in [out_dir, *out_dir.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(where).free
+    if free < needed * SPACE_MARGIN:
+        raise OutOfSpaceError(
+            f"the checkpoint needs about {needed / 1e9:.2f} GB (and {SPACE_MARGIN - 1:.0%} "
+            f"more while shards close) but {where} has {free / 1e9:.2f} GB free; free space "
+            "or choose an --out on another disk",
+            folder=where,
+            needed=int(needed * SPACE_MARGIN) - free,
+        )
 
 
 def training_dir(out_dir: Path, resolved: ResolvedModel, recipe: Recipe) -> Path | None:
@@ -168,65 +321,83 @@ def evaluate_checkpoint(
     revision: str | None = None,
     progress: bool = True,
     cache: bool = False,
+    engine: EngineSpec | None = None,
 ) -> dict[str, Any]:
     """Perplexity, size and bits per weight of any model source (quantized or not).
 
-    ``cache`` reuses a perplexity measured before for the same model revision and
-    evaluation spec (meant for original models, whose revision pins their content).
+    ``cache`` marks an original (unquantized) model: it is evaluated block by block
+    from its files, and a perplexity measured before for the same revision,
+    evaluation spec, device and dtype is reused.
     """
+    engine = engine or EngineSpec()
+    device = resolve_device(engine.device)
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
-    net, tokenizer = load_model(resolved)
-    if recipe.evaluation.kv_cache is not None:
-        check_kv_supported(net)
+    tokenizer = load_tokenizer(resolved)
     windows = eval_ids(tokenizer, recipe.evaluation)
-    if cache:
-        result = _original_perplexity(net, resolved, recipe, windows, progress) or {}
-    else:
-        del net
-        result = _quantized_perplexity(resolved, recipe, windows, progress)
     has_config = (resolved.path / "config.json").is_file()
+    if cache:
+        lazy = open_model(resolved, device, engine.dtype)
+        if recipe.evaluation.kv_cache is not None:
+            check_kv_supported(lazy.model)
+        result = _original_perplexity(lazy, resolved, recipe, windows, progress) or {}
+    else:
+        dtype = resolve_dtype(engine.dtype, device, _config_dtype(resolved))
+        result = _quantized_perplexity(resolved, recipe, windows, progress, device, dtype)
     return {
         "model": resolved.to_dict(),
         "evaluation": recipe.evaluation.model_dump(),
         **result,
-        "size_bytes": _source_size(resolved),
+        "size_bytes": size_on_disk(resolved.path),
         "bits_per_weight": bits_per_weight(resolved.path) if has_config else None,
     }
 
 
-def check_recipe(net: torch.nn.Module, recipe: Recipe) -> None:
+def check_recipe(net: torch.nn.Module, recipe: Recipe, export_format: str = "packed") -> None:
     """Everything about ``recipe`` that depends on the model, checked before any work:
-    the architecture, each step's mappings and layers, the KV-cache layout."""
-    arch_for(net)
+    the architecture, each step's mappings and layers, the KV-cache layout, the export."""
+    spec = arch_for(net)
     build_methods(net, recipe.steps)
     if recipe.evaluation.kv_cache is not None:
         check_kv_supported(net)
+    if spec.conv1d and export_format == "packed":
+        raise ConfigError(
+            f"{net.config.model_type} stores its weights in Conv1D modules, which the packed "
+            "compressed-tensors format cannot hold; pass --format fake (float weights on the "
+            "grid)"
+        )
 
 
 def check_recipe_source(
-    model: str | ResolvedModel, recipe: Recipe, trust_remote_code: bool = False
+    model: str | ResolvedModel,
+    recipe: Recipe,
+    trust_remote_code: bool = False,
+    export_format: str = "packed",
 ) -> None:
     """``check_recipe`` on an empty model built from the source's config (no weights
     read): what a pipeline runs right after download, before any expensive step."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if resolved.gguf_file:
-        kwargs["gguf_file"] = resolved.gguf_file
-    config = AutoConfig.from_pretrained(resolved.path, **kwargs)
-    with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    check_recipe(net, recipe)
+    net = empty_model(resolved.path, torch.float32, trust_remote_code)
+    check_recipe(net, recipe, export_format)
+
+
+def _config_dtype(resolved: ResolvedModel) -> torch.dtype:
+    config = json.loads((resolved.path / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name), torch.float32)
 
 
 def _quantized_perplexity(
-    resolved: ResolvedModel, recipe: Recipe, windows: torch.Tensor, progress: bool
+    resolved: ResolvedModel,
+    recipe: Recipe,
+    windows: torch.Tensor,
+    progress: bool,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Perplexity of a checkpoint loaded the way users load it, then run the way it is
     meant to run: integer or quantized-input layers from its runtime file, and the
     recipe's KV-cache quantization. The original model is never evaluated this way."""
-    net, _ = load_model(resolved)
+    net, _ = load_model(resolved, dtype=dtype, device=device)
     apply_runtime(net, resolved.path)
     with kv_cache_quantized(net, recipe.evaluation.kv_cache):
         result = perplexity(net, windows, progress).to_dict()
@@ -239,28 +410,26 @@ def _quantized_perplexity(
 
 
 def _original_perplexity(
-    net: torch.nn.Module,
+    lazy: LazyModel,
     resolved: ResolvedModel,
     recipe: Recipe,
     windows: torch.Tensor | None,
     progress: bool,
 ) -> dict[str, Any] | None:
-    """The unquantized model's perplexity, cached per model revision and eval spec."""
+    """The unquantized model's perplexity, block by block; cached per model revision,
+    eval spec, device type and dtype."""
     if windows is None:
         return None
     key_src = json.dumps(
         [resolved.revision, recipe.evaluation.model_dump(), windows.shape, int(windows.sum())]
-    )
+        + ([lazy.device.type, dtype_name(lazy.dtype)] if lazy.device.type != "cpu"
+           or lazy.dtype != torch.float32 else [])
+    )  # fmt: skip
     cache = cache_root() / "eval" / (hashlib.sha256(key_src.encode()).hexdigest()[:24] + ".json")
     if cache.is_file():
         return json.loads(cache.read_text())
-    result = perplexity(net, windows, progress).to_dict()
+    result = streamed_perplexity(lazy, windows, progress).to_dict()
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
     return result
 
-
-def _source_size(resolved: ResolvedModel) -> int:
-    if resolved.gguf_file:
-        return (resolved.path / resolved.gguf_file).stat().st_size
-    return size_on_disk(resolved.path)

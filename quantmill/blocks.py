@@ -30,6 +30,7 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)
     device: torch.device | None = None  # where blocks run; None: wherever hidden is
     storage: torch.device | None = None  # where hidden states wait; None: ``device``
+    returns_tuple: bool = False  # the block's output is a tuple (older architectures)
 
     def batch(self, b: int) -> Tensor:
         """Batch ``b``'s hidden states on the compute device."""
@@ -97,6 +98,7 @@ def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
     outputs = []
     for b in range(len(inputs.hidden)):
         out = block(inputs.batch(b), *inputs.args[b], **inputs.kwargs[b])
+        inputs.returns_tuple = isinstance(out, tuple)
         outputs.append(inputs.stored(_first(out)))
     return outputs
 
@@ -109,6 +111,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool) -> None
             out = block(inputs.batch(b), *inputs.args[b], **inputs.kwargs[b])
         except StopForward:
             continue
+        inputs.returns_tuple = isinstance(out, tuple)
         if keep_outputs:
             inputs.keep(b, _first(out))
 

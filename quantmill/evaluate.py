@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +15,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from quantmill.blocks import BlockInputs, capture_block_inputs, run_block
+from quantmill.lazy import LazyModel
 
 # Cross-entropy is computed over this many positions at a time, so a 2048-token
 # window never materialises its full [2048, vocab] logits.
@@ -38,22 +43,87 @@ def perplexity(model: nn.Module, windows: Tensor, progress: bool = True) -> Perp
     start = time.perf_counter()
     model.eval()
     body, head = model.get_decoder(), model.get_output_embeddings()
+    device = head.weight.device
     total, count = 0.0, 0
     for index, window in enumerate(tqdm(windows, desc="perplexity windows", disable=not progress)):
-        ids = window[None]
+        ids = window[None].to(device)
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-        targets = ids[0, 1:]
-        for s in range(0, hidden.shape[0], LOGIT_CHUNK):
-            logits = head(hidden[s : s + LOGIT_CHUNK]).float()
-            total += float(
-                nn.functional.cross_entropy(logits, targets[s : s + LOGIT_CHUNK], reduction="sum")
-            )
-        count += targets.numel()
+        total += window_nll(head, hidden, ids[0, 1:])
+        count += ids.shape[1] - 1
         progress_log.info("perplexity: window %d/%d", index + 1, len(windows))
-    seconds = time.perf_counter() - start
-    if not math.isfinite(total):
-        return Perplexity(float("nan"), len(windows), windows.shape[1], count, seconds)
-    return Perplexity(math.exp(total / count), len(windows), windows.shape[1], count, seconds)
+    return _result(total, count, windows, time.perf_counter() - start)
+
+
+def window_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> float:
+    """Σ next-token NLL of one window, ``LOGIT_CHUNK`` positions of logits at a time."""
+    total = 0.0
+    for s in range(0, hidden.shape[0], LOGIT_CHUNK):
+        logits = head(hidden[s : s + LOGIT_CHUNK]).float()
+        total += float(
+            nn.functional.cross_entropy(logits, targets[s : s + LOGIT_CHUNK], reduction="sum")
+        )
+    return total
+
+
+def _result(total: float, count: int, windows: Tensor, seconds: float) -> Perplexity:
+    value = math.exp(total / count) if math.isfinite(total) else float("nan")
+    return Perplexity(value, len(windows), windows.shape[1], count, seconds)
+
+
+@torch.no_grad()
+def streamed_perplexity(lazy: LazyModel, windows: Tensor, progress: bool = True) -> Perplexity:
+    """``perplexity`` of a model whose weights stream block by block (``LazyModel``).
+
+    Every window goes through one block at a time, so memory holds one block and the
+    windows' hidden states, whatever the model's size. The same operations run as in
+    a whole-model forward (the decoder's own tail replays the last block's output),
+    so the figure is the one ``perplexity`` gives on the loaded model.
+    """
+    start = time.perf_counter()
+    blocks = lazy.blocks
+    with lazy.embedded() as model:
+        inputs = capture_block_inputs(model, blocks[0], windows, 1, lazy.device)
+    for index in tqdm(range(len(blocks)), desc="perplexity blocks", disable=not progress):
+        block = lazy.load_block(index)
+        run_block(block, inputs, keep_outputs=True)
+        lazy.release_block(index)
+        progress_log.info("perplexity: block %d/%d", index + 1, len(blocks))
+    total, count = 0.0, 0
+    with lazy.embedded() as model, lazy.output() as head, _replaying(lazy, inputs) as cursor:
+        for b, window in enumerate(windows):
+            cursor[0] = b
+            ids = window[None].to(lazy.device)
+            hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            total += window_nll(head, hidden[0, :-1], ids[0, 1:])
+            count += ids.shape[1] - 1
+    return _result(total, count, windows, time.perf_counter() - start)
+
+
+class _Replay(nn.Module):
+    """Stands in for the decoder blocks: returns the stored output of the last one."""
+
+    def __init__(self, inputs: BlockInputs, cursor: list[int], as_tuple: bool) -> None:
+        super().__init__()
+        self.inputs, self.cursor, self.as_tuple = inputs, cursor, as_tuple
+
+    def forward(self, *args, **kwargs):
+        hidden = self.inputs.batch(self.cursor[0])
+        return (hidden,) if self.as_tuple else hidden
+
+
+@contextmanager
+def _replaying(lazy: LazyModel, inputs: BlockInputs) -> Iterator[list[int]]:
+    """The decoder with its blocks replaced by a replay of ``inputs`` (batch ``cursor[0]``)."""
+    path = lazy.spec.blocks
+    owner, _, leaf = path.rpartition(".")
+    parent = lazy.model.get_submodule(owner) if owner else lazy.model
+    blocks = getattr(parent, leaf)
+    cursor = [0]
+    setattr(parent, leaf, nn.ModuleList([_Replay(inputs, cursor, inputs.returns_tuple)]))
+    try:
+        yield cursor
+    finally:
+        setattr(parent, leaf, blocks)
 
 
 def size_on_disk(folder: Path) -> int:

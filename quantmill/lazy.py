@@ -11,6 +11,7 @@ as the config says. Nothing else is read. Then:
   embedding reads only the rows of the token ids it is given (a 128k-token
   vocabulary costs the rows seen, not the table), small non-block weights are
   loaded, nothing else;
+- ``output()`` loads the head (for perplexity);
 - ``load_all()`` materializes the whole model (quantization-aware training,
   which needs every weight at once).
 
@@ -85,6 +86,12 @@ class LazyModel:
     def source_dtype(self, name: str) -> torch.dtype:
         return self.files.dtype(self.names[name])
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype ``name`` is written back in: the source's, or a buffer's own."""
+        if name in self.names:
+            return self.source_dtype(name)
+        return self.model.get_buffer(name).dtype
+
     def read(self, name: str) -> Tensor:
         """Parameter ``name`` from the files, on the device, floating ones in the compute dtype."""
         tensor = self.files.read(self.names[name], self.device, self.dtype)
@@ -142,18 +149,19 @@ class LazyModel:
         return self.model
 
     @contextmanager
-    def head(self) -> Iterator[tuple[nn.Module, nn.Module]]:
-        """The final norm and the output embedding, loaded while inside."""
-        output = self.model.get_output_embeddings()
-        norm = _final_norm(self.model)
-        loaded = [(m, _prefix_of(self.model, m)) for m in (norm, output)]
-        for module, prefix in loaded:
-            self.load(module, prefix)
+    def output(self) -> Iterator[nn.Module]:
+        """The output embedding (the head), loaded while inside (tied or not)."""
+        head = self.model.get_output_embeddings()
+        canonical = {id(p): n for n, p in self.model.named_parameters()}
+        saved = dict(head._parameters)
+        for leaf, param in saved.items():
+            if param is not None and param.device.type == "meta":
+                tensor = self.read(canonical[id(param)])
+                head._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         try:
-            yield norm, output
+            yield head
         finally:
-            for module, prefix in loaded:
-                self.release(module, prefix)
+            head._parameters.update(saved)
 
     def _load_param(self, name: str) -> None:
         param = self.model.get_parameter(name)
@@ -249,14 +257,6 @@ def _prefix_of(root: nn.Module, module: nn.Module) -> str:
         if candidate is module:
             return f"{name}." if name else ""
     raise ValueError("module is not part of the model")
-
-
-def _final_norm(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder()
-    for name in ("norm", "final_layer_norm", "ln_f", "final_layernorm"):
-        if hasattr(decoder, name):
-            return getattr(decoder, name)
-    raise CheckpointError(f"{type(model).__name__}: no final norm found on its decoder")
 
 
 def _gather_rows(embedding: nn.Module, rows_of) -> list:

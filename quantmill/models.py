@@ -19,20 +19,22 @@ def load_model(
     resolved: ResolvedModel,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, object]:
-    """The model (eval mode, float32 by default) and its tokenizer.
+    """The whole model (eval mode, float32 on the CPU by default) and its tokenizer, the way
+    ``transformers`` users load it (quantized checkpoints decompressed).
 
     Remote code is never run unless ``trust_remote_code`` is passed explicitly.
     """
-    from transformers import AutoTokenizer
-
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
+    if device is not None and device.type != "cpu":
+        kwargs["device_map"] = {"": str(device)}  # straight onto the device
     try:
         with LOAD_LOCK:
             model = _from_pretrained(resolved, dtype, kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+            tokenizer = load_tokenizer(resolved, trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelSourceError(
@@ -55,6 +57,15 @@ def load_model(
     check_finite(model, resolved.source)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    return AutoTokenizer.from_pretrained(resolved.path, **kwargs)
 
 
 def _from_pretrained(resolved: ResolvedModel, dtype: torch.dtype, kwargs: dict) -> nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +153,23 @@ def tensor_bytes(tensor: Tensor) -> memoryview:
 def entry_for(tensor: Tensor, start: int) -> Entry:
     nbytes = tensor.numel() * tensor.element_size()
     return Entry(DTYPE_CODES[tensor.dtype], tuple(tensor.shape), start, start + nbytes)
+
+
+def write_file(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Write ``tensors`` as one safetensors file, one tensor in CPU memory at a time."""
+    entries, start = {}, 0
+    for name, tensor in tensors.items():
+        entries[name] = entry_for(tensor, start)
+        start = entries[name].end
+    with path.open("wb") as fh:
+        fh.write(encode_header(entries))
+        for name in sorted(entries, key=lambda n: entries[n].start):
+            fh.write(tensor_bytes(tensors[name].detach().cpu()))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_file(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file (checked against its header first)."""
+    entries, _, data_start = read_header(path)
+    return {name: read_tensor(path, entry, data_start) for name, entry in entries.items()}

@@ -105,36 +105,31 @@ def quantization_config(schemes: dict[str, QuantizationScheme]) -> dict[str, Any
     return config.model_dump(exclude_none=True)
 
 
-def compressed_state_dict(
-    model: nn.Module, layers: dict[str, LayerQuant], schemes: dict[str, QuantizationScheme]
-) -> dict[str, torch.Tensor]:
-    """The model's state dict with every quantized layer's weight compressed."""
-    scheme_of = {name: s for s in schemes.values() for name in s.targets}
-    state: dict[str, torch.Tensor] = {}
-    compressed_prefixes = set()
-    for name, module in model.named_modules():
-        if name not in layers:
-            continue
-        if not isinstance(module, nn.Linear):
-            raise ExportError(
-                f"{name} is a {type(module).__name__}, not nn.Linear; compressed-tensors stores "
-                "only nn.Linear weights. Export this architecture with --format fake."
-            )
-        quant = layers[name]
-        scheme = scheme_of[name]
-        local = {
-            "weight": module.weight.data.float(),
-            "weight_scale": quant.scale.to(SCALE_DTYPE).contiguous(),
-        }
-        if quant.zero is not None:
-            local["weight_zero_point"] = quant.zero.to(torch.int8).contiguous()
-        compressor = BaseCompressor.get_value_from_registry(scheme.format)
-        for key, tensor in compressor.compress(local, scheme).items():
-            state[f"{name}.{key}"] = tensor.contiguous()
-        compressed_prefixes.add(name + ".")
-    for key, tensor in model.state_dict().items():
-        prefix = key.rsplit(".", 1)[0] + "."
-        if prefix in compressed_prefixes and key.endswith(".weight"):
-            continue
-        state.setdefault(key, tensor)
-    return state
+def layer_scheme(quant: LayerQuant, in_features: int) -> QuantizationScheme:
+    """The compressed-tensors scheme of one quantized layer."""
+    fmt = compression_format(quant.scheme)
+    return QuantizationScheme(
+        targets=["layer"],
+        weights=quantization_args(quant.scheme, in_features),
+        input_activations=activation_args(quant),
+        format=fmt.value,
+    )
+
+
+def compress_layer(name: str, module: nn.Module, quant: LayerQuant) -> dict[str, torch.Tensor]:
+    """The tensors that replace ``name.weight`` in a packed checkpoint (full names)."""
+    if not isinstance(module, nn.Linear):
+        raise ExportError(
+            f"{name} is a {type(module).__name__}, not nn.Linear; compressed-tensors stores "
+            "only nn.Linear weights. Export this architecture with --format fake."
+        )
+    scheme = layer_scheme(quant, module.weight.shape[1])
+    local = {
+        "weight": module.weight.data.float(),
+        "weight_scale": quant.scale.to(module.weight.device, SCALE_DTYPE).contiguous(),
+    }
+    if quant.zero is not None:
+        local["weight_zero_point"] = quant.zero.to(module.weight.device, torch.int8).contiguous()
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    compressed = compressor.compress(local, scheme)
+    return {f"{name}.{key}": tensor.contiguous() for key, tensor in compressed.items()}
