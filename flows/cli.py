@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from quantmill.cli import add_engine_args, engine_spec
+
 FLOW_COMMANDS = ("run", "sweep", "publish", "deploy")
 
 
@@ -87,6 +89,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="quantmill", help="MLflow experiment")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_engine_args(p)
 
 
 def run_flow_command(args: argparse.Namespace) -> int:
@@ -114,6 +117,7 @@ def run_flow_command(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite,
     }
     try:
+        common["engine"] = engine_spec(args).model_dump()
         if args.command == "run":
             recipe = (
                 {"recipe": args.recipe} if shipped(args.recipe) else {"recipe_file": args.recipe}
@@ -142,7 +146,7 @@ def run_flow_command(args: argparse.Namespace) -> int:
 
         print(f"error: {format_validation_error(exc, 'flow parameters')}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except ValueError as exc:  # ConfigError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":

@@ -29,7 +29,7 @@ def evaluate_flow(job: EvaluateJob) -> dict[str, Any]:
         log_params(run, None, evaluation)
         model = download_model(job.model, job.revision)
         target = model["path"] if Path(model["path"], "config.json").is_file() else model
-        result = evaluate_model(target, recipe.to_dict())
+        result = evaluate_model(target, recipe.to_dict(), engine=job.engine.model_dump())
         times = {"download": model["seconds"], "evaluate": result["seconds"]}
         figures = record_run(run, model, evaluation, None, None, result, times)
         logger.info("%s: perplexity %.2f", job.model, result["perplexity"])

@@ -50,6 +50,7 @@ def quantize_job(job: SweepJob, source: str) -> QuantizeJob:
         experiment=job.experiment,
         out_dir=str((Path(job.out_root) / slug(name)).resolve()),
         overwrite=job.overwrite,
+        engine=job.engine,
         publish={"registry": False},
         **recipe,
     )

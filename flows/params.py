@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from quantmill.config import EngineSpec
 from quantmill.recipe import Recipe, load_recipe, parse_recipe, with_overrides
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -49,6 +50,10 @@ class ModelSettings(Params):
     revision: str | None = Field(None, description="Hub branch, tag or commit to pin")
     data: DataSettings = Field(default_factory=DataSettings)
     experiment: str = Field("quantmill", description="MLflow experiment")
+    engine: EngineSpec = Field(
+        default_factory=EngineSpec,
+        description="device, dtype, activation offloading, shard size, resuming",
+    )
 
 
 HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

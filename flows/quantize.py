@@ -30,15 +30,17 @@ def quantize_one(
     export_format: str = "packed",
     timings: dict[str, float] | None = None,
     publish: PublishSettings | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Quantize, evaluate, record and publish one recipe into ``run``; shared by both flows."""
     data = recipe.to_dict()
     quantized = quantize_model(
-        model, data, out_dir, calibration, statistics, overwrite, export_format
+        model, data, out_dir, calibration, statistics, overwrite, export_format, engine
     )
     evaluation = evaluate_model(
-        quantized["out_dir"], data, update_summary=True, original_eval=original_eval
-    )
+        quantized["out_dir"], data, update_summary=True, original_eval=original_eval,
+        engine=engine,
+    )  # fmt: skip
     times = {
         **(timings or {}),
         "quantize": quantized["seconds"],
@@ -64,6 +66,7 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
     publish the checkpoint (Hub when ``publish.hub_repo`` is set, MLflow registry)."""
     logger = get_run_logger()
     recipe = job.load()
+    engine = job.engine.model_dump()
     if job.publish.hub_repo:  # a bad token fails here, before any work
         check_hub_access(job.publish.hub_repo, job.publish.token_secret)
     with mlflow_run(recipe.name, job.experiment, tags={"quantmill.flow": "quantize"}) as run:
@@ -77,14 +80,14 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
             timings["calibration_data"] = prepared["seconds"]
             calibration = prepared if recipe.needs_calibration() else None
             if recipe.uses_shared_statistics():
-                statistics = collect_statistics(model, recipe.to_dict(), calibration)
+                statistics = collect_statistics(model, recipe.to_dict(), calibration, engine)
                 timings["statistics"] = statistics["seconds"]
             if job.outlier_report:
                 folder = f"{job.output_dir(recipe)}-outliers"
                 batch = recipe.calibration.batch_size
                 outliers = outlier_report(model, prepared["path"], folder, batch, run)
                 timings["outliers"] = outliers["seconds"]
-        original = evaluate_model(model, recipe.to_dict(), original=True)
+        original = evaluate_model(model, recipe.to_dict(), original=True, engine=engine)
         timings["evaluate_original"] = original["seconds"]
         result = quantize_one(
             model,
@@ -98,6 +101,7 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
             job.export_format,
             timings,
             job.publish,
+            engine,
         )
         logger.info(
             "%s: perplexity %.2f (original %.2f), %.3f bits/weight, checkpoint %s",

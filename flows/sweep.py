@@ -46,6 +46,7 @@ def run_recipe(
     original_eval: dict[str, Any],
     overwrite: bool,
     threads: int | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One recipe of a sweep, in its own MLflow child run."""
     if threads:  # torch's thread count is per OS thread for the OpenMP pool
@@ -57,8 +58,9 @@ def run_recipe(
     tags["quantmill.pid"] = str(os.getpid())  # which process ran it (threads or Dask)
     with mlflow_run(parsed.name, parent=parent, tags=tags) as run:
         return quantize_one(
-            model, parsed, out_dir, run, calibration, statistics, original_eval, overwrite
-        )
+            model, parsed, out_dir, run, calibration, statistics, original_eval, overwrite,
+            engine=engine,
+        )  # fmt: skip
 
 
 @flow(name="sweep", log_prints=True)
@@ -76,7 +78,7 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
             return _finish(parent, rows, original, logger)
         model = download_model(job.model, job.revision)
         check_recipe(model, [recipe.to_dict() for recipe in recipes])
-        shared = prepare_shared(model, recipes)
+        shared = prepare_shared(model, recipes, job.engine.model_dump())
         with (
             threads_per_recipe(job.max_concurrency, len(recipes)) as threads,
             task_runner(job) as runner,
@@ -94,6 +96,7 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
                         "original_eval": shared["original"][_eval_key(recipe)],
                         "overwrite": job.overwrite,
                         "threads": threads,
+                        "engine": job.engine.model_dump(),
                     },
                 )
                 for recipe in recipes
@@ -144,7 +147,9 @@ def threads_per_recipe(limit: int, recipes: int) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def prepare_shared(model: dict[str, Any], recipes: list[Recipe]) -> dict[str, dict[str, Any]]:
+def prepare_shared(
+    model: dict[str, Any], recipes: list[Recipe], engine: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Calibration data and statistics once per calibration spec; original perplexity once
     per evaluation spec."""
     shared: dict[str, dict[str, Any]] = {"calibration": {}, "statistics": {}, "original": {}}
@@ -154,9 +159,11 @@ def prepare_shared(model: dict[str, Any], recipes: list[Recipe]) -> dict[str, di
             shared["calibration"][key] = prepare_calibration(model, recipe.to_dict())
         if recipe.uses_shared_statistics() and key not in shared["statistics"]:
             calibration = shared["calibration"][key]
-            shared["statistics"][key] = collect_statistics(model, recipe.to_dict(), calibration)
+            shared["statistics"][key] = collect_statistics(
+                model, recipe.to_dict(), calibration, engine
+            )
         if _eval_key(recipe) not in shared["original"]:
-            original = evaluate_model(model, recipe.to_dict(), original=True)
+            original = evaluate_model(model, recipe.to_dict(), original=True, engine=engine)
             shared["original"][_eval_key(recipe)] = original
     return shared
 

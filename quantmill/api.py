@@ -36,7 +36,7 @@ from quantmill.export.checkpoint import ExportFormat, save_quantized, write_conf
 from quantmill.folder import LAYERS_FILE, RECIPE_FILE, SOURCE_FILE, SUMMARY_FILE, TRAINING_FILE
 from quantmill.journal import Stage, check_output, code_version, staged_run
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
-from quantmill.lazy import LazyModel, empty_model
+from quantmill.lazy import LazyModel, empty_model, open_model
 from quantmill.methods import get_method
 from quantmill.models import load_model, load_tokenizer
 from quantmill.qat.loop import TrainContext
@@ -107,7 +107,7 @@ def quantize(
     device = resolve_device(engine.device)  # a missing GPU is an error before any work
     check_output(out_dir, overwrite)
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
-    lazy = open_model(resolved, device, engine.dtype, trust_remote_code)
+    lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
     check_recipe(lazy.model, recipe, export_format)
     check_space(out_dir, estimate_output_bytes(lazy, recipe, export_format))
     tokenizer = load_tokenizer(resolved, trust_remote_code)
@@ -160,18 +160,6 @@ def quantize(
     return summary
 
 
-def open_model(
-    resolved: ResolvedModel, device: torch.device, dtype: str, trust_remote_code: bool = False
-) -> LazyModel:
-    """The source's structure and checked weight files, computing in the chosen dtype."""
-    from quantmill.weights import WeightFiles
-
-    source = WeightFiles(resolved.path).main_dtype()
-    return LazyModel.open(
-        resolved.path, device, resolve_dtype(dtype, device, source), trust_remote_code
-    )
-
-
 def _stream(lazy, recipe, calib, stats, stage, fmt, engine, progress, workdir, resolved):
     """Post-training steps on the streaming engine; the checkpoint's weights end written."""
     store = StreamingStore(lazy, stage, fmt, engine.shard_bytes(), engine.offload)
@@ -185,7 +173,7 @@ def _stream(lazy, recipe, calib, stats, stage, fmt, engine, progress, workdir, r
     write_config(stage.folder, lazy.model, outcome.layers, fmt, _main_dtype(lazy),
                  store.in_features())  # fmt: skip
     outcome.seconds += store.seconds_before
-    return outcome, (store.start if store.resumed else None)
+    return outcome, (store.start + 1 if store.resumed else None)  # 1-based, as printed
 
 
 def _train_in_memory(lazy, recipe, calib, stats, stage, fmt, engine, progress, workdir, resolved):
@@ -336,7 +324,7 @@ def evaluate_checkpoint(
     windows = eval_ids(tokenizer, recipe.evaluation)
     has_config = (resolved.path / "config.json").is_file()
     if cache:
-        lazy = open_model(resolved, device, engine.dtype)
+        lazy = open_model(resolved.path, device, engine.dtype)
         if recipe.evaluation.kv_cache is not None:
             check_kv_supported(lazy.model)
         result = _original_perplexity(lazy, resolved, recipe, windows, progress) or {}

@@ -28,11 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="packed",
         help="packed: compressed-tensors integers (default); fake: float weights",
     )
+    add_engine_args(q)
     _eval_args(q)
 
     e = sub.add_parser("eval", help="perplexity, size and bits per weight of any checkpoint")
     _model_args(e)
     e.add_argument("--recipe", help="take the evaluation settings from this recipe")
+    e.add_argument(
+        "--original",
+        action="store_true",
+        help="the model is unquantized: evaluate it block by block from its files (cached)",
+    )
+    _device_args(e)
     _eval_args(e)
 
     o = sub.add_parser("outliers", help="per-layer activation and weight outlier report")
@@ -43,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
     o.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _device_args(o)
 
     sub.add_parser("methods", help="list the registered quantization methods")
     try:  # the pipeline commands, where the repository's flows/ package is installed
@@ -74,6 +82,58 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)",
+    )
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, offloading, shard size and resuming of a quantization run."""
+    _device_args(p)
+    p.add_argument(
+        "--offload",
+        choices=["auto", "none", "cpu"],
+        help="where calibration activations wait between blocks (auto: on the device if they fit)",
+    )
+    p.add_argument(
+        "--max-shard-size", help="largest safetensors shard of the output (default 5GB)"
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh even when an interrupted run into the same output could resume",
+    )
+
+
+def engine_spec(args: argparse.Namespace):
+    """The engine settings given on the command line; the rest are ``EngineSpec``'s defaults."""
+    from pydantic import ValidationError
+
+    from quantmill.config import EngineSpec
+    from quantmill.errors import ConfigError
+
+    given = {
+        "device": getattr(args, "device", None),
+        "dtype": getattr(args, "dtype", None),
+        "offload": getattr(args, "offload", None),
+        "max_shard_size": getattr(args, "max_shard_size", None),
+        "resume": False if getattr(args, "no_resume", False) else None,
+    }
+    try:
+        return EngineSpec(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        lines = [
+            f"--{str(err['loc'][0]).replace('_', '-')} = {err['input']!r}: "
+            + err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        ]
+        raise ConfigError("\n".join(lines)) from None
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +233,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "outliers":
         return _outliers(args)
     recipe = _recipe(args)
+    engine = engine_spec(args)
     if args.command == "quantize":
         from quantmill.api import quantize
 
@@ -186,6 +247,7 @@ def _run(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             export_format=args.format,
             progress=not args.quiet,
+            engine=engine,
         )
         data = {k: v for k, v in summary.to_dict().items() if k != "layers"}
         print(json.dumps(data, indent=2) if args.json else report.summary_table(data))
@@ -193,8 +255,9 @@ def _run(args: argparse.Namespace) -> int:
     from quantmill.api import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.model, recipe, revision=args.revision, progress=not args.quiet
-    )
+        args.model, recipe, revision=args.revision, progress=not args.quiet,
+        cache=args.original, engine=engine,
+    )  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else report.eval_table(result))
     return 0
 
@@ -205,8 +268,8 @@ def _outliers(args: argparse.Namespace) -> int:
     from quantmill.config import CalibrationSpec
     from quantmill.data import calibration_ids
     from quantmill.errors import ConfigError
-    from quantmill.models import load_model
-    from quantmill.outliers import collect_outliers, save_report, worst_layers_table
+    from quantmill.models import load_tokenizer
+    from quantmill.outliers import outliers_of, save_report, worst_layers_table
     from quantmill.recipe import format_validation_error
     from quantmill.sources import resolve_model
 
@@ -215,9 +278,9 @@ def _outliers(args: argparse.Namespace) -> int:
         spec = CalibrationSpec(num_samples=args.calib_samples, seq_len=args.seq_len, **data)
     except ValidationError as exc:  # --calib-samples / --seq-len out of range
         raise ConfigError(format_validation_error(exc, "calibration settings")) from None
-    model, tokenizer = load_model(resolve_model(args.model, args.revision))
-    ids = calibration_ids(tokenizer, spec)
-    report = collect_outliers(model, ids, spec.batch_size, progress=not args.quiet)
+    resolved = resolve_model(args.model, args.revision)
+    ids = calibration_ids(load_tokenizer(resolved), spec)
+    report = outliers_of(resolved.path, ids, spec.batch_size, not args.quiet, engine_spec(args))
     paths = save_report(report, args.out)
     print(worst_layers_table(report))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))

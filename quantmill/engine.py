@@ -50,24 +50,53 @@ def layer_meta(quant: LayerQuant, in_features: int) -> dict[str, Any]:
 def layer_from_meta(meta: dict[str, Any]) -> LayerQuant:
     """A written layer's grid description, without its (already written) tensors."""
     acts = meta["activations"]
+    empty = torch.empty(0)  # host: placeholders; the layer's scales are in the shards
     return LayerQuant(
         scheme=QuantScheme.model_validate(meta["scheme"]),
-        scale=torch.empty(0),
-        zero=torch.empty(0) if meta["asymmetric"] else None,
+        scale=empty,
+        zero=empty if meta["asymmetric"] else None,
         activations=None if acts is None else ActScheme.model_validate(acts),
         outlier_threshold=meta["outlier_threshold"],
     )
 
 
-class StreamingStore(BlockStore):
+class LazyStore(BlockStore):
+    """Blocks read from ``lazy``'s files when needed and dropped after: a pass over the
+    model (statistics, outliers) that holds one block at a time and changes nothing."""
+
+    def __init__(self, lazy: LazyModel, offload: str = "auto") -> None:
+        super().__init__(lazy.model)
+        self.lazy, self.offload = lazy, offload
+
+    @property
+    def device(self) -> torch.device:
+        return self.lazy.device
+
+    def capture(self, model: nn.Module, first_block: nn.Module, ids: Tensor, batch_size: int):
+        hidden = getattr(model.config, "hidden_size", None) or first_block_width(first_block)
+        nbytes = 2 * ids.numel() * hidden * self.lazy.dtype.itemsize  # inputs and targets
+        storage = offload_to(self.offload, self.device, nbytes)
+        with self.lazy.embedded() as embedded:
+            return capture_block_inputs(
+                embedded, first_block, ids, batch_size, self.device, storage
+            )
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self.lazy.load_block(index)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        self.lazy.release_block(index)
+
+
+class StreamingStore(LazyStore):
     """Blocks from ``lazy``'s files, written to ``stage``'s shards; see the module docstring."""
 
     def __init__(
         self, lazy: LazyModel, stage: Stage, fmt: ExportFormat, max_shard_bytes: int,
         offload: str = "auto",
     ) -> None:  # fmt: skip
-        super().__init__(lazy.model)
-        self.lazy, self.stage, self.fmt, self.offload = lazy, stage, fmt, offload
+        super().__init__(lazy, offload)
+        self.stage, self.fmt = stage, fmt
         state = stage.state or {}
         self.writer = ShardWriter(stage.folder, max_shard_bytes, state.get("writer"))
         self.start = int(state.get("blocks_done", 0))
@@ -83,31 +112,16 @@ class StreamingStore(BlockStore):
                 self._copy(name)
 
     @property
-    def device(self) -> torch.device:
-        return self.lazy.device
-
-    @property
     def resumed(self) -> bool:
         return self.start > 0
 
     def capture(self, model: nn.Module, first_block: nn.Module, ids: Tensor, batch_size: int):
-        hidden = getattr(model.config, "hidden_size", None) or first_block_width(first_block)
-        nbytes = 2 * ids.numel() * hidden * self.lazy.dtype.itemsize  # inputs and targets
-        storage = offload_to(self.offload, self.device, nbytes)
-        with self.lazy.embedded() as embedded:
-            inputs = capture_block_inputs(
-                embedded, first_block, ids, batch_size, self.device, storage
-            )
+        inputs = super().capture(model, first_block, ids, batch_size)
         if self.start > 0 and self.hidden_file is not None:
             saved = read_file(self.stage.work / self.hidden_file)
-            inputs.hidden = [saved[str(b)].to(storage) for b in range(len(inputs.hidden))]
+            where = inputs.storage or inputs.device
+            inputs.hidden = [saved[str(b)].to(where) for b in range(len(inputs.hidden))]
         return inputs
-
-    def load(self, index: int, block: nn.Module) -> None:
-        self.lazy.load_block(index)
-
-    def release(self, index: int, block: nn.Module) -> None:
-        self.lazy.release_block(index)
 
     def finish(self, index, block, layers, reports, inputs: BlockInputs | None) -> dict:
         prefix = self.lazy.block_prefix(index)

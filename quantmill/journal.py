@@ -72,7 +72,7 @@ class Stage:
     def save(self, state: dict[str, Any]) -> None:
         """Journal ``state`` atomically (after what it describes is on disk)."""
         data = {"format": JOURNAL_FORMAT, "fingerprint": self.fingerprint, "state": state}
-        _write_atomic(self.work / JOURNAL_FILE, json.dumps(data, indent=1, sort_keys=True))
+        _write_atomic(self.work / JOURNAL_FILE, json.dumps(data, indent=1))  # order kept
         self.progress = True
 
 
@@ -156,16 +156,20 @@ def _previous_state(folders: RunFolders, fingerprint: dict, resume: bool) -> dic
     return data["state"]
 
 
-def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The fingerprint parts whose values differ (``recipe`` named down to the field)."""
+def differences(before: Any, now: Any, path: str = "") -> list[str]:
+    """Dotted names of the fingerprint parts that differ, down to the field
+    (``recipe.steps.0.weights.bits``)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = sorted(set(before) | set(now))
+        pairs = [(f"{path}{k}", before.get(k), now.get(k)) for k in keys]
+    elif isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        pairs = [(f"{path}{i}", a, b) for i, (a, b) in enumerate(zip(before, now, strict=True))]
+    else:
+        return [path.rstrip(".")] if before != now else []
     changed = []
-    for key in sorted(set(before) | set(now)):
-        if before.get(key) != now.get(key):
-            if isinstance(before.get(key), dict) and isinstance(now.get(key), dict):
-                inner = differences(before[key], now[key])
-                changed += [f"{key}.{name}" for name in inner] or [key]
-            else:
-                changed.append(key)
+    for name, a, b in pairs:
+        if a != b:
+            changed += differences(a, b, name + ".") or [name]
     return changed
 
 

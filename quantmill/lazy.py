@@ -186,6 +186,16 @@ class LazyModel:
         return torch.cat(runs).to(self.device, self.dtype)
 
 
+def open_model(
+    folder: Path, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False
+) -> LazyModel:
+    """``LazyModel.open`` with the dtype given as ``--dtype`` takes it (``auto``...)."""
+    from quantmill.devices import resolve_dtype
+
+    source = WeightFiles(folder).main_dtype()
+    return LazyModel.open(folder, device, resolve_dtype(dtype, device, source), trust_remote_code)
+
+
 def empty_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The architecture of ``folder``'s config with empty (meta) parameters, real buffers."""
     from transformers import AutoConfig

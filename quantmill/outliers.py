@@ -35,7 +35,11 @@ from tqdm.auto import tqdm
 
 from quantmill.arch import arch_for, block_linears, decoder_blocks
 from quantmill.blocks import BlockStore, run_block
+from quantmill.config import EngineSpec
+from quantmill.devices import resolve_device
+from quantmill.engine import LazyStore
 from quantmill.hooks import hooks_removed
+from quantmill.lazy import open_model
 
 # LLM.int8()'s rule: an input channel is an outlier when some |x| in it exceeds 6.0.
 ACT_THRESHOLD = 6.0
@@ -69,7 +73,7 @@ class Moments:
 
     def __init__(self) -> None:
         self.count = 0
-        self.sums = torch.zeros(4, dtype=torch.float64)
+        self.sums = torch.zeros(4, dtype=torch.float64)  # host: sums kept in CPU memory
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1).to(torch.float64)
@@ -201,6 +205,20 @@ def collect_outliers(
             )
         store.release(index, block)
     return report
+
+
+def outliers_of(
+    folder: Path,
+    calib_ids: Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    engine: EngineSpec | None = None,
+) -> OutlierReport:
+    """``collect_outliers`` on the model in ``folder``, one block in memory at a time."""
+    engine = engine or EngineSpec()
+    lazy = open_model(folder, resolve_device(engine.device), engine.dtype)
+    store = LazyStore(lazy, engine.offload)
+    return collect_outliers(lazy.model, calib_ids, batch_size, progress, store=store)
 
 
 class _Activations:

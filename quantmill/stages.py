@@ -17,12 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from quantmill.cache import cache_key, cached_file, code_version
-from quantmill.config import CalibrationSpec
+from quantmill.config import CalibrationSpec, EngineSpec
 from quantmill.data import calibration_ids
+from quantmill.devices import resolve_device, resolve_dtype
 from quantmill.hashing import file_sha256
-from quantmill.models import load_model
 from quantmill.sources import ResolvedModel
 from quantmill.stats import collect_statistics, save_statistics
+from quantmill.weights import WeightFiles
 
 
 @dataclass
@@ -64,14 +65,29 @@ def load_calibration(path: str | Path) -> Tensor:
 
 
 def prepare_statistics(
-    resolved: ResolvedModel, spec: CalibrationSpec, calibration: str | Path, progress: bool = True
+    resolved: ResolvedModel,
+    spec: CalibrationSpec,
+    calibration: str | Path,
+    progress: bool = True,
+    engine: EngineSpec | None = None,
 ) -> Cached:
-    """The original model's calibration statistics (``quantmill.stats``), cached."""
-    key = calibration_key(resolved, spec)
+    """The original model's calibration statistics (``quantmill.stats``), cached per
+    model, calibration and compute (device type, dtype); one block in memory at a time."""
+    from quantmill.engine import LazyStore
+    from quantmill.lazy import LazyModel
+
+    engine = engine or EngineSpec()
+    device = resolve_device(engine.device)
+    source = WeightFiles(resolved.path).main_dtype()
+    dtype = resolve_dtype(engine.dtype, device, source)
+    key = cache_key(base=calibration_key(resolved, spec), compute=f"{device.type}/{dtype}")
 
     def produce(tmp: Path) -> None:
-        net, _ = load_model(resolved)
-        stats = collect_statistics(net, load_calibration(calibration), spec.batch_size, progress)
+        lazy = LazyModel.open(resolved.path, device, dtype)
+        ids = load_calibration(calibration)
+        stats = collect_statistics(
+            lazy.model, ids, spec.batch_size, progress, LazyStore(lazy, engine.offload)
+        )
         save_statistics(stats, tmp)
 
     path, hit = cached_file("statistics", key, "stats.safetensors", produce)

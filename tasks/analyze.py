@@ -14,8 +14,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from quantmill import stages
-from quantmill.models import load_model
-from quantmill.outliers import collect_outliers, save_report, worst_layers_table
+from quantmill.outliers import outliers_of, save_report, worst_layers_table
 from quantmill.sources import ResolvedModel
 from tasks.tracking import TrackedRun, get_client
 
@@ -34,9 +33,7 @@ def outlier_report(
     ``outliers/`` and the model-level totals as metrics. Returns paths and totals."""
     start = time.perf_counter()
     resolved = ResolvedModel.from_dict(model)
-    net, _ = load_model(resolved)
-    report = collect_outliers(net, stages.load_calibration(calibration), batch_size, False)
-    del net
+    report = outliers_of(resolved.path, stages.load_calibration(calibration), batch_size, False)
     paths = save_report(report, out_dir)
     summary = report.summary()
     name = Path(resolved.source).name or resolved.source

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 
 from quantmill import stages
+from quantmill.config import EngineSpec
 from quantmill.recipe import Recipe
 from quantmill.sources import ResolvedModel
 
@@ -23,10 +24,16 @@ def prepare_calibration(model: dict[str, Any], recipe: dict[str, Any]) -> dict[s
 
 @task(name="collect-statistics")
 def collect_statistics(
-    model: dict[str, Any], recipe: dict[str, Any], calibration: dict[str, Any]
+    model: dict[str, Any],
+    recipe: dict[str, Any],
+    calibration: dict[str, Any],
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The original model's calibration statistics: ``{path, hit, key, seconds}``."""
     start = time.perf_counter()
     spec = Recipe.model_validate(recipe).calibration
-    cached = stages.prepare_statistics(ResolvedModel.from_dict(model), spec, calibration["path"])
+    cached = stages.prepare_statistics(
+        ResolvedModel.from_dict(model), spec, calibration["path"],
+        engine=EngineSpec.model_validate(engine or {}),
+    )  # fmt: skip
     return {**cached.to_dict(), "seconds": time.perf_counter() - start}

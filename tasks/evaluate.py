@@ -10,6 +10,8 @@ from typing import Any
 from prefect import task
 
 from quantmill import api
+from quantmill.config import EngineSpec
+from quantmill.folder import SUMMARY_FILE
 from quantmill.recipe import Recipe
 from quantmill.sources import ResolvedModel
 
@@ -21,6 +23,7 @@ def evaluate_model(
     original: bool = False,
     update_summary: bool = False,
     original_eval: dict[str, Any] | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``model`` is a resolved source (dict) or a checkpoint folder.
 
@@ -31,9 +34,14 @@ def evaluate_model(
     """
     start = time.perf_counter()
     source = ResolvedModel.from_dict(model) if isinstance(model, dict) else model
-    result = api.evaluate_checkpoint(source, Recipe.model_validate(recipe), cache=original)
+    result = api.evaluate_checkpoint(
+        source,
+        Recipe.model_validate(recipe),
+        cache=original,
+        engine=EngineSpec.model_validate(engine or {}),
+    )
     result["seconds"] = time.perf_counter() - start
-    summary = Path(str(model)) / api.SUMMARY_FILE
+    summary = Path(str(model)) / SUMMARY_FILE
     if update_summary and isinstance(model, str) and summary.is_file():
         data = json.loads(summary.read_text())
         keys = ("perplexity", "windows", "seq_len", "tokens")

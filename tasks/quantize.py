@@ -9,6 +9,8 @@ from typing import Any
 from prefect import task
 
 from quantmill import api
+from quantmill.config import EngineSpec
+from quantmill.folder import Checkpoint
 from quantmill.recipe import Recipe
 from quantmill.sources import ResolvedModel
 
@@ -31,6 +33,7 @@ def quantize_model(
     statistics: dict[str, Any] | None = None,
     overwrite: bool = False,
     export_format: str = "packed",
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Figures of the written checkpoint (no evaluation: that is its own task)."""
     start = time.perf_counter()
@@ -43,6 +46,7 @@ def quantize_model(
         export_format=export_format,  # type: ignore[arg-type]
         calibration=calibration["path"] if calibration else None,
         statistics=statistics["path"] if statistics else None,
+        engine=EngineSpec.model_validate(engine or {}),
     )
     return {
         "out_dir": str(Path(out_dir).resolve()),
@@ -50,9 +54,6 @@ def quantize_model(
         "size_bytes": summary.size_bytes,
         "original_size_bytes": summary.original_size_bytes,
         "bits_per_weight": summary.bits_per_weight,
-        "layers_file": str(Path(out_dir).resolve() / api.LAYERS_FILE),
-        "summary_file": str(Path(out_dir).resolve() / api.SUMMARY_FILE),
-        "recipe_file": str(Path(out_dir).resolve() / api.RECIPE_FILE),
-        "training_file": str(Path(out_dir).resolve() / api.TRAINING_FILE),
+        **Checkpoint(Path(out_dir)).files(),
         "seconds": time.perf_counter() - start,
     }

@@ -25,7 +25,9 @@ class InputRecord:
         return (self.abssum / max(self.tokens, 1)).float()
 
     def rows(self) -> Tensor:
-        return torch.cat(self.sample) if self.sample else torch.empty(0)
+        if self.sample:
+            return torch.cat(self.sample)
+        return torch.empty(0, device=None if self.absmax is None else self.absmax.device)
 
     def add(self, x: Tensor, keep: int, generator: torch.Generator) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()

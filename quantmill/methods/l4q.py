@@ -57,9 +57,11 @@ class LoRAOnGrid(LearnedScale):
         scale, zero = compute_qparams(weight.float(), scheme)
         self.learn_scale(scale)
         self.register_buffer("zero", None if zero is None else zero.float())
-        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as peft initialises LoRA A
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+        # A is drawn by the CPU's generator (the same start on every device), as peft does
+        lora_a = torch.empty(rank, in_features)  # host: initialised here, then moved
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        self.lora_a = nn.Parameter(lora_a.to(weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=weight.device))
         self.scaling = alpha / rank
 
     def merged(self, weight: Tensor) -> Tensor:

@@ -77,7 +77,8 @@ def generated_dataset(
     folder = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:24]
     if folder.is_dir():
         log.info("reusing generated training text %s", folder)
-        return torch.tensor(load_from_disk(str(folder))["input_ids"], dtype=torch.long)
+        ids = load_from_disk(str(folder))["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)  # host: training moves batches to the device
     ids = generate_sequences(model, num, length, seed, progress=progress)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
