@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from quantmill.errors import OutOfSpaceError
 from quantmill.folder import INDEX_FILE, SINGLE_WEIGHTS_FILE, shard_name
-from quantmill.tensorfile import Entry, encode_header, entry_for, tensor_bytes
+from quantmill.tensorfile import DTYPE_CODES, Entry, encode_header, entry_for, tensor_bytes
 
 COPY_CHUNK = 16 << 20  # bytes per read/write when copying raw tensor data
 
@@ -90,6 +92,25 @@ class ShardWriter:
                 self._write(memoryview(chunk), len(chunk))
                 left -= len(chunk)
         self.current.entries[name] = placed
+
+    def add_rows(self, name: str, shape: tuple[int, ...], parts: Iterator[Tensor]) -> None:
+        """Append one tensor of ``shape`` given as consecutive row blocks (never whole)."""
+        start = self.current.data_bytes
+        dtype = None
+        for part in parts:
+            part = part.detach().cpu().contiguous()
+            if dtype is None:
+                dtype = part.dtype
+                self._make_room(math.prod(shape) * part.element_size())
+                start = self.current.data_bytes
+            self._write(tensor_bytes(part), part.numel() * part.element_size())
+        if dtype is None:
+            raise ValueError(f"{name}: no rows given")
+        entry = Entry(DTYPE_CODES[dtype], tuple(shape), start, 0)
+        end = start + math.prod(shape) * dtype.itemsize
+        if self._data.tell() != end:
+            raise ValueError(f"{name}: the rows given do not make a {list(shape)} tensor")
+        self.current.entries[name] = Entry(entry.dtype, entry.shape, start, end)
 
     def state(self) -> dict[str, Any]:
         """Everything written so far, for the journal (after ``flush``)."""

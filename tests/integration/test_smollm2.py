@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from quantmill.blocks import capture_block_inputs, run_block
 from quantmill.config import CalibrationSpec, EvalSpec
@@ -145,12 +146,27 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     assert tokenizer.encode(" Paris", add_special_tokens=False)[0] in top5
 
 
-def test_gguf_file_source_loads_the_same_model(smollm2):
+def test_gguf_file_is_converted_once_to_what_transformers_reads(smollm2):
+    """A .gguf source becomes a safetensors folder, tensor by tensor: the same weights
+    transformers' own GGUF reader gives, kept in the file's float types."""
     from quantmill.sources import PRESETS, locate_preset_gguf
+    from quantmill.weights import WeightFiles
 
     gguf = locate_preset_gguf(PRESETS["smollm2-135m"], install=False)
     resolved = resolve_model(str(gguf))
-    assert resolved.kind == "gguf" and resolved.gguf_file == gguf.name
+    assert resolved.kind == "gguf" and (resolved.path / "config.json").is_file()
+    assert resolved.revision.startswith("sha256:")
+    stamp = (resolved.path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(str(gguf)).path == resolved.path  # converted once, then reused
+    assert (resolved.path / "model.safetensors").stat().st_mtime_ns == stamp
+    reference = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    files = WeightFiles(resolved.path)
+    state = reference.state_dict()
+    assert set(files.tensors) == set(state) - {"lm_head.weight"}  # tied to the embedding
+    for name in files.tensors:
+        assert torch.equal(files.read(name), state[name]), name
     from_gguf, _ = load_model(resolved)
     model, tokenizer = smollm2
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
