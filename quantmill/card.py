@@ -18,11 +18,9 @@ from typing import Any
 import yaml
 
 from quantmill.errors import CheckpointError
+from quantmill.folder import CARD_FILE, CONFIG_FILE, RECIPE_FILE, SOURCE_FILE, SUMMARY_FILE
 from quantmill.gate import GateResult, check_gate
 from quantmill.recipe import Recipe
-
-CARD_FILE = "README.md"
-SOURCE_FILE = "quantmill_source.json"  # lineage kept beside a converted preset
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,10 @@ class CheckpointInfo:
 
     @classmethod
     def load(cls, folder: str | Path) -> CheckpointInfo:
-        from quantmill.api import RECIPE_FILE, SUMMARY_FILE
         from quantmill.recipe import load_recipe
 
         folder = Path(folder)
-        needed = (SUMMARY_FILE, RECIPE_FILE, "config.json")
+        needed = (SUMMARY_FILE, RECIPE_FILE, CONFIG_FILE)
         missing = [n for n in needed if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantmill.blocks import BlockInputs, capture_block_inputs, run_block
+from quantmill.folder import CONFIG_FILE, weight_files
 from quantmill.lazy import LazyModel
 
 # Cross-entropy is computed over this many positions at a time, so a 2048-token
@@ -128,7 +129,7 @@ def _replaying(lazy: LazyModel, inputs: BlockInputs) -> Iterator[list[int]]:
 
 def size_on_disk(folder: Path) -> int:
     """Bytes of the weight files (``*.safetensors``) in ``folder``."""
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    return sum(p.stat().st_size for p in weight_files(Path(folder)))
 
 
 def bits_per_weight(folder: Path) -> float | None:
@@ -138,11 +139,11 @@ def bits_per_weight(folder: Path) -> float | None:
     headers: every ``<layer>.weight*`` tensor counts, divided by the layer's
     number of weights. ``None`` for an unquantized checkpoint.
     """
-    config = json.loads((Path(folder) / "config.json").read_text())
+    config = json.loads((Path(folder) / CONFIG_FILE).read_text())
     groups = config.get("quantization_config", {}).get("config_groups", {})
     layers = {target for group in groups.values() for target in group.get("targets", [])}
     bits, weights = 0, 0
-    for file in Path(folder).glob("*.safetensors"):
+    for file in weight_files(Path(folder)):
         with safe_open(file, framework="pt") as fh:
             for name in fh.keys():
                 layer, _, leaf = name.rpartition(".")

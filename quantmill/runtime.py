@@ -27,6 +27,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from quantmill.config import ActScheme
+from quantmill.folder import RUNTIME_FILE, weight_files
 from quantmill.hooks import hooks_removed
 from quantmill.quant.act import fake_quantize_tokens
 from quantmill.quant.int8 import fake_mixed_int8, int8_linear, mixed_int8_linear
@@ -34,7 +35,6 @@ from quantmill.quant.int8 import fake_mixed_int8, int8_linear, mixed_int8_linear
 if TYPE_CHECKING:
     from quantmill.layers import LayerQuant
 
-RUNTIME_FILE = "quantmill_runtime.json"
 
 
 def layer_runtime(quant: LayerQuant) -> dict[str, Any] | None:
@@ -219,7 +219,7 @@ class _Simulated(nn.Module):
 def _int8_weights(folder: Path, names: set[str]) -> dict[str, tuple[Tensor, Tensor]]:
     """Stored int8 per-channel weights (``weight`` int8, ``weight_scale`` ``[out, 1]``)."""
     found: dict[str, tuple[Tensor, Tensor]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as fh:
             keys = set(fh.keys())
             for name in names:

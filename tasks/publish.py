@@ -21,6 +21,7 @@ from prefect import task
 
 from quantmill import card, compare, digest
 from quantmill.errors import PublishError
+from quantmill.folder import CARD_FILE
 from quantmill.sources import http_status, transient_status
 from tasks.download import TRANSIENT_RETRIES
 from tasks.secrets import DEFAULT_SECRET_BLOCK, hub_token
@@ -30,7 +31,7 @@ from tasks.secrets import DEFAULT_SECRET_BLOCK, hub_token
 def write_model_card(checkpoint: str, repo_id: str | None = None) -> dict[str, Any]:
     """Write ``README.md`` (the model card) into the checkpoint folder."""
     info = card.CheckpointInfo.load(checkpoint)
-    path = Path(checkpoint) / card.CARD_FILE
+    path = Path(checkpoint) / CARD_FILE
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(card.render_card(info, repo_id))
     tmp.replace(path)

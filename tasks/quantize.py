@@ -54,6 +54,7 @@ def quantize_model(
         "size_bytes": summary.size_bytes,
         "original_size_bytes": summary.original_size_bytes,
         "bits_per_weight": summary.bits_per_weight,
+        "engine": summary.engine,  # device, dtype, and the block a resumed run began at
         **Checkpoint(Path(out_dir)).files(),
         "seconds": time.perf_counter() - start,
     }

@@ -252,6 +252,9 @@ def record_run(
     for start in range(0, len(metrics), 1000):
         client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
     if quantized:
+        for key, value in (quantized.get("engine") or {}).items():  # device, dtype, resumed
+            if value is not None:
+                client.set_tag(run.run_id, f"quantmill.engine.{key}", str(value))
         for key in ("recipe_file", "summary_file", "layers_file", "training_file"):
             if quantized.get(key) and Path(quantized[key]).is_file():
                 client.log_artifact(run.run_id, quantized[key])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from quantmill.config import MethodConfig, QuantScheme
@@ -31,8 +32,9 @@ def round_layer(
     W = get_weight(layer, conv1d).float()
     scale, zero = compute_qparams(W, scheme)
     Q = fake_quantize(W, scale, zero, scheme)
+    loss = float(torch.sub(W, Q).square_().sum())  # before W (maybe the weight itself) changes
     set_weight(layer, Q, conv1d)
-    return scale, zero, float((W - Q).square().sum())
+    return scale, zero, loss
 
 
 @register_method("rtn", config=RTNConfig)

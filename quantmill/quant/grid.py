@@ -151,11 +151,24 @@ def dequantize(q: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantSchem
 
 
 def fake_quantize(W: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
-    """``dequantize(quantize(W))`` in one pass, in float32."""
-    cols = W.shape[1]
-    s = expand_groups(scale, cols, scheme.group_size)
-    z = None if zero is None else expand_groups(zero, cols, scheme.group_size)
-    return _fake(W.float(), s, z, scheme)
+    """``dequantize(quantize(W))`` in one pass, in float32.
+
+    Works on the ``[rows, n_groups, group]`` view with the group parameters
+    broadcast, in place on one new tensor: a layer costs one copy of its weights
+    (not four), which is what bounds an 8B model's peak memory under RTN.
+    """
+    rows, cols = W.shape
+    G = grouped(W.float(), scheme.group_size)
+    q = torch.div(G, scale[..., None])
+    q.round_()
+    if zero is not None:
+        q.add_(zero[..., None])
+    q.clamp_(scheme.q_min, scheme.q_max)
+    if zero is not None:
+        q.sub_(zero[..., None])
+    q.mul_(scale[..., None])
+    q = q.reshape(rows, -1)
+    return q if q.shape[1] == cols else q[:, :cols].contiguous()
 
 
 def fake_quantize_column(

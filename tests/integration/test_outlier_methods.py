@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from quantmill.api import quantize
+from quantmill.folder import RUNTIME_FILE
 from quantmill.recipe import parse_recipe
-from quantmill.runtime import RUNTIME_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -291,3 +291,29 @@ def test_headers_cover_the_data_exactly(bf16_source, recipe):
     for file in weight_files(out):
         entries, metadata, start = read_header(file)  # raises on a gap or a short file
         assert metadata == {"format": "pt"} and start % 8 == 0
+
+
+def test_a_rerun_of_the_quantize_task_resumes(bf16_source, recipe, monkeypatch):
+    """What a re-run of a Crashed flow run does: the same task parameters, the same
+    output folder, so the journal is found and the run continues."""
+    from tasks.quantize import quantize_model as quantize_task
+
+    monkeypatch.setattr(engine, "RESUME_COST_FACTOR", 0.0)
+    finish = engine.StreamingStore.finish
+
+    def crash(self, index, *args):
+        result = finish(self, index, *args)
+        if index == 1:
+            raise SystemExit("worker lost")
+        return result
+
+    model = resolve_model(str(bf16_source)).to_dict()
+    out = str(bf16_source.parent / "out")
+    settings = {"max_shard_size": "60KB"}
+    monkeypatch.setattr(engine.StreamingStore, "finish", crash)
+    with pytest.raises(SystemExit):
+        quantize_task.fn(model, recipe.to_dict(), out, engine=settings)
+    monkeypatch.setattr(engine.StreamingStore, "finish", finish)
+    result = quantize_task.fn(model, recipe.to_dict(), out, engine=settings)
+    assert result["engine"]["resumed_at_block"] == 3
+    assert result["out_dir"] == str(bf16_source.parent.resolve() / "out")

@@ -10,6 +10,7 @@ from torch import nn
 from quantmill.config import ActScheme
 from quantmill.driver import quantize_model
 from quantmill.export.checkpoint import save_quantized
+from quantmill.folder import RUNTIME_FILE
 from quantmill.quant.act import fake_quantize_tokens, quantize_tokens
 from quantmill.quant.int8 import (
     fake_mixed_int8,
@@ -19,7 +20,6 @@ from quantmill.quant.int8 import (
 )
 from quantmill.recipe import parse_recipe
 from quantmill.runtime import (
-    RUNTIME_FILE,
     Int8Linear,
     MixedInt8Linear,
     activation_hooks,
