@@ -112,20 +112,17 @@ def quantize(
     check_space(out_dir, estimate_output_bytes(lazy, recipe, export_format))
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     fingerprint = run_fingerprint(resolved, recipe, lazy, export_format, engine)
+    trains = any(get_method(step.method).impl.trains for step in recipe.steps)
+    workdir = training_dir(out_dir, resolved, recipe) if trains else None
     with staged_run(out_dir, fingerprint, resume=engine.resume, overwrite=overwrite) as stage:
+        run = _Run(resolved, lazy, recipe, stage, export_format, engine, progress, workdir)
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
         original = _original_perplexity(lazy, resolved, recipe, windows, progress)
-        trains = any(get_method(step.method).impl.trains for step in recipe.steps)
-        workdir = training_dir(out_dir, resolved, recipe) if trains else None
         written = (stage.state or {}).get("written")
         if written is None:
             calib = _calibration(tokenizer, recipe, calibration)
             stats = StatisticsFile(statistics) if statistics is not None else None
-            run = _train_in_memory if trains else _stream
-            outcome, resumed_at = run(
-                lazy, recipe, calib, stats, stage, export_format, engine, progress, workdir,
-                resolved,
-            )  # fmt: skip
+            outcome, resumed_at = (_train_in_memory if trains else _stream)(run, calib, stats)
             del calib
             tokenizer.save_pretrained(stage.folder)
             _copy_lineage(resolved, stage.folder)
@@ -136,61 +133,82 @@ def quantize(
             # Evaluate what was written, loaded the way users load it.
             staged = ResolvedModel(str(out_dir), "local", stage.folder, "staged")
             quantized = _quantized_perplexity(staged, recipe, windows, progress, device, lazy.dtype)
-        summary = QuantizeSummary(
-            out_dir=str(out_dir),
-            model=resolved.to_dict(),
-            recipe=recipe.to_dict(),
-            quant_seconds=written["quant_seconds"],
-            size_bytes=size_on_disk(stage.folder),
-            original_size_bytes=size_on_disk(resolved.path),
-            bits_per_weight=bits_per_weight(stage.folder),
-            original=original,
-            quantized=quantized,
-            layers=written["reports"],
-            training=written["training"],
-            engine={
-                "device": str(device),
-                "dtype": dtype_name(lazy.dtype),
-                "resumed_at_block": written["resumed_at"],
-            },
-        )
+        summary = _summary(run, written, original, quantized)
         _write_run_files(stage.folder, recipe, summary)
     if workdir is not None:  # the checkpoint is complete: nothing left to resume
         shutil.rmtree(workdir.parent, ignore_errors=True)
     return summary
 
 
-def _stream(lazy, recipe, calib, stats, stage, fmt, engine, progress, workdir, resolved):
+@dataclass
+class _Run:
+    """One quantization's inputs, as the engine's two paths take them."""
+
+    resolved: ResolvedModel
+    lazy: LazyModel
+    recipe: Recipe
+    stage: Stage
+    fmt: ExportFormat
+    engine: EngineSpec
+    progress: bool
+    workdir: Path | None  # training checkpoints, for recipes that train
+
+
+def _stream(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None):
     """Post-training steps on the streaming engine; the checkpoint's weights end written."""
-    store = StreamingStore(lazy, stage, fmt, engine.shard_bytes(), engine.offload)
+    lazy, stage = run.lazy, run.stage
+    store = StreamingStore(lazy, stage, run.fmt, run.engine.shard_bytes(), run.engine.offload)
     if store.resumed:
         log.info("resuming at block %d/%d (from %s)", store.start + 1, len(lazy.blocks), stage.work)
     outcome = quantize_model(
-        lazy.model, recipe.steps, calib, recipe.calibration.batch_size, progress,
+        lazy.model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
         statistics=stats, store=store,
     )  # fmt: skip
     store.finish_weights()
-    write_config(stage.folder, lazy.model, outcome.layers, fmt, _main_dtype(lazy),
-                 store.in_features())  # fmt: skip
+    dtype = lazy.files.main_dtype()
+    write_config(stage.folder, lazy.model, outcome.layers, run.fmt, dtype, store.in_features())
     outcome.seconds += store.seconds_before
     return outcome, (store.start + 1 if store.resumed else None)  # 1-based, as printed
 
 
-def _train_in_memory(lazy, recipe, calib, stats, stage, fmt, engine, progress, workdir, resolved):
+def _train_in_memory(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None):
     """Recipes that train hold the whole model on the device; training resumes by itself."""
-    model = lazy.load_all()
+    model = run.lazy.load_all()
     context = TrainContext(
-        calib, workdir=workdir, cache_dir=cache_root() / "generated",
-        model_key=resolved.revision, progress=progress,
+        calib, workdir=run.workdir, cache_dir=cache_root() / "generated",
+        model_key=run.resolved.revision, progress=run.progress,
     )  # fmt: skip
     outcome = quantize_model(
-        model, recipe.steps, calib, recipe.calibration.batch_size, progress,
+        model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
         statistics=stats, training=context,
     )  # fmt: skip
     save_quantized(
-        model, None, outcome.layers, stage.folder, fmt, lazy.stored_dtype, engine.shard_bytes()
-    )
+        model, None, outcome.layers, run.stage.folder, run.fmt, run.lazy.stored_dtype,
+        run.engine.shard_bytes(),
+    )  # fmt: skip
     return outcome, None
+
+
+def _summary(run: _Run, written: dict, original: dict | None, quantized: dict | None):
+    folder = run.stage.folder
+    return QuantizeSummary(
+        out_dir=str(run.stage.folders.out),
+        model=run.resolved.to_dict(),
+        recipe=run.recipe.to_dict(),
+        quant_seconds=written["quant_seconds"],
+        size_bytes=size_on_disk(folder),
+        original_size_bytes=size_on_disk(run.resolved.path),
+        bits_per_weight=bits_per_weight(folder),
+        original=original,
+        quantized=quantized,
+        layers=written["reports"],
+        training=written["training"],
+        engine={
+            "device": str(run.lazy.device),
+            "dtype": dtype_name(run.lazy.dtype),
+            "resumed_at_block": written["resumed_at"],
+        },
+    )
 
 
 def _journal_written(stage: Stage, outcome: QuantizeOutcome, resumed_at: int | None) -> dict:
@@ -227,10 +245,6 @@ def _copy_lineage(resolved: ResolvedModel, folder: Path) -> None:
     lineage = resolved.path / SOURCE_FILE
     if lineage.is_file():
         shutil.copyfile(lineage, folder / SOURCE_FILE)
-
-
-def _main_dtype(lazy: LazyModel) -> torch.dtype:
-    return lazy.files.main_dtype()
 
 
 def run_fingerprint(
