@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from quantmill.arch import ArchSpec, arch_for, decoder_blocks
 from quantmill.errors import CheckpointError, ModelSourceError
+from quantmill.quant.grid import all_finite
 from quantmill.weights import WeightFiles
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class LazyModel:
     def read(self, name: str) -> Tensor:
         """Parameter ``name`` from the files, on the device, floating ones in the compute dtype."""
         tensor = self.files.read(self.names[name], self.device, self.dtype)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(
                 f"tensor {self.names[name]} in {self.files.folder} holds NaN or inf values; "
                 "the checkpoint is corrupted and cannot be quantized"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from quantmill.config import QuantScheme
-from quantmill.quant.grid import compute_qparams, fake_quantize_column, group_count
+from quantmill.quant.grid import all_finite, compute_qparams, fake_quantize_column, group_count
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,15 @@ def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
 
     When ``H + λI`` is not positive definite, λ grows tenfold up to
     ``DAMP_TRIES`` times before ``HessianNotPositiveDefinite`` is raised.
-    ``H`` is left as it was; the work happens in one other matrix, in place
-    (two ``[cols, cols]`` matrices at most: 8192 columns cost 0.5 GB, not 1.6).
+    ``H`` is left as it was. The work happens in one other matrix, in place and
+    in column-major order (what LAPACK works on, so it makes no copy of its
+    own): two ``[cols, cols]`` matrices at most, 0.5 GB at 8192 columns. The
+    factor comes back in that order (a transposed view); callers may copy it.
     """
     mean_diag = torch.diag(H).mean()
     damp = dampening
-    work = torch.empty_like(H)
+    n = H.shape[0]
+    work = torch.empty(n, n, dtype=H.dtype, device=H.device).t()  # column-major
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for _ in range(DAMP_TRIES):
         work.copy_(H)
@@ -91,7 +94,7 @@ def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
         if info.item() == 0:
             torch.cholesky_inverse(work, out=work)
             torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-            if info.item() == 0 and torch.isfinite(work).all():
+            if info.item() == 0 and all_finite(work):
                 return work, damp
         log.warning("Hessian not positive definite with dampening %.3g; retrying", damp)
         damp *= DAMP_GROWTH
@@ -121,7 +124,7 @@ def gptq_quantize_weight(
     otherwise from the error-updated weights when the group's first column
     is reached, which in activation order may be any of its columns.
     """
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise ValueError("the Hessian holds NaN or inf: calibration activations are not finite")
     rows, cols = W.shape
     device = W.device
@@ -164,7 +167,7 @@ def gptq_quantize_weight(
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2]  # a view: updates land in Wt, so later groups see them
         Err1 = torch.empty(i2 - i1, rows, device=device)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[i1:i2, i1:i2].contiguous()  # rows read one by one below
         for i in range(i2 - i1):
             g = group_at[i1 + i]
             if not ready[g]:

@@ -29,6 +29,16 @@ SCALE_DTYPE = torch.float16
 MIN_SCALE = 2.0**-24
 
 
+def all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
+    """True when no value of ``t`` is NaN or ±inf, checked a slice of about ``chunk``
+    values at a time (``torch.isfinite(t).all()`` on a whole 8192² Hessian needs
+    several copies' worth of temporaries)."""
+    if t.dim() == 0:
+        return bool(torch.isfinite(t))
+    rows = max(1, chunk // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
+
+
 def group_count(cols: int, group_size: int | None) -> int:
     return 1 if group_size is None else math.ceil(cols / group_size)
 
