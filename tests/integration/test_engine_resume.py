@@ -1,7 +1,7 @@
 """Kill -9 a real-model quantization part-way and run it again: it resumes at the first
 unfinished block and writes the same bytes as a run that was never interrupted.
 
-The real SmolLM2 weights with only their first 6 blocks keep this under a minute;
+The real SmolLM2 weights with only their first 4 blocks keep this under a minute;
 the full 30-block figure is in benchmarks/engine.py (``--only resume``).
 """
 
@@ -22,8 +22,8 @@ from quantmill.folder import weight_files
 from quantmill.weights import WeightFiles
 
 pytestmark = pytest.mark.slow
-BLOCKS = 6
-KILL_AFTER = 3
+BLOCKS = 4
+KILL_AFTER = 2
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def command(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "quantmill.cli", "quantize", "--model", str(model),
         "--recipe", "recipes/gptq-w4g64.yaml", "--out", str(out), "--calib-data", str(calib),
-        "--calib-samples", "16", "--no-eval", "--json", "-q", *extra,
+        "--calib-samples", "8", "--no-eval", "--json", "-q", *extra,
     ]  # fmt: skip
 
 
