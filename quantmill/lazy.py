@@ -204,18 +204,23 @@ def empty_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool = Fals
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelSourceError(
-                f"model {folder} needs its own code to load; quantmill does not run remote "
-                "code unless you pass --trust-remote-code"
-            ) from exc
-        raise CheckpointError(f"the config in {folder} cannot be read: {exc}") from exc
+        raise loading_error(str(folder), exc, "its config cannot be read") from exc
     if getattr(config, "quantization_config", None):
         raise CheckpointError(
             f"model {folder} is already quantized (quantization_config in config.json); "
             "quantize the original model instead"
         )
     return empty_model_from_config(config, dtype, trust_remote_code)
+
+
+def loading_error(source: str, exc: ValueError, what: str) -> Exception:
+    """What a ``ValueError`` from transformers' loading means for the user."""
+    if "trust_remote_code" in str(exc):
+        return ModelSourceError(
+            f"model {source!r} needs its own code to load; quantmill does not run remote "
+            "code unless you pass --trust-remote-code"
+        )
+    return CheckpointError(f"model {source!r}: {what}: {exc}")
 
 
 def empty_model_from_config(

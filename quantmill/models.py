@@ -8,8 +8,8 @@ import logging
 import torch
 from torch import nn
 
-from quantmill.errors import CheckpointError, ModelSourceError
-from quantmill.lazy import LOAD_LOCK
+from quantmill.errors import CheckpointError
+from quantmill.lazy import LOAD_LOCK, loading_error
 from quantmill.sources import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,7 @@ def load_model(
             model = _from_pretrained(resolved, dtype, kwargs)
             tokenizer = load_tokenizer(resolved, trust_remote_code)
     except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelSourceError(
-                f"model {resolved.source!r} needs its own code to load; quantmill does not run "
-                "remote code unless you pass --trust-remote-code"
-            ) from exc
-        raise CheckpointError(f"model {resolved.source!r} could not be loaded: {exc}") from exc
+        raise loading_error(resolved.source, exc, "it could not be loaded") from exc
     except Exception as exc:  # safetensors, OSError, JSON errors: all mean a bad checkpoint
         raise CheckpointError(
             f"model {resolved.source!r} at {resolved.path} could not be loaded "

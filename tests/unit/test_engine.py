@@ -118,23 +118,10 @@ def test_sharded_bf16_source_gives_sharded_checkpoint_with_in_memory_logits(
 
 
 def test_resume_after_a_crash_is_byte_identical(bf16_source, recipe, monkeypatch, caplog):
-    monkeypatch.setattr(engine, "RESUME_COST_FACTOR", 0.0)  # a resume point after every block
     whole = bf16_source.parent / "whole"
     run(bf16_source, recipe, whole, evaluate=False)
-
-    finish = engine.StreamingStore.finish
-
-    def crash_after_block_2(self, index, *args):
-        result = finish(self, index, *args)
-        if index == 2:
-            raise KeyboardInterrupt
-        return result
-
     out = bf16_source.parent / "out"
-    monkeypatch.setattr(engine.StreamingStore, "finish", crash_after_block_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(bf16_source, recipe, out, evaluate=False)
-    monkeypatch.setattr(engine.StreamingStore, "finish", finish)
+    interrupted_run(bf16_source, recipe, out, monkeypatch, after_block=2)
     assert not out.exists() and (out.parent / ".out.journal" / "journal.json").is_file()
     with caplog.at_level(logging.INFO, logger="quantmill"):
         summary = run(bf16_source, recipe, out, evaluate=False)
@@ -146,18 +133,8 @@ def test_resume_after_a_crash_is_byte_identical(bf16_source, recipe, monkeypatch
 
 
 def test_a_changed_recipe_starts_afresh_and_says_why(bf16_source, recipe, monkeypatch, caplog):
-    monkeypatch.setattr(engine, "RESUME_COST_FACTOR", 0.0)
-    finish = engine.StreamingStore.finish
-
-    def crash(self, index, *args):
-        finish(self, index, *args)
-        raise KeyboardInterrupt
-
     out = bf16_source.parent / "out"
-    monkeypatch.setattr(engine.StreamingStore, "finish", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(bf16_source, recipe, out, evaluate=False)
-    monkeypatch.setattr(engine.StreamingStore, "finish", finish)
+    interrupted_run(bf16_source, recipe, out, monkeypatch, after_block=0)
     data = recipe.to_dict()
     data["steps"][0]["weights"]["bits"] = 3
     changed = type(recipe).model_validate(data)
@@ -169,24 +146,32 @@ def test_a_changed_recipe_starts_afresh_and_says_why(bf16_source, recipe, monkey
 
 
 def test_no_resume_forces_a_fresh_start(bf16_source, recipe, monkeypatch, caplog):
-    monkeypatch.setattr(engine, "RESUME_COST_FACTOR", 0.0)
-    finish = engine.StreamingStore.finish
-
-    def crash(self, index, *args):
-        finish(self, index, *args)
-        raise KeyboardInterrupt
-
     out = bf16_source.parent / "out"
-    monkeypatch.setattr(engine.StreamingStore, "finish", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(bf16_source, recipe, out, evaluate=False)
-    monkeypatch.setattr(engine.StreamingStore, "finish", finish)
+    interrupted_run(bf16_source, recipe, out, monkeypatch, after_block=0)
     with caplog.at_level(logging.INFO, logger="quantmill"):
         summary = run(
             bf16_source, recipe, out, evaluate=False,
             engine=EngineSpec(max_shard_size="60KB", resume=False),
         )  # fmt: skip
     assert "--no-resume" in caplog.text and summary.engine["resumed_at_block"] is None
+
+
+def interrupted_run(source, recipe, out, monkeypatch, after_block: int) -> None:
+    """A run into ``out`` that stops (as if killed) once block ``after_block`` is written;
+    a resume point is taken after every block."""
+    monkeypatch.setattr(engine, "RESUME_COST_FACTOR", 0.0)
+    finish = engine.StreamingStore.finish
+
+    def crash(self, index, *args):
+        result = finish(self, index, *args)
+        if index == after_block:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(engine.StreamingStore, "finish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(source, recipe, out, evaluate=False)
+    monkeypatch.setattr(engine.StreamingStore, "finish", finish)
 
 
 def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
