@@ -42,6 +42,8 @@ import yaml
 from gptq_vs_peer import DATA, REPO, calibration_file, measured
 from random_models import write_model
 
+from quantmill.recipes import find_recipe
+
 RESULTS = REPO / "benchmarks" / "results" / "engine.json"
 PEER_PY = REPO / "benchmarks" / "peer" / ".venv" / "bin" / "python"
 BEFORE = "aa682ad"  # the last commit before the streaming engine
@@ -50,8 +52,11 @@ CALIB_BATCH_1B = 4
 PARTS = ("rtn8b", "gptq1b", "smollm2", "resume")
 
 
-def quantize_cmd(python: str, model: str, recipe: Path, out: Path, *extra: str) -> list[str]:
-    return [python, "-m", "quantmill.cli", "quantize", "--model", model, "--recipe",
+def quantize_cmd(
+    python: str, model: str, recipe: Path, out: Path, *extra: str, program: str = "app"
+) -> list[str]:
+    """``program``: ``app`` here; ``quantmill.cli`` in commits from before ``app`` existed."""
+    return [python, "-m", program, "quantize", "--model", model, "--recipe",
             str(recipe), "--out", str(out), "--no-eval", "--json", "-q", *extra]  # fmt: skip
 
 
@@ -146,7 +151,7 @@ def measured_env(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, An
 
 
 def smollm2(work: Path, before: str) -> dict[str, Any]:
-    recipe = REPO / "recipes" / "gptq-w4g64.yaml"
+    recipe = find_recipe("gptq-w4g64")
     data = ["--calib-data", str(DATA / "wiki.valid.tokens")]
     tree = work / f"tree-{before}"
     if not tree.is_dir():
@@ -155,7 +160,10 @@ def smollm2(work: Path, before: str) -> dict[str, Any]:
     runs = {}
     for side, cwd in (("before", tree), ("engine", REPO)):
         out = work / f"smollm2-{side}"
-        cmd = quantize_cmd(sys.executable, "smollm2-135m", recipe, out, "--overwrite", *data)
+        program = "quantmill.cli" if side == "before" else "app"
+        cmd = quantize_cmd(
+            sys.executable, "smollm2-135m", recipe, out, "--overwrite", *data, program=program
+        )
         env = {**os.environ, "PYTHONPATH": str(cwd)}
         runs[side] = measured_in(cmd, work / f"smollm2-{side}.log", cwd, env)
         runs[side]["out"] = str(out)
@@ -173,7 +181,7 @@ def smollm2(work: Path, before: str) -> dict[str, Any]:
 
 
 def resume(work: Path) -> dict[str, Any]:
-    recipe = REPO / "recipes" / "gptq-w4g64.yaml"
+    recipe = find_recipe("gptq-w4g64")
     data = ["--calib-data", str(DATA / "wiki.valid.tokens")]
     whole = work / "smollm2-engine"
     if not (whole / "config.json").is_file():

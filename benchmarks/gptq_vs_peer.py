@@ -121,7 +121,7 @@ def evaluate(model_dir: Path, args, log: Path) -> float:
     cmd = [
         sys.executable,
         "-m",
-        "quantmill.cli",
+        "app",
         "eval",
         "--model",
         str(model_dir),
@@ -161,7 +161,7 @@ def run_setting(label: str, model_dir: Path, calib: Path, peer_py: str | None, w
         cmd = [
             sys.executable,
             "-m",
-            "quantmill.cli",
+            "app",
             "quantize",
             "--model",
             str(model_dir),

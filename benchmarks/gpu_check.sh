@@ -47,7 +47,7 @@ def timed(label, model, recipe, out, evaluate):
     print(json.dumps(row), flush=True)
     rows.append(row)
 
-recipe = with_overrides(load_recipe("recipes/gptq-w4g64.yaml"),
+recipe = with_overrides(load_recipe("gptq-w4g64"),
                         calib_data=str(data / "wiki.valid.tokens"),
                         eval_data=str(data / "wiki.test.raw"))
 timed("smollm2 gptq w4g64 bf16", "smollm2-135m", recipe, work / "smollm2-gptq", True)

@@ -101,7 +101,7 @@ def recipe_file(folder: Path, name: str, steps: list[dict[str, Any]], args) -> P
 def run_ours(name: str, steps, model_dir: Path, work: Path, args) -> dict[str, Any]:
     out = work / name
     cmd = [
-        sys.executable, "-m", "quantmill.cli", "quantize",
+        sys.executable, "-m", "app", "quantize",
         "--model", str(model_dir),
         "--recipe", str(recipe_file(work, name, steps, args)),
         "--out", str(out), "--json", "-q", "--overwrite",

@@ -66,7 +66,7 @@ def main() -> None:
 def run_steps(checkpoint: str, repo: str) -> dict[str, float]:
     from tasks.publish import publish_to_hub, verify_hub_upload, write_model_card
     from tasks.registry import register_model
-    from tasks.tracking import mlflow_run
+    from tracking.adapter import mlflow_run
 
     figures: dict[str, float] = {}
 

@@ -115,7 +115,7 @@ def recipe_file(folder: Path, name: str, steps, kv: dict | None, args) -> Path:
 def run(name: str, steps, kv, model_dir: Path, work: Path, args) -> dict[str, Any]:
     out = work / name
     cmd = [
-        sys.executable, "-m", "quantmill.cli", "quantize",
+        sys.executable, "-m", "app", "quantize",
         "--model", str(model_dir), "--recipe", str(recipe_file(work, name, steps, kv, args)),
         "--out", str(out), "--json", "-q", "--overwrite",
     ]  # fmt: skip

@@ -10,7 +10,8 @@ from flows.params import AnalyzeJob, slug
 from tasks.analyze import outlier_report
 from tasks.calibrate import prepare_calibration
 from tasks.download import download_model
-from tasks.tracking import log_params, mlflow_run
+from tasks.record import record_params
+from tracking.adapter import mlflow_run
 
 
 @flow(name="analyze", log_prints=True)
@@ -18,14 +19,14 @@ def analyze_flow(job: AnalyzeJob = AnalyzeJob()) -> dict[str, Any]:  # noqa: B00
     """Per-layer activation and weight outlier statistics of a model, with a plot, as files,
     MLflow artifacts (``outliers/``) and a Prefect markdown artifact."""
     logger = get_run_logger()
-    recipe = job.load()
-    settings = {"calibration": recipe.calibration.model_dump()}
+    spec = job.calibration()
+    settings = {"calibration": spec.model_dump()}
     tags = {"quantmill.flow": "analyze"}
     with mlflow_run(f"outliers-{slug(job.model)}", job.experiment, tags=tags) as run:
         model = download_model(job.model, job.revision)
-        log_params(run, model, settings)
-        calibration = prepare_calibration(model, recipe.to_dict())
-        batch = recipe.calibration.batch_size
+        record_params(run, model, settings)
+        calibration = prepare_calibration(model, spec)
+        batch = spec.batch_size
         report = outlier_report(model, calibration["path"], job.output_dir(), batch, run)
         logger.info(
             "%s: largest activation max/median %.1f (%s); %d outlier channels; report %s",

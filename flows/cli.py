@@ -1,9 +1,13 @@
-"""``quantmill run`` (the quantize flow), ``quantmill sweep`` (the sweep flow) and
-``quantmill publish`` (the publish flow, on an existing checkpoint folder).
+"""The pipeline's commands: ``run`` (the quantize flow), ``sweep`` (the sweep flow),
+``publish`` (the publish flow, on an existing checkpoint folder) and ``deploy``.
 
 With nothing configured the flows use Prefect's temporary local API and an
 MLflow SQLite store under ``./mlruns``; with ``PREFECT_API_URL`` and
 ``MLFLOW_TRACKING_URI`` set, the same commands run against those servers.
+
+Each option is a field of the flow's job model (``flows.params``): its help
+and default come from there, and only the options given reach the job, so the
+defaults live in one place.
 """
 
 from __future__ import annotations
@@ -13,40 +17,47 @@ import json
 import sys
 from typing import Any
 
-from pydantic import ValidationError
-
 from quantmill.cli import add_engine_args, engine_spec
 
-FLOW_COMMANDS = ("run", "sweep", "publish", "deploy")
+COMMANDS = ("run", "sweep", "publish", "deploy")
+JOB = "job."  # the prefix of the options that are job fields: "job.data.calib_data"
 
 
-def add_flow_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from flows.params import DataSettings, ModelSettings, PublishJob, QuantizeJob, SweepJob
+
     r = sub.add_parser("run", help="run the quantize flow (Prefect + MLflow)")
-    _common(r)
-    r.add_argument("--recipe", default="gptq-w4g64", help="shipped recipe name or recipe file")
-    r.add_argument("--out", help="output folder (default: outputs/<model>-<recipe>)")
-    r.add_argument("--format", choices=["packed", "fake"], default="packed")
+    _common(r, ModelSettings, DataSettings)
+    r.add_argument(
+        "--recipe",
+        dest="recipe_source",
+        help=f"shipped recipe name or recipe file (default: {_default(QuantizeJob, 'recipe')})",
+    )
+    _field(r, QuantizeJob, "out_dir", "--out")
+    _field(r, QuantizeJob, "export_format", "--format", choices=["packed", "fake"])
+    _field(r, QuantizeJob, "overwrite", action="store_const", const=True)
     _publish_args(r)
 
     s = sub.add_parser("sweep", help="run the sweep flow: several recipes side by side")
-    _common(s)
+    _common(s, ModelSettings, DataSettings)
     s.add_argument(
         "--recipes", nargs="+", required=True, help="shipped recipe names and/or recipe files"
     )
-    s.add_argument("--out-root", default="outputs/sweep", help="one folder per recipe here")
-    s.add_argument("--max-concurrency", type=int, default=2, help="recipes run at once")
-    s.add_argument(
-        "--dask", help="run recipes on Dask: 'local' (a cluster of processes) or tcp://host:8786"
-    )
+    _field(s, SweepJob, "out_root")
+    _field(s, SweepJob, "max_concurrency", type=int)
+    _field(s, SweepJob, "dask")
+    _field(s, SweepJob, "overwrite", action="store_const", const=True)
 
     p = sub.add_parser("publish", help="publish a checkpoint to the Hub and the MLflow registry")
-    p.add_argument("checkpoint", help="a checkpoint folder written by quantmill")
-    p.add_argument("--experiment", default="quantmill", help="MLflow experiment")
+    p.add_argument("checkpoint", help=PublishJob.model_fields["checkpoint"].description)
+    _field(p, PublishJob, "experiment")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _publish_args(p)
 
     d = sub.add_parser("deploy", help="create the deployments (quantize, sweep, evaluate)")
-    d.add_argument("--pool", default="quantmill", help="the work pool they run on")
+    from quantmill import defaults
+
+    d.add_argument("--pool", default=defaults.POOL, help="the work pool they run on")
     d.add_argument("--image", help="the project's image, for a Docker or Kubernetes pool")
     d.add_argument(
         "--schedule",
@@ -57,98 +68,85 @@ def add_flow_commands(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _default(model: Any, name: str) -> Any:
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+def _field(
+    p: argparse._ActionsContainer,
+    model: Any,
+    name: str,
+    flag: str | None = None,
+    prefix: str = "",
+    **kwargs: Any,
+) -> None:
+    """``--flag`` for the job field ``prefix + name``: help and default from ``model``."""
+    info = model.model_fields[name]
+    default = _default(model, name)
+    shown = f" (default: {default})" if default not in (None, False, [], "") else ""
+    p.add_argument(
+        flag or "--" + name.replace("_", "-"),
+        dest=JOB + prefix + name,
+        default=argparse.SUPPRESS,  # absent: the job model's default applies
+        help=(info.description or name) + shown,
+        **kwargs,
+    )
+
+
 def _publish_args(p: argparse.ArgumentParser) -> None:
+    from flows.params import PublishSettings as P
+
     g = p.add_argument_group("publishing (the Hub token comes from HF_TOKEN or a Secret block)")
-    g.add_argument("--hub-repo", help="publish to this Hub repo 'owner/name'")
-    g.add_argument("--public", action="store_true", help="create the Hub repo as public")
-    g.add_argument("--token-secret", default="hf-token", help="Prefect Secret block name")
-    g.add_argument("--no-verify", action="store_true", help="skip the download-and-compare")
-    g.add_argument("--no-register", action="store_true", help="skip the MLflow registry")
-    g.add_argument("--registered-model", help="registry name (default: the base model's)")
+    _field(g, P, "hub_repo", prefix="publish.")
+    _field(g, P, "private", "--public", prefix="publish.", action="store_const", const=False)
+    _field(g, P, "token_secret", prefix="publish.")
+    _field(g, P, "verify", "--no-verify", prefix="publish.", action="store_const", const=False)
+    _field(g, P, "registry", "--no-register", prefix="publish.", action="store_const", const=False)
+    _field(g, P, "registered_model", prefix="publish.")
 
 
-def _publish_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "hub_repo": args.hub_repo,
-        "private": not args.public,
-        "token_secret": args.token_secret,
-        "verify": not args.no_verify,
-        "registry": not args.no_register,
-        "registered_model": args.registered_model,
-    }
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="preset, folder, .gguf or Hub id")
-    p.add_argument("--revision", help="Hub revision to pin")
-    p.add_argument("--calib-data", help="calibration text file (overrides the recipe)")
-    p.add_argument("--calib-samples", type=int, help="number of calibration samples")
-    p.add_argument("--eval-data", help="evaluation text file (overrides the recipe)")
-    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows (0: all)")
-    p.add_argument("--kv-cache", help="quantize keys/values while evaluating: 8, 4, 4:head")
-    p.add_argument("--experiment", default="quantmill", help="MLflow experiment")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+def _common(p: argparse.ArgumentParser, model: Any, data: Any) -> None:
+    _field(p, model, "model")
+    _field(p, model, "revision")
+    _field(p, model, "experiment")
+    _field(p, data, "calib_data", prefix="data.")
+    _field(p, data, "calib_samples", prefix="data.", type=int)
+    _field(p, data, "eval_data", prefix="data.")
+    _field(p, data, "eval_windows", prefix="data.", type=int)
+    _field(p, data, "kv_cache", prefix="data.")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_engine_args(p)
 
 
-def run_flow_command(args: argparse.Namespace) -> int:
-    if args.command == "publish":
-        return _publish_command(args)
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The job fields given on the command line, nested: ``{"data": {"calib_data": …}}``."""
+    job: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith(JOB):
+            continue
+        *path, leaf = key.removeprefix(JOB).split(".")
+        node = job
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return job
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one of ``COMMANDS``: the job is validated (its recipes parsed) before any flow."""
     if args.command == "deploy":
         return _deploy_command(args)
-    from flows.params import RECIPES_DIR, QuantizeJob, SweepJob
-
-    def shipped(name: str) -> bool:
-        return (RECIPES_DIR / f"{name}.yaml").is_file()
-
-    data = {
-        "calib_data": args.calib_data,
-        "calib_samples": args.calib_samples,
-        "eval_data": args.eval_data,
-        "eval_windows": args.eval_windows,
-        "kv_cache": args.kv_cache,
-    }
-    common = {
-        "model": args.model,
-        "revision": args.revision,
-        "data": data,
-        "experiment": args.experiment,
-        "overwrite": args.overwrite,
-    }
     try:
-        common["engine"] = engine_spec(args).model_dump()
-        if args.command == "run":
-            recipe = (
-                {"recipe": args.recipe} if shipped(args.recipe) else {"recipe_file": args.recipe}
-            )
-            job: Any = QuantizeJob(
-                **common,
-                **recipe,
-                out_dir=args.out,
-                export_format=args.format,
-                publish=_publish_settings(args),
-            )
-        else:
-            names = [r for r in args.recipes if shipped(r)]
-            files = [r for r in args.recipes if r not in names]
-            job = SweepJob(
-                **common,
-                recipes=names,
-                recipe_files=files,
-                out_root=args.out_root,
-                max_concurrency=args.max_concurrency,
-                dask=args.dask,
-            )
-        job.load()  # every recipe is validated before a flow starts
-    except ValidationError as exc:
-        from quantmill.recipe import format_validation_error
+        job = _job(args)
+    except ValueError as exc:  # pydantic's ValidationError and ConfigError are ValueErrors
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 2
+    if args.command == "publish":
+        from flows.publish import publish_flow
 
-        print(f"error: {format_validation_error(exc, 'flow parameters')}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # ConfigError is one
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        result = publish_flow(job)
+        print(json.dumps(result, indent=2, default=str) if args.json else _published(result))
+        return 0
     if args.command == "run":
         from flows.quantize import quantize_flow
 
@@ -159,6 +157,35 @@ def run_flow_command(args: argparse.Namespace) -> int:
         result = sweep_flow(job)
     print(json.dumps(result, indent=2, default=str) if args.json else _summary(result))
     return 0
+
+
+def _job(args: argparse.Namespace) -> Any:
+    from flows.params import PublishJob, QuantizeJob, SweepJob
+    from quantmill.recipe import shipped_recipes
+
+    fields = given(args)
+    if args.command == "publish":
+        return PublishJob(checkpoint=args.checkpoint, **fields)
+    fields["engine"] = engine_spec(args).model_dump(exclude_defaults=True)
+    shipped = set(shipped_recipes())
+    if args.command == "run":
+        source = args.recipe_source
+        if source is not None:
+            fields["recipe" if source in shipped else "recipe_file"] = source
+        return QuantizeJob(**fields)
+    fields["recipes"] = [r for r in args.recipes if r in shipped]
+    fields["recipe_files"] = [r for r in args.recipes if r not in shipped]
+    return SweepJob(**fields)
+
+
+def _message(exc: ValueError) -> str:
+    from pydantic import ValidationError
+
+    from quantmill.recipe import format_validation_error
+
+    if isinstance(exc, ValidationError):
+        return format_validation_error(exc, "flow parameters")
+    return str(exc)
 
 
 def _deploy_command(args: argparse.Namespace) -> int:
@@ -173,27 +200,6 @@ def _deploy_command(args: argparse.Namespace) -> int:
     for name, deployment_id in ids.items():
         cron = schedules.get(name, DEPLOYMENTS[name].cron)
         print(f"{name}: deployment {deployment_id} on pool {args.pool}, schedule {cron or 'none'}")
-    return 0
-
-
-def _publish_command(args: argparse.Namespace) -> int:
-    from flows.params import PublishJob
-
-    try:
-        job = PublishJob(
-            checkpoint=args.checkpoint,
-            experiment=args.experiment,
-            publish=_publish_settings(args),
-        )
-    except ValidationError as exc:
-        from quantmill.recipe import format_validation_error
-
-        print(f"error: {format_validation_error(exc, 'publish settings')}", file=sys.stderr)
-        return 2
-    from flows.publish import publish_flow
-
-    result = publish_flow(job)
-    print(json.dumps(result, indent=2, default=str) if args.json else _published(result))
     return 0
 
 

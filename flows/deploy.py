@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantmill import defaults
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +88,7 @@ def _check_cron(name: str, cron: str) -> None:
 
 
 def deploy_all(
-    pool: str = "quantmill",
+    pool: str = defaults.POOL,
     schedules: dict[str, str | None] | None = None,
     api_url: str | None = None,
     names: list[str] | None = None,

@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from flows.params import RECIPES_DIR, QuantizeJob, SweepJob, slug
-from tasks.tracking import get_client
+from flows.params import QuantizeJob, SweepJob, slug
+from quantmill.recipe import find_recipe, shipped_recipes
+from tasks.record import recorded_figures
 
 QUANTIZE_DEPLOYMENT = "quantize/quantize"
 FIGURES = ("perplexity", "size_bytes", "bits_per_weight", "quant_seconds")
@@ -20,7 +21,7 @@ FIGURES = ("perplexity", "size_bytes", "bits_per_weight", "quant_seconds")
 def fan_out(job: SweepJob) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of the comparison, and the original model's figures, from one deployment
     run per recipe (at most ``max_concurrency`` submitted at once)."""
-    jobs = {name: quantize_job(job, name) for name in recipe_sources(job)}
+    jobs = {name: quantize_job(job, name) for name in job.sources()}
     with ThreadPoolExecutor(max_workers=job.max_concurrency) as pool:
         futures = {
             name: pool.submit(contextvars.copy_context().run, run_one, child)
@@ -35,13 +36,9 @@ def fan_out(job: SweepJob) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, original
 
 
-def recipe_sources(job: SweepJob) -> list[str]:
-    return [str(n) for n in job.recipes] + list(job.recipe_files)
-
-
 def quantize_job(job: SweepJob, source: str) -> QuantizeJob:
-    shipped = (RECIPES_DIR / f"{source}.yaml").is_file()
-    recipe = {"recipe": source} if shipped else {"recipe_file": str(Path(source).resolve())}
+    shipped = source in shipped_recipes()
+    recipe = {"recipe": source} if shipped else {"recipe_file": str(find_recipe(source).resolve())}
     name = source if shipped else Path(source).stem
     return QuantizeJob(
         model=job.model,
@@ -72,15 +69,11 @@ def row_of(name: str, flow_run: Any) -> dict[str, Any]:
     if state is None or not state.is_completed():
         message = state.message if state else "no state"
         return {"recipe": name, "status": "failed", "error": f"run {flow_run.name}: {message}"}
-    client = get_client()
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
-    )
-    if not runs:
+    found = recorded_figures(str(flow_run.id))
+    if found is None:
         return {"recipe": name, "status": "failed", "error": "no MLflow run recorded"}
-    metrics = runs[0].data.metrics
-    row = {"recipe": name, "status": "ok", "mlflow_run_id": runs[0].info.run_id}
+    run_id, metrics = found
+    row = {"recipe": name, "status": "ok", "mlflow_run_id": run_id}
     row.update({k: metrics.get(k) for k in FIGURES})
     row["perplexity_original"] = metrics.get("perplexity_original")
     row["original_size_bytes"] = metrics.get("original_size_bytes")

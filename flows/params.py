@@ -6,21 +6,18 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from quantmill.config import EngineSpec
-from quantmill.recipe import Recipe, load_recipe, parse_recipe, with_overrides
+from quantmill import defaults
+from quantmill.config import CalibrationSpec, EngineSpec, EvalSpec
+from quantmill.recipes import find_recipe, shipped_recipes
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+if TYPE_CHECKING:  # the recipe module imports every method (and torch): only when parsing
+    from quantmill.recipe import Recipe
 
-
-def shipped_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-
-
-# The recipes shipped in recipes/, offered as choices in the UI.
+# The shipped recipes (package data of quantmill), offered as choices in the UI.
 RecipeName = Enum("RecipeName", {n: n for n in shipped_recipes()}, type=str)  # type: ignore[misc]
 
 
@@ -45,11 +42,11 @@ class DataSettings(Params):
 
 class ModelSettings(Params):
     model: str = Field(
-        "smollm2-135m", description="preset (smollm2-135m), local folder, .gguf file or Hub id"
+        defaults.MODEL, description="preset (smollm2-135m), local folder, .gguf file or Hub id"
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit to pin")
     data: DataSettings = Field(default_factory=DataSettings)
-    experiment: str = Field("quantmill", description="MLflow experiment")
+    experiment: str = Field(defaults.EXPERIMENT, description="MLflow experiment")
     engine: EngineSpec = Field(
         default_factory=EngineSpec,
         description="device, dtype, activation offloading, shard size, resuming",
@@ -68,7 +65,8 @@ class PublishSettings(Params):
     )
     private: bool = Field(True, description="create the Hub repo as private")
     token_secret: str = Field(
-        "hf-token", description="Prefect Secret block with the Hub token (used if HF_TOKEN unset)"
+        defaults.TOKEN_SECRET,
+        description="Prefect Secret block with the Hub token (used if HF_TOKEN unset)",
     )
     verify: bool = Field(True, description="download the upload again, load it, compare logits")
     registry: bool = Field(True, description="register the checkpoint in the MLflow registry")
@@ -93,7 +91,7 @@ class PublishSettings(Params):
 
 
 class QuantizeJob(ModelSettings):
-    recipe: RecipeName = Field("gptq-w4g64", description="a recipe shipped in recipes/")  # type: ignore[valid-type]
+    recipe: RecipeName = Field(defaults.RECIPE, description="a shipped recipe")  # type: ignore[valid-type]
     recipe_file: str | None = Field(None, description="a YAML/JSON recipe; replaces `recipe`")
     out_dir: str | None = Field(None, description="default: outputs/MODEL-RECIPE")
     overwrite: bool = Field(False, description="replace an existing output folder")
@@ -105,21 +103,31 @@ class QuantizeJob(ModelSettings):
         False, description="also write the original model's outlier report (needs calibration)"
     )
 
+    _recipe: Recipe = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _parse(self) -> QuantizeJob:
+        """The recipe, parsed once here: a bad one fails before any flow starts."""
+        self._recipe = load_job_recipe(self.recipe_file or str(self.recipe), self.data)
+        return self
+
     def load(self) -> Recipe:
-        return load_job_recipe(self.recipe_file or str(self.recipe), self.data)
+        return self._recipe
 
     def output_dir(self, recipe: Recipe) -> str:
-        return self.out_dir or str(Path("outputs") / f"{slug(self.model)}-{slug(recipe.name)}")
+        name = f"{slug(self.model)}-{slug(recipe.name)}"
+        return self.out_dir or str(Path(defaults.OUTPUT_ROOT) / name)
 
 
 class SweepJob(ModelSettings):
     recipes: list[RecipeName] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["rtn-w4g64", "gptq-w4g64"],
-        description="recipes shipped in recipes/",
+        default_factory=lambda: list(defaults.SWEEP_RECIPES), description="shipped recipes"
     )
     recipe_files: list[str] = Field(default_factory=list, description="more recipe files")
-    out_root: str = Field("outputs/sweep", description="one folder per recipe under this")
-    max_concurrency: int = Field(2, ge=1, le=16, description="recipes quantized at once")
+    out_root: str = Field(defaults.SWEEP_ROOT, description="one folder per recipe under this")
+    max_concurrency: int = Field(
+        defaults.MAX_CONCURRENCY, ge=1, le=16, description="recipes quantized at once"
+    )
     fan_out: bool = Field(
         False,
         description="run each recipe as a run of the quantize deployment, shared among "
@@ -131,10 +139,12 @@ class SweepJob(ModelSettings):
         "'local' for a local cluster of max_concurrency processes; empty: threads here",
     )
     overwrite: bool = Field(False, description="replace existing output folders")
+    _recipes: list[Recipe] = PrivateAttr()
 
-    def load(self) -> list[Recipe]:
-        names = [str(n) for n in self.recipes] + list(self.recipe_files)
-        recipes = [load_job_recipe(n, self.data) for n in names]
+    @model_validator(mode="after")
+    def _parse(self) -> SweepJob:
+        """Every recipe, parsed once here: a bad one fails before any flow starts."""
+        recipes = [load_job_recipe(n, self.data) for n in self.sources()]
         seen: set[str] = set()
         for recipe in recipes:
             if recipe.name in seen:
@@ -142,7 +152,15 @@ class SweepJob(ModelSettings):
             seen.add(recipe.name)
         if not recipes:
             raise ValueError("recipes: give at least one recipe name or recipe_files entry")
-        return recipes
+        self._recipes = recipes
+        return self
+
+    def sources(self) -> list[str]:
+        """The shipped recipes' names and the recipe files, in order."""
+        return [str(n) for n in self.recipes] + list(self.recipe_files)
+
+    def load(self) -> list[Recipe]:
+        return self._recipes
 
 
 class AnalyzeJob(ModelSettings):
@@ -153,38 +171,41 @@ class AnalyzeJob(ModelSettings):
     seq_len: int | None = Field(None, ge=8, description="calibration sample length in tokens")
     out_dir: str | None = Field(None, description="default: outputs/MODEL-outliers")
 
-    def load(self) -> Recipe:
-        if self.recipe_file:
-            recipe = load_job_recipe(self.recipe_file, self.data)
-        else:  # calibration settings only: the step is a placeholder that never runs
-            base = parse_recipe({"name": "analyze", "steps": [{"method": "rtn"}]})
-            recipe = with_overrides(base, **self.data.model_dump())
+    def calibration(self) -> CalibrationSpec:
+        from quantmill.recipe import load_recipe, spec_with_overrides
+
+        base = load_recipe(self.recipe_file).calibration if self.recipe_file else CalibrationSpec()
+        spec = spec_with_overrides(base, **self.data.model_dump())
         if self.seq_len is None:
-            return recipe
-        data = recipe.to_dict()
-        data["calibration"]["seq_len"] = self.seq_len
-        return parse_recipe(data)
+            return spec
+        return spec_with_overrides(spec.model_copy(update={"seq_len": self.seq_len}))
 
     def output_dir(self) -> str:
-        return self.out_dir or str(Path("outputs") / f"{slug(self.model)}-outliers")
+        return self.out_dir or str(Path(defaults.OUTPUT_ROOT) / f"{slug(self.model)}-outliers")
 
 
 class PublishJob(Params):
     checkpoint: str = Field(..., description="a checkpoint folder written by quantmill")
     publish: PublishSettings = Field(default_factory=PublishSettings)
-    experiment: str = Field("quantmill", description="MLflow experiment")
+    experiment: str = Field(defaults.EXPERIMENT, description="MLflow experiment")
 
 
 class EvaluateJob(ModelSettings):
     model: str = Field(..., description="checkpoint folder, preset, .gguf file or Hub id")
     recipe_file: str | None = Field(None, description="take evaluation settings from it")
 
+    def evaluation(self) -> EvalSpec:
+        from quantmill.recipe import load_recipe, spec_with_overrides
+
+        base = load_recipe(self.recipe_file).evaluation if self.recipe_file else EvalSpec()
+        return spec_with_overrides(base, **self.data.model_dump())
+
 
 def load_job_recipe(name_or_path: str, data: DataSettings) -> Recipe:
-    path = Path(name_or_path)
-    if not path.suffix and (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-    return with_overrides(load_recipe(path), **data.model_dump())
+    """A shipped recipe's name or a recipe file, with the job's data settings, parsed once."""
+    from quantmill.recipe import load_recipe
+
+    return load_recipe(find_recipe(name_or_path), **data.model_dump())
 
 
 def slug(text: str) -> str:

@@ -8,16 +8,15 @@ and makes no new revision).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from flows.params import PublishJob, PublishSettings, slug
-from tasks.publish import publish_to_hub, verify_hub_upload, write_model_card
+from tasks.publish import hub_artifact, publish_to_hub, verify_hub_upload, write_model_card
+from tasks.record import tag_run
 from tasks.registry import register_model
-from tasks.tracking import TrackedRun, mlflow_run, set_tags
+from tracking.adapter import TrackedRun, mlflow_run
 
 
 def publish_checkpoint(
@@ -35,8 +34,8 @@ def publish_checkpoint(
                 checkpoint, hub["repo_id"], hub["commit"], settings.token_secret
             )
             hub["verified"] = {k: check[k] for k in ("match", "max_abs_logit_diff", "generated")}
-        set_tags(run, {f"hub.{k}": hub[k] for k in ("repo_id", "url", "commit")})
-        _hub_artifact(hub)
+        tag_run(run, {f"hub.{k}": hub[k] for k in ("repo_id", "url", "commit")})
+        hub_artifact(hub)
         logger.info(
             "Hub: %s at commit %s (%s)",
             hub["url"],
@@ -46,7 +45,7 @@ def publish_checkpoint(
         result["hub"] = hub
     if settings.registry:
         registered = register_model(run, checkpoint, settings.registered_model, hub)
-        set_tags(run, {f"registry.{k}": registered[k] for k in ("name", "version")})
+        tag_run(run, {f"registry.{k}": registered[k] for k in ("name", "version")})
         logger.info(
             "Registry: %s version %s%s",
             registered["name"],
@@ -57,24 +56,6 @@ def publish_checkpoint(
         )
         result["registry"] = registered
     return result
-
-
-def _hub_artifact(hub: dict[str, Any]) -> None:
-    verified = hub.get("verified")
-    check = (
-        f"verified: downloaded, loaded, logits within {verified['max_abs_logit_diff']:.2g}"
-        if verified
-        else "not verified"
-    )
-    create_markdown_artifact(
-        key="hub-" + re.sub(r"[^a-z0-9-]+", "-", hub["repo_id"].lower()),
-        markdown=(
-            f"## Published to the Hub\n\n[{hub['repo_id']}]({hub['url']}) at commit "
-            f"`{hub['commit']}` ({'new revision' if hub['new_revision'] else 'unchanged'}; "
-            f"{check})\n"
-        ),
-        description=f"Hub: {hub['repo_id']}",
-    )
 
 
 @flow(name="publish", log_prints=True)

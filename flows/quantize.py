@@ -15,7 +15,8 @@ from tasks.download import download_model
 from tasks.evaluate import evaluate_model
 from tasks.publish import check_hub_access
 from tasks.quantize import check_recipe, quantize_model
-from tasks.tracking import TrackedRun, log_params, mlflow_run, record_run
+from tasks.record import record_params, record_run
+from tracking.adapter import TrackedRun, mlflow_run
 
 
 def quantize_one(
@@ -32,21 +33,23 @@ def quantize_one(
     publish: PublishSettings | None = None,
     engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize, evaluate, record and publish one recipe into ``run``; shared by both flows."""
-    data = recipe.to_dict()
-    quantized = quantize_model(
-        model, data, out_dir, calibration, statistics, overwrite, export_format, engine
-    )
-    evaluation = evaluate_model(
-        quantized["out_dir"], data, update_summary=True, original_eval=original_eval,
-        engine=engine,
-    )  # fmt: skip
+    """Quantize, evaluate, record and publish one recipe into ``run``; shared by both flows.
+    The heavy tasks are submitted to the flow's task runner (threads here, or Dask)."""
+    quantized = quantize_model.submit(
+        model, recipe, out_dir, calibration, statistics, overwrite, export_format, engine
+    ).result()
+    evaluation = evaluate_model.submit(
+        quantized["out_dir"], recipe.evaluation, update_summary=True,
+        original_eval=original_eval, engine=engine,
+    ).result()  # fmt: skip
     times = {
         **(timings or {}),
         "quantize": quantized["seconds"],
         "evaluate": evaluation["seconds"],
     }
-    figures = record_run(run, model, data, quantized, original_eval, evaluation, times)
+    figures = record_run(
+        run, model, recipe.to_dict(), quantized, original_eval, evaluation, times
+    )
     published = {}
     if publish is not None and publish.enabled():
         published = {"published": publish_checkpoint(quantized["out_dir"], publish, run)}
@@ -65,29 +68,29 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
     """Quantize one model with one recipe, evaluate it, record everything in MLflow and
     publish the checkpoint (Hub when ``publish.hub_repo`` is set, MLflow registry)."""
     logger = get_run_logger()
-    recipe = job.load()
+    recipe = job.load()  # parsed once, when the job was made
     engine = job.engine.model_dump()
     if job.publish.hub_repo:  # a bad token fails here, before any work
         check_hub_access(job.publish.hub_repo, job.publish.token_secret)
     with mlflow_run(recipe.name, job.experiment, tags={"quantmill.flow": "quantize"}) as run:
-        log_params(run, None, recipe.to_dict())
+        record_params(run, None, recipe.to_dict())
         model = download_model(job.model, job.revision)
-        check_recipe(model, [recipe.to_dict()])
+        check_recipe(model, [recipe])
         calibration = statistics = None
         timings = {"download": model["seconds"]}
         if recipe.needs_calibration() or job.outlier_report:
-            prepared = prepare_calibration(model, recipe.to_dict())
+            prepared = prepare_calibration(model, recipe.calibration)
             timings["calibration_data"] = prepared["seconds"]
             calibration = prepared if recipe.needs_calibration() else None
             if recipe.uses_shared_statistics():
-                statistics = collect_statistics(model, recipe.to_dict(), calibration, engine)
+                statistics = collect_statistics(model, recipe.calibration, calibration, engine)
                 timings["statistics"] = statistics["seconds"]
             if job.outlier_report:
                 folder = f"{job.output_dir(recipe)}-outliers"
                 batch = recipe.calibration.batch_size
                 outliers = outlier_report(model, prepared["path"], folder, batch, run)
                 timings["outliers"] = outliers["seconds"]
-        original = evaluate_model(model, recipe.to_dict(), original=True, engine=engine)
+        original = evaluate_model(model, recipe.evaluation, original=True, engine=engine)
         timings["evaluate_original"] = original["seconds"]
         result = quantize_one(
             model,

@@ -2,63 +2,56 @@
 
 Calibration data and statistics are prepared once per distinct calibration
 spec and shared by the recipes that can use them; recipes then run
-concurrently (at most ``max_concurrency`` at a time), each in its own MLflow
-child run. The flow ends with a comparison table and a size-vs-perplexity
-plot, as Prefect artifacts and as artifacts of the parent MLflow run.
+concurrently (at most ``max_concurrency`` at a time) as ``run-recipe``
+subflows, each in its own MLflow child run; their heavy tasks run on threads
+here or on the processes of a Dask cluster. The flow ends with a comparison
+table and a size-vs-perplexity plot, as Prefect artifacts and as artifacts of
+the parent MLflow run.
 """
 
 from __future__ import annotations
 
-import base64
+import contextvars
 import json
 import os
-import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import flow, get_run_logger
 
 from flows.params import SweepJob, slug
 from flows.quantize import quantize_one
-from quantmill import plots
 from quantmill.recipe import Recipe
 from tasks.calibrate import collect_statistics, prepare_calibration
 from tasks.download import download_model
 from tasks.evaluate import evaluate_model
 from tasks.quantize import check_recipe
-from tasks.tracking import TrackedRun, error_message, get_client, log_params, mlflow_run
+from tasks.record import record_comparison, record_params
+from tracking.adapter import TrackedRun, error_message, mlflow_run
 
 COLUMNS = ("recipe", "status", "perplexity", "size_bytes", "bits_per_weight", "quant_seconds")
 
 
-@task(name="run-recipe")
+@flow(name="run-recipe")
 def run_recipe(
     model: dict[str, Any],
-    recipe: dict[str, Any],
+    recipe: Recipe,
     out_dir: str,
     parent: TrackedRun,
     calibration: dict[str, Any] | None,
     statistics: dict[str, Any] | None,
     original_eval: dict[str, Any],
     overwrite: bool,
-    threads: int | None = None,
     engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One recipe of a sweep, in its own MLflow child run."""
-    if threads:  # torch's thread count is per OS thread for the OpenMP pool
-        import torch
-
-        torch.set_num_threads(threads)
-    parsed = Recipe.model_validate(recipe)
-    tags = {"quantmill.flow": "sweep", "quantmill.recipe": parsed.name}
-    tags["quantmill.pid"] = str(os.getpid())  # which process ran it (threads or Dask)
-    with mlflow_run(parsed.name, parent=parent, tags=tags) as run:
+    tags = {"quantmill.flow": "sweep", "quantmill.recipe": recipe.name}
+    with mlflow_run(recipe.name, parent=parent, tags=tags) as run:
         return quantize_one(
-            model, parsed, out_dir, run, calibration, statistics, original_eval, overwrite,
+            model, recipe, out_dir, run, calibration, statistics, original_eval, overwrite,
             engine=engine,
         )  # fmt: skip
 
@@ -67,37 +60,36 @@ def run_recipe(
 def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
     """Quantize one model with several recipes and compare them."""
     logger = get_run_logger()
-    recipes = job.load()
+    recipes = job.load()  # parsed once, when the job was made
     name = f"sweep-{slug(job.model)}"
     with mlflow_run(name, job.experiment, tags={"quantmill.flow": "sweep"}) as parent:
-        log_params(parent, None, None)
+        record_params(parent, None, None)
         if job.fan_out:
             from flows.fanout import fan_out
 
             rows, original = fan_out(job)
             return _finish(parent, rows, original, logger)
         model = download_model(job.model, job.revision)
-        check_recipe(model, [recipe.to_dict() for recipe in recipes])
-        shared = prepare_shared(model, recipes, job.engine.model_dump())
-        with (
-            threads_per_recipe(job.max_concurrency, len(recipes)) as threads,
-            task_runner(job) as runner,
-        ):
+        check_recipe(model, recipes)
+        engine = job.engine.model_dump()
+        shared = prepare_shared(model, recipes, engine)
+        if engine["threads"] is None:  # share the cores among the recipes that run at once
+            engine["threads"] = threads_per_recipe(job.max_concurrency, len(recipes))
+        with task_runner(job) as runner, ThreadPoolExecutor(job.max_concurrency) as pool:
+            recipe_flow = run_recipe.with_options(task_runner=runner)
             futures = {
-                recipe.name: runner.submit(
-                    run_recipe,
-                    {
-                        "model": model,
-                        "recipe": recipe.to_dict(),
-                        "out_dir": str(Path(job.out_root) / slug(recipe.name)),
-                        "parent": parent,
-                        "calibration": shared["calibration"].get(_calib_key(recipe)),
-                        "statistics": shared["statistics"].get(_calib_key(recipe)),
-                        "original_eval": shared["original"][_eval_key(recipe)],
-                        "overwrite": job.overwrite,
-                        "threads": threads,
-                        "engine": job.engine.model_dump(),
-                    },
+                recipe.name: pool.submit(
+                    contextvars.copy_context().run,
+                    recipe_flow,
+                    model,
+                    recipe,
+                    str(Path(job.out_root) / slug(recipe.name)),
+                    parent,
+                    shared["calibration"].get(_calib_key(recipe)),
+                    shared["statistics"].get(_calib_key(recipe)),
+                    shared["original"][_eval_key(recipe)],
+                    job.overwrite,
+                    engine,
                 )
                 for recipe in recipes
             }
@@ -108,43 +100,45 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
 
 def _finish(parent: TrackedRun, rows: list[dict[str, Any]], original: dict[str, Any], logger):
     """Compare the recipes; fail, naming each failed recipe, when one failed."""
-    comparison = publish_comparison(parent, rows, original)
+    table = [{k: row.get(k) for k in COLUMNS} for row in rows]
+    markdown = record_comparison(parent, table, original)
     failed = [r for r in rows if r["status"] != "ok"]
-    for row in rows:
-        logger.info("%s", {k: row.get(k) for k in COLUMNS})
+    for row in table:
+        logger.info("%s", row)
     logger.info("MLflow: %s", parent.where())
     if failed:
         raise RuntimeError("; ".join(f"recipe {r['recipe']} failed: {r['error']}" for r in failed))
-    return {"rows": rows, "mlflow": parent.where(), **comparison}
-
-
-def task_runner(job: SweepJob) -> Any:
-    """Threads in this process, or the processes of a Dask cluster (local or remote)."""
-    if not job.dask:
-        return ThreadPoolTaskRunner(max_workers=job.max_concurrency)
-    from prefect_dask import DaskTaskRunner
-
-    if job.dask == "local":
-        # one recipe per worker process, each process with its own torch threads
-        cluster = {"n_workers": job.max_concurrency, "threads_per_worker": 1, "processes": True}
-        return DaskTaskRunner(cluster_kwargs=cluster)
-    return DaskTaskRunner(address=job.dask)
+    return {"rows": rows, "mlflow": parent.where(), "table": markdown}
 
 
 @contextmanager
-def threads_per_recipe(limit: int, recipes: int) -> Iterator[int]:
-    """Share the CPU cores among the recipes that run at once: torch's threads of two
-    concurrent recipes on the same cores would otherwise contend and slow both."""
-    import torch
+def task_runner(job: SweepJob) -> Iterator[Any]:
+    """The task runner of each recipe's heavy tasks: threads in this process, or the
+    processes of a Dask cluster (one local cluster for the whole sweep, or a remote one)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
 
-    before = torch.get_num_threads()
+    if not job.dask:
+        yield ThreadPoolTaskRunner(max_workers=2)  # quantize, then evaluate
+        return
+    from prefect_dask import DaskTaskRunner
+
+    if job.dask != "local":
+        yield DaskTaskRunner(address=job.dask)
+        return
+    from distributed import LocalCluster
+
+    # one recipe per worker process, each process with its own torch threads
+    with LocalCluster(
+        n_workers=job.max_concurrency, threads_per_worker=1, processes=True
+    ) as cluster:
+        yield DaskTaskRunner(address=cluster.scheduler_address)
+
+
+def threads_per_recipe(limit: int, recipes: int) -> int:
+    """The cores each recipe gets when ``min(limit, recipes)`` run at once: torch's threads
+    of two concurrent recipes on the same cores would otherwise contend and slow both."""
     at_once = max(1, min(limit, recipes))
-    threads = max(1, (os.cpu_count() or 1) // at_once)
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(before)
+    return max(1, (os.cpu_count() or 1) // at_once)
 
 
 def prepare_shared(
@@ -156,60 +150,16 @@ def prepare_shared(
     for recipe in recipes:
         key = _calib_key(recipe)
         if recipe.needs_calibration() and key not in shared["calibration"]:
-            shared["calibration"][key] = prepare_calibration(model, recipe.to_dict())
+            shared["calibration"][key] = prepare_calibration(model, recipe.calibration)
         if recipe.uses_shared_statistics() and key not in shared["statistics"]:
             calibration = shared["calibration"][key]
             shared["statistics"][key] = collect_statistics(
-                model, recipe.to_dict(), calibration, engine
+                model, recipe.calibration, calibration, engine
             )
         if _eval_key(recipe) not in shared["original"]:
-            original = evaluate_model(model, recipe.to_dict(), original=True, engine=engine)
+            original = evaluate_model(model, recipe.evaluation, original=True, engine=engine)
             shared["original"][_eval_key(recipe)] = original
     return shared
-
-
-def publish_comparison(
-    parent: TrackedRun, rows: list[dict[str, Any]], original: dict[str, Any]
-) -> dict[str, Any]:
-    """The table and the plot, as Prefect artifacts and parent-run MLflow artifacts."""
-    table = [{k: row.get(k) for k in COLUMNS} for row in rows]
-    markdown = comparison_markdown(table, original)
-    create_table_artifact(table, key="sweep-comparison", description="recipes side by side")
-    client = get_client()
-    with tempfile.TemporaryDirectory() as tmp:
-        plot = plots.size_vs_perplexity(table, Path(tmp) / "size_vs_perplexity.png", original)
-        encoded = base64.b64encode(plot.read_bytes()).decode()
-        create_markdown_artifact(
-            f"{markdown}\n\n![size vs perplexity](data:image/png;base64,{encoded})\n",
-            key="sweep-plot",
-            description="size on disk against perplexity, one point per recipe",
-        )
-        (Path(tmp) / "comparison.md").write_text(markdown + "\n")
-        (Path(tmp) / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
-        for name in ("comparison.md", "comparison.json"):
-            client.log_artifact(parent.run_id, str(Path(tmp) / name))
-        client.log_artifact(parent.run_id, str(plot), "plots")
-    return {"table": markdown}
-
-
-def comparison_markdown(table: list[dict[str, Any]], original: dict[str, Any]) -> str:
-    def fmt(value: Any, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    lines = [
-        "| recipe | status | perplexity | size (MB) | bits/weight | quantize (s) |",
-        "|---|---|---|---|---|---|",
-        f"| original | - | {fmt(original.get('perplexity'), '.2f')} "
-        f"| {fmt(original.get('size_bytes', 0) / 2**20, '.1f')} | - | - |",
-    ]
-    for row in table:
-        size = row.get("size_bytes")
-        lines.append(
-            f"| {row['recipe']} | {row['status']} | {fmt(row.get('perplexity'), '.2f')} "
-            f"| {fmt(size and size / 2**20, '.1f')} | {fmt(row.get('bits_per_weight'), '.3f')} "
-            f"| {fmt(row.get('quant_seconds'), '.1f')} |"
-        )
-    return "\n".join(lines)
 
 
 def _row(name: str, future) -> dict[str, Any]:

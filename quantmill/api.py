@@ -13,7 +13,6 @@ training checkpoints.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import shutil
@@ -25,9 +24,10 @@ import torch
 
 from quantmill import __version__
 from quantmill.arch import arch_for
-from quantmill.config import EngineSpec
+from quantmill.cache import cache_key, cached_json
+from quantmill.config import EngineSpec, EvalSpec
 from quantmill.data import calibration_ids, eval_ids
-from quantmill.devices import dtype_name, resolve_device, resolve_dtype
+from quantmill.devices import dtype_name, resolve_device, resolve_dtype, uses_engine_threads
 from quantmill.driver import QuantizeOutcome, build_methods, quantize_model
 from quantmill.engine import StreamingStore
 from quantmill.errors import ConfigError, OutOfSpaceError
@@ -37,12 +37,12 @@ from quantmill.folder import LAYERS_FILE, RECIPE_FILE, SOURCE_FILE, SUMMARY_FILE
 from quantmill.journal import Stage, check_output, code_version, staged_run
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
 from quantmill.lazy import LazyModel, empty_model, open_model
-from quantmill.methods import get_method
+from quantmill.methods.base import Method
 from quantmill.models import load_model, load_tokenizer
 from quantmill.qat.loop import TrainContext
 from quantmill.recipe import Recipe, save_recipe
 from quantmill.runtime import apply_runtime, runtime_summary
-from quantmill.sources import ResolvedModel, cache_root, resolve_model
+from quantmill.sources import ResolvedModel, resolve_model
 from quantmill.stages import data_fingerprint, load_calibration
 from quantmill.stats import StatisticsFile
 
@@ -80,6 +80,7 @@ class QuantizeSummary:
         return asdict(self)
 
 
+@uses_engine_threads
 def quantize(
     model: str | ResolvedModel,
     recipe: Recipe,
@@ -108,16 +109,16 @@ def quantize(
     check_output(out_dir, overwrite)
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
-    check_recipe(lazy.model, recipe, export_format)
+    methods = check_recipe(lazy.model, recipe, export_format)  # built once, used by the run
     check_space(out_dir, estimate_output_bytes(lazy, recipe, export_format))
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     fingerprint = run_fingerprint(resolved, recipe, lazy, export_format, engine)
-    trains = any(get_method(step.method).impl.trains for step in recipe.steps)
+    trains = recipe.trains()
     workdir = training_dir(out_dir, resolved, recipe) if trains else None
     with staged_run(out_dir, fingerprint, resume=engine.resume, overwrite=overwrite) as stage:
-        run = _Run(resolved, lazy, recipe, stage, export_format, engine, progress, workdir)
+        run = _Run(resolved, lazy, recipe, methods, stage, export_format, engine, progress, workdir)
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
-        original = _original_perplexity(lazy, resolved, recipe, windows, progress)
+        original = _original_perplexity(lazy, resolved, recipe.evaluation, windows, progress)
         written = (stage.state or {}).get("written")
         if written is None:
             calib = _calibration(tokenizer, recipe, calibration)
@@ -132,7 +133,9 @@ def quantize(
         if windows is not None:
             # Evaluate what was written, loaded the way users load it.
             staged = ResolvedModel(str(out_dir), "local", stage.folder, "staged")
-            quantized = _quantized_perplexity(staged, recipe, windows, progress, device, lazy.dtype)
+            quantized = _quantized_perplexity(
+                staged, recipe.evaluation, windows, progress, device, lazy.dtype
+            )
         summary = _summary(run, written, original, quantized)
         _write_run_files(stage.folder, recipe, summary)
     if workdir is not None:  # the checkpoint is complete: nothing left to resume
@@ -147,6 +150,7 @@ class _Run:
     resolved: ResolvedModel
     lazy: LazyModel
     recipe: Recipe
+    methods: list[Method]  # the recipe's steps, built and checked against the model
     stage: Stage
     fmt: ExportFormat
     engine: EngineSpec
@@ -162,7 +166,7 @@ def _stream(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None)
         log.info("resuming at block %d/%d (from %s)", store.start + 1, len(lazy.blocks), stage.work)
     outcome = quantize_model(
         lazy.model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
-        statistics=stats, store=store,
+        statistics=stats, store=store, methods=run.methods,
     )  # fmt: skip
     store.finish_weights()
     dtype = lazy.files.main_dtype()
@@ -175,12 +179,12 @@ def _train_in_memory(run: _Run, calib: torch.Tensor | None, stats: StatisticsFil
     """Recipes that train hold the whole model on the device; training resumes by itself."""
     model = run.lazy.load_all()
     context = TrainContext(
-        calib, workdir=run.workdir, cache_dir=cache_root() / "generated",
+        calib, workdir=run.workdir, cache=True,
         model_key=run.resolved.revision, progress=run.progress,
     )  # fmt: skip
     outcome = quantize_model(
         model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
-        statistics=stats, training=context,
+        statistics=stats, training=context, methods=run.methods,
     )  # fmt: skip
     save_quantized(
         model, None, outcome.layers, run.stage.folder, run.fmt, run.lazy.stored_dtype,
@@ -305,20 +309,20 @@ def training_dir(out_dir: Path, resolved: ResolvedModel, recipe: Recipe) -> Path
     """Where a recipe's training steps keep checkpoints: beside ``out_dir``, keyed by
     the model and everything in the recipe that shapes training, except the settings a
     resumed run may change (``RESUMABLE_FIELDS``). ``None`` when nothing trains."""
-    if not any(get_method(step.method).impl.trains for step in recipe.steps):
+    if not recipe.trains():
         return None
     data = recipe.to_dict()
     for step in data["steps"]:
         for name in RESUMABLE_FIELDS:
             step.get("training", {}).pop(name, None)
-    key = json.dumps([resolved.revision, data["steps"], data["calibration"]], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return out_dir.with_name(out_dir.name + ".training") / digest
+    key = cache_key(model=resolved.revision, steps=data["steps"], calibration=data["calibration"])
+    return out_dir.with_name(out_dir.name + ".training") / key
 
 
+@uses_engine_threads
 def evaluate_checkpoint(
     model: str | ResolvedModel,
-    recipe: Recipe,
+    evaluation: EvalSpec | None = None,
     *,
     revision: str | None = None,
     progress: bool = True,
@@ -332,33 +336,37 @@ def evaluate_checkpoint(
     evaluation spec, device and dtype is reused.
     """
     engine = engine or EngineSpec()
+    evaluation = evaluation or EvalSpec()
     device = resolve_device(engine.device)
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     tokenizer = load_tokenizer(resolved)
-    windows = eval_ids(tokenizer, recipe.evaluation)
+    windows = eval_ids(tokenizer, evaluation)
     has_config = (resolved.path / "config.json").is_file()
     if cache:
         lazy = open_model(resolved.path, device, engine.dtype)
-        if recipe.evaluation.kv_cache is not None:
+        if evaluation.kv_cache is not None:
             check_kv_supported(lazy.model)
-        result = _original_perplexity(lazy, resolved, recipe, windows, progress) or {}
+        result = _original_perplexity(lazy, resolved, evaluation, windows, progress) or {}
     else:
         dtype = resolve_dtype(engine.dtype, device, _config_dtype(resolved))
-        result = _quantized_perplexity(resolved, recipe, windows, progress, device, dtype)
+        result = _quantized_perplexity(resolved, evaluation, windows, progress, device, dtype)
     return {
         "model": resolved.to_dict(),
-        "evaluation": recipe.evaluation.model_dump(),
+        "evaluation": evaluation.model_dump(),
         **result,
         "size_bytes": size_on_disk(resolved.path),
         "bits_per_weight": bits_per_weight(resolved.path) if has_config else None,
     }
 
 
-def check_recipe(net: torch.nn.Module, recipe: Recipe, export_format: str = "packed") -> None:
+def check_recipe(
+    net: torch.nn.Module, recipe: Recipe, export_format: str = "packed"
+) -> list[Method]:
     """Everything about ``recipe`` that depends on the model, checked before any work:
-    the architecture, each step's mappings and layers, the KV-cache layout, the export."""
+    the architecture, each step's mappings and layers, the KV-cache layout, the export.
+    Returns the steps' methods, built and checked (a run uses these)."""
     spec = arch_for(net)
-    build_methods(net, recipe.steps)
+    methods = build_methods(net, recipe.steps)
     if recipe.evaluation.kv_cache is not None:
         check_kv_supported(net)
     if spec.conv1d and export_format == "packed":
@@ -367,6 +375,7 @@ def check_recipe(net: torch.nn.Module, recipe: Recipe, export_format: str = "pac
             "compressed-tensors format cannot hold; pass --format fake (float weights on the "
             "grid)"
         )
+    return methods
 
 
 def check_recipe_source(
@@ -390,7 +399,7 @@ def _config_dtype(resolved: ResolvedModel) -> torch.dtype:
 
 def _quantized_perplexity(
     resolved: ResolvedModel,
-    recipe: Recipe,
+    evaluation: EvalSpec,
     windows: torch.Tensor,
     progress: bool,
     device: torch.device | None = None,
@@ -398,14 +407,14 @@ def _quantized_perplexity(
 ) -> dict[str, Any]:
     """Perplexity of a checkpoint loaded the way users load it, then run the way it is
     meant to run: integer or quantized-input layers from its runtime file, and the
-    recipe's KV-cache quantization. The original model is never evaluated this way."""
+    evaluation's KV-cache quantization. The original model is never evaluated this way."""
     net, _ = load_model(resolved, dtype=dtype, device=device)
     apply_runtime(net, resolved.path)
-    with kv_cache_quantized(net, recipe.evaluation.kv_cache):
+    with kv_cache_quantized(net, evaluation.kv_cache):
         result = perplexity(net, windows, progress).to_dict()
     result.update(runtime_summary(net))
-    if recipe.evaluation.kv_cache is not None:
-        result["kv_cache"] = recipe.evaluation.kv_cache.label()
+    if evaluation.kv_cache is not None:
+        result["kv_cache"] = evaluation.kv_cache.label()
     del net
     gc.collect()
     return result
@@ -414,7 +423,7 @@ def _quantized_perplexity(
 def _original_perplexity(
     lazy: LazyModel,
     resolved: ResolvedModel,
-    recipe: Recipe,
+    evaluation: EvalSpec,
     windows: torch.Tensor | None,
     progress: bool,
 ) -> dict[str, Any] | None:
@@ -422,16 +431,14 @@ def _original_perplexity(
     eval spec, device type and dtype."""
     if windows is None:
         return None
-    key_src = json.dumps(
-        [resolved.revision, recipe.evaluation.model_dump(), windows.shape, int(windows.sum())]
-        + ([lazy.device.type, dtype_name(lazy.dtype)] if lazy.device.type != "cpu"
-           or lazy.dtype != torch.float32 else [])
-    )  # fmt: skip
-    cache = cache_root() / "eval" / (hashlib.sha256(key_src.encode()).hexdigest()[:24] + ".json")
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    result = streamed_perplexity(lazy, windows, progress).to_dict()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result))
+    key = cache_key(
+        model=resolved.revision,
+        evaluation=evaluation.model_dump(),
+        windows=[list(windows.shape), int(windows.sum())],
+        compute=[lazy.device.type, dtype_name(lazy.dtype)],
+    )
+    result, _ = cached_json(
+        "eval", key, lambda: streamed_perplexity(lazy, windows, progress).to_dict()
+    )
     return result
 

@@ -1,18 +1,23 @@
-"""A content-keyed file cache for work worth doing once: prepared calibration
-data and calibration statistics.
+"""The one cache: work worth doing once, keyed by what decides its result.
 
-Keys hash the inputs that determine the result (model commit hash,
-calibration spec, code version); an entry appears only when complete, so an
-interrupted run never leaves a half-written file that a later run would trust.
-With S3 storage configured (``quantmill.storage``) the bucket mirrors the
-cache: a local miss is looked up there before any work, and a file made here
-is uploaded, so other machines reuse it.
+Prepared calibration data, calibration statistics, the original model's
+perplexity and text generated for data-free training all live here, under
+``<cache root>/<kind>/<key>/<name>``. Keys hash the inputs that determine the
+result plus the code version (``cache_key``). Each entry is written with a
+sha256 checksum beside it (``<name>.sha256``, in place before the entry
+itself), so an interrupted run never leaves a half-written file a later run
+would trust, and an entry is verified on every read: a damaged one is dropped
+with a warning naming it and made again. With S3 storage configured
+(``quantmill.storage``) the bucket mirrors the cache, checksums included: a
+local miss is looked up there before any work, and a file made here is
+uploaded, so other machines reuse it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,16 +25,19 @@ from pathlib import Path
 from typing import Any
 
 from quantmill import __version__
+from quantmill.hashing import file_sha256
 from quantmill.sources import cache_root
 from quantmill.storage import remote_store
 
-# The modules whose code decides what a cached file holds: a change to any of
+log = logging.getLogger(__name__)
+
+# The modules whose code decides what a cached entry holds: a change to any of
 # them changes the code version and so every key.
-_KEYED_MODULES = ("data", "stats", "driver", "arch", "models", "quant/gptq")
+_KEYED_MODULES = ("data", "stats", "driver", "arch", "models", "quant/gptq", "evaluate", "qat/data")
 
 
 def code_version() -> str:
-    """quantmill's version plus a digest of the modules that produce cached files."""
+    """quantmill's version plus a digest of the modules that produce cached entries."""
     root = Path(__file__).parent
     digest = hashlib.sha256()
     for name in _KEYED_MODULES:
@@ -38,8 +46,8 @@ def code_version() -> str:
 
 
 def cache_key(**parts: Any) -> str:
-    """A short stable hash of ``parts`` (JSON-serialisable values)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
+    """A short stable hash of ``parts`` (JSON-serialisable values) and the code version."""
+    text = json.dumps({**parts, "code": code_version()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -49,25 +57,79 @@ def cached_file(
     """``(path, hit)``: the cached ``<kind>/<key>/<name>``, made by ``produce(tmp)`` on a miss.
 
     ``produce`` writes a temporary file that is renamed into place only when it
-    returns, so concurrent or interrupted runs never expose a partial file.
-    A hit in the S3 mirror counts as a hit.
+    returns. A hit is a file whose checksum matches; a hit in the S3 mirror counts.
     """
     path = cache_root() / kind / key / name
-    if path.is_file():
+    if _verified(path):
         return path, True
     path.parent.mkdir(parents=True, exist_ok=True)
     store = remote_store()
-    remote_key = f"cache/{kind}/{key}/{name}"
+    remote = f"cache/{kind}/{key}/{name}"
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        hit = store is not None and store.download(remote_key, Path(tmp))
+        hit = store is not None and _download(store, remote, Path(tmp))
         if not hit:
             produce(Path(tmp))
-        os.replace(tmp, path)
+        _place(Path(tmp), path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     if store is not None and not hit:
-        store.upload(path, remote_key)
+        store.upload(_checksum_file(path), remote + ".sha256")
+        store.upload(path, remote)
     return path, hit
+
+
+def cached_json(kind: str, key: str, produce: Callable[[], Any]) -> tuple[Any, bool]:
+    """``(value, hit)``: a JSON value cached like a file (``<kind>/<key>/value.json``)."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(produce()))
+
+    path, hit = cached_file(kind, key, "value.json", write)
+    return json.loads(path.read_text()), hit
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verified(path: Path) -> bool:
+    """True when ``path`` exists and matches its checksum; a damaged entry is dropped."""
+    if not path.is_file():
+        return False
+    checksum = _checksum_file(path)
+    expected = checksum.read_text().strip() if checksum.is_file() else None
+    if expected == file_sha256(path):
+        return True
+    why = "has no checksum" if expected is None else "does not match its checksum"
+    log.warning("cache entry %s %s: dropped, making it again", path, why)
+    path.unlink(missing_ok=True)
+    checksum.unlink(missing_ok=True)
+    return False
+
+
+def _place(tmp: Path, path: Path) -> None:
+    """Checksum first, then the entry: a reader never sees an entry without its checksum."""
+    checksum = _checksum_file(path)
+    partial = checksum.with_name(checksum.name + ".partial")
+    partial.write_text(file_sha256(tmp) + "\n")
+    os.replace(partial, checksum)
+    os.replace(tmp, path)
+
+
+def _download(store, remote: str, tmp: Path) -> bool:
+    """True when the mirror holds ``remote`` with a matching checksum."""
+    sums = tmp.with_name(tmp.name + ".sha256")
+    try:
+        if not store.download(remote + ".sha256", sums):
+            return False
+        if not store.download(remote, tmp):
+            return False
+        if file_sha256(tmp) == sums.read_text().strip():
+            return True
+        log.warning("cache entry %s in the S3 mirror does not match its checksum: ignored", remote)
+        return False
+    finally:
+        sums.unlink(missing_ok=True)

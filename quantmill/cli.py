@@ -1,22 +1,21 @@
-"""Command line: ``quantmill quantize``, ``quantmill eval`` and ``quantmill outliers``."""
+"""The library's commands: ``quantize``, ``eval``, ``outliers`` and ``methods``.
+
+The ``quantmill`` program (``app.main``) composes these with the pipeline's
+and the stack's commands; ``python -m quantmill.cli`` runs these alone.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 
-from quantmill.errors import QuantmillError
+COMMANDS = ("quantize", "eval", "outliers", "methods")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantmill", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="quantize a model with a recipe and evaluate it")
     _model_args(q)
-    q.add_argument("--recipe", required=True, help="recipe file (YAML or JSON), see recipes/")
+    q.add_argument("--recipe", required=True, help="shipped recipe name or recipe file (YAML/JSON)")
     q.add_argument("--out", required=True, help="output folder for the packed checkpoint")
     q.add_argument("--calib-data", help="calibration text file (overrides the recipe)")
     q.add_argument("--calib-samples", type=int, help="number of calibration samples")
@@ -53,19 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(o)
 
     sub.add_parser("methods", help="list the registered quantization methods")
-    try:  # the pipeline commands, where the repository's flows/ package is installed
-        from flows.cli import add_flow_commands
-    except ImportError:
-        pass
-    else:
-        add_flow_commands(sub)
-    try:  # the service stack, where the repository's stack/ package is installed
-        from stack.cli import add_stack_commands
-    except ImportError:
-        pass
-    else:
-        add_stack_commands(sub)
-    return parser
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +90,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-shard-size", help="largest safetensors shard of the output (default 5GB)"
     )
+    p.add_argument("--threads", type=int, help="CPU threads of torch's operators (default: all)")
     p.add_argument(
         "--no-resume",
         action="store_true",
@@ -123,6 +110,7 @@ def engine_spec(args: argparse.Namespace):
         "dtype": getattr(args, "dtype", None),
         "offload": getattr(args, "offload", None),
         "max_shard_size": getattr(args, "max_shard_size", None),
+        "threads": getattr(args, "threads", None),
         "resume": False if getattr(args, "no_resume", False) else None,
     }
     try:
@@ -160,103 +148,63 @@ def _methods() -> int:
     return 0
 
 
-def _recipe(args: argparse.Namespace):
-    from quantmill.recipe import load_recipe, parse_recipe, with_overrides
-
-    if args.recipe:
-        recipe = load_recipe(args.recipe)
-    else:
-        recipe = parse_recipe({"name": "eval", "steps": [{"method": "rtn"}]})  # eval only
-    return with_overrides(
-        recipe,
-        calib_data=getattr(args, "calib_data", None),
-        calib_samples=getattr(args, "calib_samples", None),
-        eval_data=args.eval_data,
-        eval_windows=args.eval_windows,
-        eval_seq_len=args.eval_seq_len,
-        kv_cache=getattr(args, "kv_cache", None),
-    )
+def _overrides(args: argparse.Namespace) -> dict:
+    """The data settings given on the command line (``None``: the recipe's)."""
+    return {
+        "calib_data": getattr(args, "calib_data", None),
+        "calib_samples": getattr(args, "calib_samples", None),
+        "eval_data": args.eval_data,
+        "eval_windows": args.eval_windows,
+        "eval_seq_len": args.eval_seq_len,
+        "kv_cache": args.kv_cache,
+    }
 
 
-# glibc raises its mmap threshold each time a large block is freed, after which
-# activation-sized tensors come from the heap and fragment it: peak RSS of a
-# GPTQ run then varied from 1.24 to 1.65 GB between settings. A fixed 1 MiB
-# threshold keeps large tensors in their own mappings, returned on free
-# (measured at w4g64 asym: 1623 → 1241 MB peak, 248 → 281 s).
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def pin_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold for this process; False where there is no glibc."""
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    pin_mmap_threshold()  # an application setting: the CLI's, never the library's
-    if args.command in ("run", "sweep"):
-        # Prefect configures the terminal logging of flows; quantmill's INFO lines
-        # (one per block and per window) go to the Prefect run logs.
-        logging.getLogger("quantmill").setLevel(logging.INFO)
-    else:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        # The terminal has progress bars; per-block lines are for the Prefect logs.
-        logging.getLogger("quantmill.progress").setLevel(logging.WARNING)
-    try:
-        return _run(args)
-    except QuantmillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    from quantmill import report
-
-    if args.command == "stack":
-        from stack.cli import run_stack_command
-
-        return run_stack_command(args)
-    if args.command in ("run", "sweep", "publish", "deploy"):
-        from flows.cli import run_flow_command
-
-        return run_flow_command(args)
+def run(args: argparse.Namespace) -> int:
+    """Run one of ``COMMANDS``; a ``QuantmillError`` is the caller's to report."""
     if args.command == "methods":
         return _methods()
     if args.command == "outliers":
         return _outliers(args)
-    recipe = _recipe(args)
-    engine = engine_spec(args)
     if args.command == "quantize":
-        from quantmill.api import quantize
+        return _quantize(args)
+    return _evaluate(args)
 
-        summary = quantize(
-            args.model,
-            recipe,
-            args.out,
-            revision=args.revision,
-            evaluate=not args.no_eval,
-            overwrite=args.overwrite,
-            trust_remote_code=args.trust_remote_code,
-            export_format=args.format,
-            progress=not args.quiet,
-            engine=engine,
-        )
-        data = {k: v for k, v in summary.to_dict().items() if k != "layers"}
-        print(json.dumps(data, indent=2) if args.json else report.summary_table(data))
-        return 0
+
+def _quantize(args: argparse.Namespace) -> int:
+    from quantmill import report
+    from quantmill.api import quantize
+    from quantmill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, **_overrides(args))  # parsed once, overrides included
+    summary = quantize(
+        args.model,
+        recipe,
+        args.out,
+        revision=args.revision,
+        evaluate=not args.no_eval,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        export_format=args.format,
+        progress=not args.quiet,
+        engine=engine_spec(args),
+    )
+    data = {k: v for k, v in summary.to_dict().items() if k != "layers"}
+    print(json.dumps(data, indent=2) if args.json else report.summary_table(data))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from quantmill import report
     from quantmill.api import evaluate_checkpoint
+    from quantmill.config import EvalSpec
+    from quantmill.recipe import load_recipe, spec_with_overrides
 
+    base = load_recipe(args.recipe).evaluation if args.recipe else EvalSpec()
+    evaluation = spec_with_overrides(base, **_overrides(args))
     result = evaluate_checkpoint(
-        args.model, recipe, revision=args.revision, progress=not args.quiet,
-        cache=args.original, engine=engine,
+        args.model, evaluation, revision=args.revision, progress=not args.quiet,
+        cache=args.original, engine=engine_spec(args),
     )  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else report.eval_table(result))
     return 0
@@ -285,6 +233,25 @@ def _outliers(args: argparse.Namespace) -> int:
     print(worst_layers_table(report))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The library's commands alone (the ``quantmill`` program has more: ``app.main``)."""
+    import logging
+    import sys
+
+    from quantmill.errors import QuantmillError
+
+    parser = argparse.ArgumentParser(prog="python -m quantmill.cli", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("quantmill.progress").setLevel(logging.WARNING)
+    try:
+        return run(args)
+    except QuantmillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

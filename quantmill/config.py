@@ -183,6 +183,9 @@ class EngineSpec(StrictModel):
     max_shard_size: str = Field("5GB", description="largest safetensors shard of the output")
     # False: ignore the journal of an interrupted run into the same output and start afresh.
     resume: bool = True
+    # None: torch's default (every core). A sweep running recipes side by side shares the
+    # cores among them, so that their threads do not contend.
+    threads: int | None = Field(None, ge=1, description="CPU threads of torch's operators")
 
     @field_validator("device")
     @classmethod

@@ -8,6 +8,10 @@ Statistics (Hessians, channel maxima, errors) always accumulate in float32.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 
 from quantmill.errors import ConfigError
@@ -16,6 +20,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # Calibration activations stay on the device while they take at most this share of
 # the memory free there when the run starts; beyond it they wait in CPU memory.
 DEVICE_SHARE = 0.5
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def available_devices() -> list[str]:
@@ -62,3 +67,24 @@ def offload_to(spec: str, device: torch.device, nbytes: int) -> torch.device:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def uses_engine_threads(fn: F) -> F:
+    """Run ``fn`` with torch's CPU threads set to its ``engine`` keyword's ``threads``
+    (restored after; torch's thread count is per OS thread, so concurrent calls in
+    other threads keep theirs)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        engine = kwargs.get("engine")
+        threads = getattr(engine, "threads", None)
+        if threads is None:
+            return fn(*args, **kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]

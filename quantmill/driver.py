@@ -52,6 +52,7 @@ def quantize_model(
     statistics: Statistics | StatisticsFile | None = None,
     training: TrainContext | None = None,
     store: BlockStore | None = None,
+    methods: list[Method] | None = None,
 ) -> QuantizeOutcome:
     """Apply ``steps`` in order to every decoder block of ``model`` in place.
 
@@ -60,17 +61,19 @@ def quantize_model(
     shared ``statistics`` (``sequential: false``) and those are given.
     ``store`` says where block weights come from and where finished blocks go
     (default: the whole model in memory, written by the caller afterwards).
+    ``methods``: the steps' methods, already built and checked (``build_methods``).
     """
     start = time.perf_counter()
     store = store or BlockStore(model)
     spec = arch_for(model)
     blocks = decoder_blocks(model, spec)
-    everything = build_methods(model, steps)
-    methods = [m for m in everything if not m.trains]
-    trainers = [m for m in everything if m.trains]
-    calibrated = [m for m in methods if m.needs_calibration]
-    live = any(m.sequential for m in calibrated)  # statistics of the partly quantized model
-    shared = any(not m.sequential for m in calibrated)
+    everything = methods if methods is not None else build_methods(model, steps)
+    trainers = [m for m in everything if m.needs.trains]
+    methods = [m for m in everything if not m.needs.trains]
+    calibrated = [m for m in methods if m.needs.calibration]
+    # statistics of the partly quantized model, or of the original model (shareable)
+    live = any(not m.needs.shared_statistics for m in calibrated)
+    shared = any(m.needs.shared_statistics for m in calibrated)
     if (live or (shared and statistics is None)) and (calib_ids is None or calib_ids.numel() == 0):
         raise CalibrationDataError(
             "the recipe's methods need calibration data but none was given "
@@ -90,7 +93,7 @@ def quantize_model(
             store.load(index, block)
             prefix = f"{spec.blocks}.{index}."
             targets = None
-            if inputs is not None and any(m.needs_targets for m in methods):
+            if inputs is not None and any(m.needs.targets for m in methods):
                 targets = block_outputs(block, inputs)  # the original block's, for distillation
             block_layers: dict[str, LayerQuant] = {}
             block_reports: list[LayerReport] = []
@@ -122,11 +125,6 @@ def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
             method.check_model(model, spec)
         except ConfigError as exc:  # name the step, as recipe validation does
             raise ConfigError(f"steps.{index}.{exc}") from None
-        if not method.trains and any(m.trains for m in methods[:index]):
-            raise ConfigError(
-                f"steps.{index}.method: {steps[index].method} is a post-training step after "
-                "a training step; training steps come last in a recipe"
-            )
     return methods
 
 
@@ -166,10 +164,10 @@ def _quantize_block(
     }
     if not selected:
         return
-    if method.needs_calibration and not method.sequential:
+    if method.needs.calibration and method.needs.shared_statistics:
         assert statistics is not None  # quantize_model collects them when none were given
         method.use_statistics([prefix + name for name in selected], statistics)
-    elif method.needs_calibration and inputs is not None and _observes(method):
+    elif method.needs.calibration and inputs is not None and _observes(method):
         groups = [
             [(prefix + n, selected[n]) for n in group if n in selected]
             for group in spec.linear_groups
@@ -187,7 +185,7 @@ def _quantize_block(
             step_layers[prefix + name] = quant
     block_layers.update(step_layers)
     seen.update(step_layers)
-    if method.needs_targets and inputs is not None and targets is not None:
+    if method.needs.targets and inputs is not None and targets is not None:
         reports += method.finish_block(block, prefix, inputs, targets, step_layers)
 
 

@@ -16,6 +16,8 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, QualityGate, StrictModel
 from quantmill.errors import ConfigError
 from quantmill.methods import get_method, method_names
+from quantmill.recipes import find_recipe, shipped_recipes
+from quantmill.registry import Needs
 
 
 class Recipe(StrictModel):
@@ -53,12 +55,33 @@ class Recipe(StrictModel):
         return steps
 
     @model_validator(mode="after")
+    def _step_order(self) -> Recipe:
+        """Training steps come last; a step that needs an earlier one (PEQA trains the
+        scales RTN or GPTQ chose) has it, on the same layers."""
+        for index, step in enumerate(self.steps):
+            needs = needs_of(step)
+            earlier = self.steps[:index]
+            if not needs.trains and any(needs_of(s).trains for s in earlier):
+                raise ValueError(
+                    f"steps.{index}.method: {step.method} is a post-training step after a "
+                    "training step; training steps come last in a recipe"
+                )
+            before = [s for s in earlier if s.method in needs.after]
+            if needs.after and not any(_covers(s, step) for s in before):
+                raise ValueError(
+                    f"steps.{index}.method: {step.method} trains the grids of an earlier "
+                    f"{' or '.join(needs.after)} step with the same targets and ignore "
+                    f"(targets {step.targets}, ignore {step.ignore}); put one before it"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _training_steps(self) -> Recipe:
         """Training text long enough for each training step; a step's KV-cache setting is
         what the evaluation measures."""
         for index, step in enumerate(self.steps):
             training = getattr(step, "training", None)
-            if training is not None and _method(step).needs_calibration:
+            if training is not None and needs_of(step).calibration:
                 calib = self.calibration
                 if training.seq_len > calib.seq_len:
                     raise ValueError(
@@ -84,24 +107,30 @@ class Recipe(StrictModel):
         return self
 
     def needs_calibration(self) -> bool:
-        return any(_method(step).needs_calibration for step in self.steps)
+        return any(needs_of(step).calibration for step in self.steps)
 
     def uses_shared_statistics(self) -> bool:
         """True when a step reads the original model's statistics (``sequential: false``),
         which depend only on the model and the calibration data and can be shared."""
-        for step in self.steps:
-            method = _method(step)
-            if method.needs_calibration and not method.sequential:
-                return True
-        return False
+        return any(needs_of(s).calibration and needs_of(s).shared_statistics for s in self.steps)
+
+    def trains(self) -> bool:
+        """True when a step trains the whole model (quantization-aware training)."""
+        return any(needs_of(step).trains for step in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-def _method(step: MethodConfig):
-    """The step's method object (what it needs can depend on its config)."""
-    return get_method(step.method).impl(step)
+def needs_of(step: MethodConfig) -> Needs:
+    """What ``step`` needs from the pipeline, from its method's registry entry."""
+    return get_method(step.method).needs(step)
+
+
+def _covers(earlier: MethodConfig, step: MethodConfig) -> bool:
+    """True when ``earlier`` quantizes at least the layers ``step`` selects."""
+    targets = earlier.targets == step.targets or earlier.targets == ["*"]
+    return targets and set(earlier.ignore) <= set(step.ignore)
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
@@ -112,11 +141,15 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         raise ConfigError(format_validation_error(exc, "recipe")) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe from a YAML or JSON file."""
-    path = Path(path)
+def load_recipe(name_or_path: str | Path, **overrides: Any) -> Recipe:
+    """Read a recipe (a shipped recipe's name, or a YAML or JSON file) and parse it once,
+    with the data settings of ``with_overrides`` applied first."""
+    path = find_recipe(name_or_path)
     if not path.is_file():
-        raise ConfigError(f"recipe file {path} does not exist; see recipes/ for examples")
+        raise ConfigError(
+            f"recipe file {path} does not exist and no shipped recipe has that name; "
+            f"shipped recipes: {', '.join(shipped_recipes())}"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -124,11 +157,16 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe file {path} must hold a mapping with a 'steps' list")
     data.setdefault("name", path.stem)
-    return parse_recipe(data)
+    return parse_recipe(apply_overrides(data, **overrides))
 
 
-def with_overrides(
-    recipe: Recipe,
+def with_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
+    """A copy of ``recipe`` with the given data settings replaced (and validated)."""
+    return parse_recipe(apply_overrides(recipe.to_dict(), **overrides))
+
+
+def apply_overrides(
+    data: dict[str, Any],
     *,
     calib_data: str | None = None,
     calib_samples: int | None = None,
@@ -136,15 +174,15 @@ def with_overrides(
     eval_windows: int | None = None,
     eval_seq_len: int | None = None,
     kv_cache: str | None = None,
-) -> Recipe:
-    """A copy of ``recipe`` with the given data settings replaced (and validated).
+) -> dict[str, Any]:
+    """Recipe data with the given data settings replaced (``None``: keep the recipe's).
 
     ``eval_windows = 0`` means every window. ``kv_cache``: ``"8"``, ``"4"``,
     ``"8:head"``, ``"4:token"``… quantizes keys and values during evaluation;
     ``"none"`` turns it off.
     """
-    data = recipe.to_dict()
-    calib, evaluation = data["calibration"], data["evaluation"]
+    calib = data.setdefault("calibration", {})
+    evaluation = data.setdefault("evaluation", {})
     if calib_data:
         calib["dataset"] = calib_data
     if calib_samples is not None:
@@ -157,7 +195,7 @@ def with_overrides(
         evaluation["seq_len"] = eval_seq_len
     if kv_cache:
         evaluation["kv_cache"] = parse_kv_cache(kv_cache)
-    return parse_recipe(data)
+    return data
 
 
 def parse_kv_cache(text: str) -> dict[str, Any] | None:
@@ -209,3 +247,14 @@ def _problem_lines(exc: ValidationError, prefix: str = "") -> list[str]:
         # a recipe-wide check names its own fields in the message
         lines.append(f"{prefix}{loc}{shown}: {message}" if loc else f"{prefix}{message}")
     return lines
+
+
+def spec_with_overrides(spec: EvalSpec | CalibrationSpec, **overrides: Any):
+    """``spec`` (an evaluation or calibration spec) with the data settings of
+    ``apply_overrides`` replaced, for the commands that need no recipe."""
+    section = "evaluation" if isinstance(spec, EvalSpec) else "calibration"
+    data = apply_overrides({section: spec.model_dump(mode="json")}, **overrides)[section]
+    try:
+        return type(spec).model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{section} settings")) from None

@@ -50,3 +50,25 @@ def eval_table(r: dict[str, Any]) -> str:
         ]
     ]
     return table(["model", "perplexity", "windows", "size on disk", "bits/weight"], rows)
+
+
+def comparison_markdown(rows: list[dict[str, Any]], original: dict[str, Any]) -> str:
+    """Recipes side by side (a sweep's table), the original model first."""
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "| recipe | status | perplexity | size (MB) | bits/weight | quantize (s) |",
+        "|---|---|---|---|---|---|",
+        f"| original | - | {fmt(original.get('perplexity'), '.2f')} "
+        f"| {fmt(original.get('size_bytes', 0) / 2**20, '.1f')} | - | - |",
+    ]
+    for row in rows:
+        size = row.get("size_bytes")
+        lines.append(
+            f"| {row['recipe']} | {row['status']} | {fmt(row.get('perplexity'), '.2f')} "
+            f"| {fmt(size and size / 2**20, '.1f')} | {fmt(row.get('bits_per_weight'), '.3f')} "
+            f"| {fmt(row.get('quant_seconds'), '.1f')} |"
+        )
+    return "\n".join(lines)

@@ -4,7 +4,8 @@ An orchestrator (``tasks/``) runs, retries and caches each stage apart, so
 every stage takes paths and small values and returns paths and small dicts,
 never a model or a tensor. Prepared calibration data and calibration
 statistics are cached, keyed by model commit hash + calibration spec + code
-version (``quantmill.cache``): a second run with the same inputs reuses them.
+version, and checked on every read (``quantmill.cache``): a second run with
+the same inputs reuses them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from quantmill.cache import cache_key, cached_file, code_version
+from quantmill.cache import cache_key, cached_file
 from quantmill.config import CalibrationSpec, EngineSpec
 from quantmill.data import calibration_ids
-from quantmill.devices import resolve_device, resolve_dtype
+from quantmill.devices import resolve_device, resolve_dtype, uses_engine_threads
 from quantmill.hashing import file_sha256
 from quantmill.sources import ResolvedModel
 from quantmill.stats import collect_statistics, save_statistics
@@ -41,7 +42,6 @@ def calibration_key(resolved: ResolvedModel, spec: CalibrationSpec) -> str:
         model=resolved.revision,
         calibration=spec.model_dump(),
         data=data_fingerprint(spec.dataset),
-        code=code_version(),
     )
 
 
@@ -64,6 +64,7 @@ def load_calibration(path: str | Path) -> Tensor:
     return load_file(str(path))["ids"]
 
 
+@uses_engine_threads
 def prepare_statistics(
     resolved: ResolvedModel,
     spec: CalibrationSpec,

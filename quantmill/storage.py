@@ -19,9 +19,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantmill import defaults
 from quantmill.errors import StorageError
 
-DEFAULT_BUCKET = "quantmill"
+DEFAULT_BUCKET = defaults.BUCKET
 
 
 @dataclass(frozen=True)

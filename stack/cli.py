@@ -1,33 +1,44 @@
-"""``quantmill stack up | down | status | env``."""
+"""``quantmill stack up | down | status | env``.
+
+The options of ``up`` are the fields of ``StackSettings`` (their defaults are
+shown from there, and only the options given reach it). The stack knows
+nothing of the pipeline: ``up --deploy`` hands the started stack to the
+``after_up`` callback the program (``app.main``) gives.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from stack.services import DEFAULT_HOME, StackSettings
 
+SETTING = "stack."  # the prefix of the options that are StackSettings fields
 
-def add_stack_commands(sub: argparse._SubParsersAction) -> None:
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stack", help="run the service stack as local processes (no Docker)")
     verbs = p.add_subparsers(dest="stack_command", required=True)
     u = verbs.add_parser("up", help="start S3, Prefect server, MLflow server and a worker")
     _home(u)
-    u.add_argument(
-        "--postgres",
-        help="PostgreSQL server URL, e.g. postgresql://postgres@127.0.0.1:5432 "
+    _setting(
+        u,
+        "postgres",
+        "PostgreSQL server URL, e.g. postgresql://postgres@127.0.0.1:5432 "
         "(default: SQLite files under --home)",
     )
-    u.add_argument("--db-prefix", default="quantmill", help="databases <prefix>_prefect/_mlflow")
-    u.add_argument("--prefect-port", type=int, default=4200)
-    u.add_argument("--mlflow-port", type=int, default=5000)
-    u.add_argument("--s3-port", type=int, default=9000)
-    u.add_argument("--pool", default="quantmill", help="the process work pool")
-    u.add_argument("--workers", type=int, default=1, help="worker processes on the pool")
-    u.add_argument("--worker-limit", type=int, default=2, help="flow runs per worker at once")
-    u.add_argument("--bucket", default="quantmill", help="S3 bucket for artifacts and cache")
+    _setting(u, "db_prefix", "databases <prefix>_prefect and <prefix>_mlflow")
+    _setting(u, "prefect_port", "Prefect server port", type=int)
+    _setting(u, "mlflow_port", "MLflow server port", type=int)
+    _setting(u, "s3_port", "S3 server port", type=int)
+    _setting(u, "pool", "the process work pool")
+    _setting(u, "workers", "worker processes on the pool", type=int)
+    _setting(u, "worker_limit", "flow runs per worker at once", type=int)
+    _setting(u, "bucket", "S3 bucket for artifacts and cache")
     u.add_argument("--deploy", action="store_true", help="then create the deployments")
     d = verbs.add_parser("down", help="stop the stack")
     _home(d)
@@ -42,7 +53,23 @@ def _home(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state, logs and stores")
 
 
-def run_stack_command(args: argparse.Namespace) -> int:
+def _setting(p: argparse.ArgumentParser, name: str, text: str, **kwargs) -> None:
+    """``--name`` for the ``StackSettings`` field ``name``, its default shown from there."""
+    default = {f.name: f.default for f in dataclasses.fields(StackSettings)}[name]
+    shown = f" (default: {default})" if default is not None else ""
+    p.add_argument(
+        "--" + name.replace("_", "-"),
+        dest=SETTING + name,
+        default=argparse.SUPPRESS,
+        help=text + shown,
+        **kwargs,
+    )
+
+
+def run(
+    args: argparse.Namespace, after_up: Callable[[StackSettings], None] | None = None
+) -> int:
+    """Run a ``stack`` verb; ``after_up`` runs on the settings of a stack just started."""
     import logging
 
     from stack import processes
@@ -50,27 +77,17 @@ def run_stack_command(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     if args.stack_command == "up":
-        settings = StackSettings(
-            home=args.home,
-            prefect_port=args.prefect_port,
-            mlflow_port=args.mlflow_port,
-            s3_port=args.s3_port,
-            postgres=args.postgres,
-            db_prefix=args.db_prefix,
-            pool=args.pool,
-            workers=args.workers,
-            worker_limit=args.worker_limit,
-            bucket=args.bucket,
-        )
+        given = {
+            k.removeprefix(SETTING): v for k, v in vars(args).items() if k.startswith(SETTING)
+        }
+        settings = StackSettings(home=args.home, **given)
         try:
             processes.up(settings)
         except processes.StackError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        if args.deploy:
-            from flows.deploy import deploy_all
-
-            deploy_all(settings.pool, api_url=settings.prefect_api)
+        if after_up is not None:
+            after_up(settings)
         _print_status(args.home)
         print('\nPoint a shell at it:  eval "$(quantmill stack env)"')
         prefect_ui = f"http://{settings.host}:{settings.prefect_port}"

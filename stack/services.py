@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantmill import defaults
+
 DEFAULT_HOME = Path(".quantmill") / "stack"
 
 
@@ -20,8 +22,8 @@ class StackSettings:
     # A PostgreSQL server URL (postgresql://user[:pw]@host:port); None: SQLite files in home.
     postgres: str | None = None
     db_prefix: str = "quantmill"
-    bucket: str = "quantmill"
-    pool: str = "quantmill"
+    bucket: str = defaults.BUCKET
+    pool: str = defaults.POOL
     worker_limit: int = 2  # flow runs one worker executes at once
     workers: int = 1
     aws_key: str = "quantmill"

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from quantmill import stages
 from quantmill.outliers import outliers_of, save_report, worst_layers_table
 from quantmill.sources import ResolvedModel
-from tasks.tracking import TrackedRun, get_client
+from tracking import adapter
+from tracking.adapter import TrackedRun
+from tracking.figures import Figure
 
 ARTIFACT_DIR = "outliers"
 
@@ -64,13 +65,10 @@ def artifact_key(model_name: str) -> str:
 
 
 def _log_to_mlflow(run: TrackedRun, paths: dict[str, Path], summary: dict[str, Any]) -> None:
-    client = get_client()
-    for path in paths.values():
-        client.log_artifact(run.run_id, str(path), ARTIFACT_DIR)
+    adapter.log_files(run, list(paths.values()), ARTIFACT_DIR)
     keys = ("act_outlier_channels", "layers_with_outlier_channels", "max_act_max_median_ratio")
-    metrics = [
-        Metric(f"outliers_{key}", float(summary[key]), 0, 0)
+    adapter.log_metrics(run, [
+        Figure(f"outliers_{key}", float(summary[key]))
         for key in keys
         if summary[key] is not None and math.isfinite(summary[key])
-    ]
-    client.log_batch(run.run_id, metrics=metrics)
+    ])  # fmt: skip

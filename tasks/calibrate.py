@@ -8,16 +8,14 @@ from typing import Any
 from prefect import task
 
 from quantmill import stages
-from quantmill.config import EngineSpec
-from quantmill.recipe import Recipe
+from quantmill.config import CalibrationSpec, EngineSpec
 from quantmill.sources import ResolvedModel
 
 
 @task(name="prepare-calibration")
-def prepare_calibration(model: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
-    """Token ids for the recipe's calibration spec: ``{path, hit, key, seconds}``."""
+def prepare_calibration(model: dict[str, Any], spec: CalibrationSpec) -> dict[str, Any]:
+    """Token ids for a calibration spec: ``{path, hit, key, seconds}``."""
     start = time.perf_counter()
-    spec = Recipe.model_validate(recipe).calibration
     cached = stages.prepare_calibration(ResolvedModel.from_dict(model), spec)
     return {**cached.to_dict(), "seconds": time.perf_counter() - start}
 
@@ -25,13 +23,12 @@ def prepare_calibration(model: dict[str, Any], recipe: dict[str, Any]) -> dict[s
 @task(name="collect-statistics")
 def collect_statistics(
     model: dict[str, Any],
-    recipe: dict[str, Any],
+    spec: CalibrationSpec,
     calibration: dict[str, Any],
     engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The original model's calibration statistics: ``{path, hit, key, seconds}``."""
     start = time.perf_counter()
-    spec = Recipe.model_validate(recipe).calibration
     cached = stages.prepare_statistics(
         ResolvedModel.from_dict(model), spec, calibration["path"],
         engine=EngineSpec.model_validate(engine or {}),

@@ -10,16 +10,15 @@ from typing import Any
 from prefect import task
 
 from quantmill import api
-from quantmill.config import EngineSpec
+from quantmill.config import EngineSpec, EvalSpec
 from quantmill.folder import SUMMARY_FILE
-from quantmill.recipe import Recipe
 from quantmill.sources import ResolvedModel
 
 
 @task(name="evaluate")
 def evaluate_model(
     model: dict[str, Any] | str,
-    recipe: dict[str, Any],
+    evaluation: EvalSpec,
     original: bool = False,
     update_summary: bool = False,
     original_eval: dict[str, Any] | None = None,
@@ -36,7 +35,7 @@ def evaluate_model(
     source = ResolvedModel.from_dict(model) if isinstance(model, dict) else model
     result = api.evaluate_checkpoint(
         source,
-        Recipe.model_validate(recipe),
+        evaluation,
         cache=original,
         engine=EngineSpec.model_validate(engine or {}),
     )

@@ -10,6 +10,7 @@ head of ``main`` makes no commit at all. The endpoint is the client's
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -215,3 +216,25 @@ def _as_publish_error(exc: Exception, what: str) -> PublishError:
     hint = "it will be retried" if transient else "check hub_repo and the token's rights"
     endpoint = hub_endpoint() or "https://huggingface.co"
     return PublishError(f"{what} at {endpoint} failed: {exc} ({hint})", transient=transient)
+
+
+@task(name="hub-artifact")
+def hub_artifact(hub: dict[str, Any]) -> None:
+    """A Prefect markdown artifact: where the checkpoint went on the Hub."""
+    from prefect.artifacts import create_markdown_artifact
+
+    verified = hub.get("verified")
+    check = (
+        f"verified: downloaded, loaded, logits within {verified['max_abs_logit_diff']:.2g}"
+        if verified
+        else "not verified"
+    )
+    create_markdown_artifact(
+        key="hub-" + re.sub(r"[^a-z0-9-]+", "-", hub["repo_id"].lower()),
+        markdown=(
+            f"## Published to the Hub\n\n[{hub['repo_id']}]({hub['url']}) at commit "
+            f"`{hub['commit']}` ({'new revision' if hub['new_revision'] else 'unchanged'}; "
+            f"{check})\n"
+        ),
+        description=f"Hub: {hub['repo_id']}",
+    )

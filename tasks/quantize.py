@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,18 @@ from quantmill.sources import ResolvedModel
 
 
 @task(name="check-recipe")
-def check_recipe(model: dict[str, Any], recipes: list[dict[str, Any]]) -> None:
+def check_recipe(model: dict[str, Any], recipes: list[Recipe]) -> None:
     """Fail before any expensive step when a recipe does not fit the model
     (mappings, layers, KV-cache layout); reads the model's config only."""
     source = ResolvedModel.from_dict(model)
     for recipe in recipes:
-        api.check_recipe_source(source, Recipe.model_validate(recipe))
+        api.check_recipe_source(source, recipe)
 
 
 @task(name="quantize")
 def quantize_model(
     model: dict[str, Any],
-    recipe: dict[str, Any],
+    recipe: Recipe,
     out_dir: str,
     calibration: dict[str, Any] | None = None,
     statistics: dict[str, Any] | None = None,
@@ -39,7 +40,7 @@ def quantize_model(
     start = time.perf_counter()
     summary = api.quantize(
         ResolvedModel.from_dict(model),
-        Recipe.model_validate(recipe),
+        recipe,
         out_dir,
         evaluate=False,
         overwrite=overwrite,
@@ -56,5 +57,6 @@ def quantize_model(
         "bits_per_weight": summary.bits_per_weight,
         "engine": summary.engine,  # device, dtype, and the block a resumed run began at
         **Checkpoint(Path(out_dir)).files(),
+        "pid": os.getpid(),  # the process that quantized (a thread here, or a Dask worker)
         "seconds": time.perf_counter() - start,
     }

@@ -23,7 +23,7 @@ from prefect import task
 
 from quantmill import card, digest
 from quantmill.errors import RegistryError
-from tasks.tracking import TrackedRun, get_client, registry_uri
+from tracking.adapter import TrackedRun, get_client, registry_uri
 
 CANDIDATE_ALIAS = "candidate"
 DIGEST_TAG = "quantmill.checkpoint_digest"

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from quantmill import defaults
 from quantmill.errors import PublishError
 
 TOKEN_ENV = "HF_TOKEN"
 TOKEN_FILE_ENV = "HF_TOKEN_FILE"
-DEFAULT_SECRET_BLOCK = "hf-token"
+DEFAULT_SECRET_BLOCK = defaults.TOKEN_SECRET
 
 
 def hub_token(secret_block: str | None = DEFAULT_SECRET_BLOCK) -> str:

@@ -23,7 +23,7 @@ from quantmill.methods.mappings import MappingConfig
 from quantmill.methods.smoothquant import SmoothQuant
 from quantmill.quant.awq import search_clip, search_scales
 from quantmill.quant.grid import fake_quantize
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 
 
 class AWQConfig(MethodConfig):
@@ -39,7 +39,9 @@ class AWQConfig(MethodConfig):
     smooth_only: bool = False
 
 
-@register_method("awq", config=AWQConfig)
+@register_method(
+    "awq", config=AWQConfig, needs=Needs(calibration=True, metrics={"awq.ratio": "awq_ratio"})
+)
 class AWQ(SmoothQuant):
     config: AWQConfig  # type: ignore[assignment]
     label = "awq"

@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from quantmill.config import MethodConfig, QuantScheme
 from quantmill.layers import LayerQuant, LayerReport
+from quantmill.registry import METHODS, Needs
 
 if TYPE_CHECKING:
     from quantmill.arch import ArchSpec
@@ -27,16 +28,11 @@ if TYPE_CHECKING:
 class Method:
     """Base class; subclasses register with ``@register_method``."""
 
-    needs_calibration: ClassVar[bool] = False
-    # True when ``finish_block`` needs the original block's outputs on the block inputs.
-    needs_targets: ClassVar[bool] = False
-    # True for quantization-aware training: the driver calls ``train`` on the whole model
-    # after every post-training step, instead of working block by block.
-    trains: ClassVar[bool] = False
-
     def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:
         self.config = config
         self.conv1d = conv1d
+        # what this step needs from the driver: data on its registry entry
+        self.needs: Needs = METHODS[config.method].needs(config)
 
     def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
         """Raise ``ConfigError`` when this step cannot apply to ``model`` (before any work)."""
@@ -70,11 +66,6 @@ class Method:
     ) -> Iterator[None]:
         """Collect statistics from the selected layers of one block, grouped by shared input."""
         yield
-
-    @property
-    def sequential(self) -> bool:
-        """True when statistics must come from the model quantized so far (block by block)."""
-        return True
 
     def use_statistics(self, names: list[str], statistics: Any) -> None:
         """Take statistics of the original model (``quantmill.stats``) for ``names``."""

@@ -26,7 +26,7 @@ from quantmill.quant.gptq import (
     gptq_quantize_weight,
 )
 from quantmill.quant.grid import compute_qparams, fake_quantize
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,13 @@ class GPTQConfig(MethodConfig):
     sequential: bool = True
 
 
-@register_method("gptq", config=GPTQConfig)
+@register_method(
+    "gptq",
+    config=GPTQConfig,
+    needs=Needs(calibration=True),
+    varies=lambda step: {"shared_statistics": not step.sequential},
+)
 class GPTQ(Method):
-    needs_calibration = True
     config: GPTQConfig
 
     def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:
@@ -69,10 +73,6 @@ class GPTQ(Method):
             handles.append(first.register_forward_pre_hook(_accumulate(acc, stop)))
         with hooks_removed(handles):
             yield
-
-    @property
-    def sequential(self) -> bool:
-        return self.config.sequential
 
     def use_statistics(self, names: list[str], statistics) -> None:
         self._hessians = {name: _Given(statistics.hessian(name)) for name in names}

@@ -38,7 +38,7 @@ from quantmill.methods.qat_common import (
 from quantmill.qat.loop import TrainContext, TrainResult, train
 from quantmill.qat.ste import fake_quantize_ste
 from quantmill.quant.grid import compute_qparams
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 
 
 class L4QConfig(TrainingConfig):
@@ -71,11 +71,9 @@ class LoRAOnGrid(LearnedScale):
         return fake_quantize_ste(self.merged(weight), self.raw_scale(), self.zero, self.scheme)
 
 
-@register_method("l4q", config=L4QConfig)
+@register_method("l4q", config=L4QConfig, needs=Needs(calibration=True, trains=True))
 class L4Q(Method):
     config: L4QConfig
-    needs_calibration = True
-    trains = True
 
     def check_model(self, model: nn.Module, spec) -> None:
         check_linear(model, spec, "l4q")

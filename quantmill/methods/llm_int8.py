@@ -22,7 +22,7 @@ from quantmill.layers import LayerQuant, LayerReport
 from quantmill.methods.base import Method
 from quantmill.methods.calib_inputs import InputRecord, record_inputs
 from quantmill.methods.rtn import round_layer
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 
 ROW_INT8 = QuantScheme(bits=8, group_size=None, symmetric=True)
 
@@ -50,9 +50,12 @@ class LLMInt8Config(MethodConfig):
         return value
 
 
-@register_method("llm_int8", config=LLMInt8Config)
+@register_method(
+    "llm_int8",
+    config=LLMInt8Config,
+    needs=Needs(calibration=True, metrics={"llm_int8.outlier_fraction": "outlier_column_fraction"}),
+)
 class LLMInt8(Method):
-    needs_calibration = True
     config: LLMInt8Config
 
     def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:

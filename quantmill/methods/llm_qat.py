@@ -38,7 +38,7 @@ from quantmill.qat.data import generated_dataset
 from quantmill.qat.loop import TrainContext, TrainResult, train
 from quantmill.qat.ste import fake_quantize_ste
 from quantmill.quant.grid import compute_qparams
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 from quantmill.runtime import activation_hooks
 
 
@@ -80,10 +80,9 @@ def distillation_loss(student: nn.Module, teacher: nn.Module):
     return loss
 
 
-@register_method("llm_qat", config=LLMQATConfig)
+@register_method("llm_qat", config=LLMQATConfig, needs=Needs(trains=True))  # data-free
 class LLMQAT(Method):
     config: LLMQATConfig
-    trains = True  # data-free: no calibration text
 
     def check_model(self, model: nn.Module, spec) -> None:
         check_linear(model, spec, "llm_qat")
@@ -100,7 +99,7 @@ class LLMQAT(Method):
             p.requires_grad_(False)
         data = generated_dataset(
             teacher, cfg.generated_samples, cfg.training.seq_len, cfg.training.seed,
-            context.cache_dir, context.model_key, context.progress,
+            context.cache, context.model_key, context.progress,
         )  # fmt: skip
         modules = model_linears(model, cfg)
         acts = {} if cfg.activations is None else {

@@ -35,7 +35,7 @@ from quantmill.methods.qat_common import (
 from quantmill.qat.loop import TrainContext, TrainResult, train
 from quantmill.qat.ste import dequantize_grouped
 from quantmill.quant.grid import expand_groups, grouped, quantize
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 
 
 class PEQAConfig(TrainingConfig):
@@ -63,11 +63,11 @@ class TrainedScales(LearnedScale):
         return dequantize_grouped(self.offset_q, self.raw_scale(), self.cols)
 
 
-@register_method("peqa", config=PEQAConfig)
+@register_method(
+    "peqa", config=PEQAConfig, needs=Needs(calibration=True, trains=True, after=("rtn", "gptq"))
+)
 class PEQA(Method):
     config: PEQAConfig
-    needs_calibration = True
-    trains = True
 
     def check_model(self, model: nn.Module, spec) -> None:
         check_linear(model, spec, "peqa")

@@ -37,7 +37,7 @@ from quantmill.quant.smooth import (
     multiply_input_columns,
     smoothquant_scales,
 )
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 
 Alpha = Annotated[float, Field(ge=0, le=1)]
 
@@ -56,9 +56,12 @@ class SmoothQuantConfig(MethodConfig):
     smooth_only: bool = False
 
 
-@register_method("smoothquant", config=SmoothQuantConfig)
+@register_method(
+    "smoothquant",
+    config=SmoothQuantConfig,
+    needs=Needs(calibration=True, metrics={"smoothquant.alpha": "smoothquant_alpha"}),
+)
 class SmoothQuant(Method):
-    needs_calibration = True
     config: SmoothQuantConfig
     label = "smoothquant"
 

@@ -20,7 +20,7 @@ from quantmill.layers import LayerQuant, LayerReport, get_weight
 from quantmill.methods.base import Method
 from quantmill.methods.lkd import distill_block
 from quantmill.methods.rtn import round_layer
-from quantmill.registry import register_method
+from quantmill.registry import Needs, register_method
 
 
 class ZeroQuantConfig(MethodConfig):
@@ -32,21 +32,20 @@ class ZeroQuantConfig(MethodConfig):
     seed: int = 0
 
 
-@register_method("zeroquant", config=ZeroQuantConfig)
+@register_method(
+    "zeroquant",
+    config=ZeroQuantConfig,
+    needs=Needs(
+        metrics={"zeroquant-lkd.loss": "lkd_loss", "zeroquant-lkd.initial_loss": "lkd_loss_before"}
+    ),
+    varies=lambda step: {"calibration": step.lkd_steps > 0, "targets": step.lkd_steps > 0},
+)
 class ZeroQuant(Method):
     config: ZeroQuantConfig
 
     def __init__(self, config: MethodConfig, conv1d: bool = False) -> None:
         super().__init__(config, conv1d)
         self._originals: dict[str, Tensor] = {}
-
-    @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.lkd_steps > 0
-
-    @property
-    def needs_targets(self) -> bool:  # type: ignore[override]
-        return self.config.lkd_steps > 0
 
     def check_model(self, model: nn.Module, spec) -> None:
         if spec.conv1d and self.config.lkd_steps > 0:

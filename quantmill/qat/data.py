@@ -10,10 +10,7 @@ trains on the same text without generating it again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -64,24 +61,25 @@ def generated_dataset(
     num: int,
     length: int,
     seed: int,
-    cache_dir: Path | None,
+    cache: bool,
     model_key: str,
     progress: bool = True,
 ) -> Tensor:
-    """The generated sequences, read from the cache when this model made them before."""
-    from datasets import Dataset, load_from_disk
+    """The generated sequences, from the cache (``quantmill.cache``) when this model made
+    them before; ``cache = False`` generates them afresh."""
+    from safetensors.torch import load_file, save_file
 
-    if cache_dir is None:
+    from quantmill.cache import cache_key, cached_file
+
+    if not cache:
         return generate_sequences(model, num, length, seed, progress=progress)
-    key = json.dumps([model_key, num, length, seed, GREEDY_TOKENS])
-    folder = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:24]
-    if folder.is_dir():
-        log.info("reusing generated training text %s", folder)
-        ids = load_from_disk(str(folder))["input_ids"]
-        return torch.tensor(ids, dtype=torch.long)  # host: training moves batches to the device
-    ids = generate_sequences(model, num, length, seed, progress=progress)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(partial))
-    partial.rename(folder)
-    return ids
+    key = cache_key(model=model_key, num=num, length=length, seed=seed, greedy=GREEDY_TOKENS)
+
+    def produce(tmp: Path) -> None:
+        ids = generate_sequences(model, num, length, seed, progress=progress)
+        save_file({"ids": ids.contiguous()}, str(tmp))
+
+    path, hit = cached_file("generated", key, "ids.safetensors", produce)
+    if hit:
+        log.info("reusing generated training text %s", path)
+    return load_file(str(path))["ids"]  # host: training moves batches to the device

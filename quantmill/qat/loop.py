@@ -45,7 +45,7 @@ class TrainContext:
 
     calib_ids: Tensor | None  # [rows, tokens] training text (PEQA, L4Q)
     workdir: Path | None = None  # checkpoints; None: none written, nothing resumed
-    cache_dir: Path | None = None  # generated text (LLM-QAT)
+    cache: bool = False  # keep generated text (LLM-QAT) in quantmill.cache
     model_key: str = ""  # names the model in cache keys
     progress: bool = True
 

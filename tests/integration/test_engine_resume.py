@@ -48,8 +48,8 @@ def short_smollm2(smollm2_path, tmp_path_factory) -> Path:
 
 def command(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "quantmill.cli", "quantize", "--model", str(model),
-        "--recipe", "recipes/gptq-w4g64.yaml", "--out", str(out), "--calib-data", str(calib),
+        sys.executable, "-m", "app", "quantize", "--model", str(model),
+        "--recipe", "gptq-w4g64", "--out", str(out), "--calib-data", str(calib),
         "--calib-samples", "8", "--no-eval", "--json", "-q", *extra,
     ]  # fmt: skip
 

@@ -90,7 +90,7 @@ def test_llm_qat_trains_w4a8kv8_on_generated_text(wiki_files, tmp_path):
 
 
 def cli(recipe: Path, out: Path, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "quantmill.cli", "quantize", "--model", "smollm2-135m",
+    cmd = [sys.executable, "-m", "app", "quantize", "--model", "smollm2-135m",
            "--recipe", str(recipe), "--out", str(out), "--no-eval", "-q"]  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 

@@ -107,7 +107,7 @@ def test_group_128_with_a_partial_last_group_round_trips(smollm2_path, tmp_path)
 
 def cli(*args: str) -> dict:
     """Run ``quantmill <args> --json -q`` in a subprocess and return its JSON."""
-    cmd = [sys.executable, "-m", "quantmill.cli", *args, "--json", "-q"]
+    cmd = [sys.executable, "-m", "app", *args, "--json", "-q"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
@@ -117,7 +117,7 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     out = tmp_path / "w4g64"
     calib, test = (str(f) for f in wiki_files)
     summary = cli(
-        "quantize", "--model", "smollm2-135m", "--recipe", "recipes/gptq-w4g64.yaml",
+        "quantize", "--model", "smollm2-135m", "--recipe", "gptq-w4g64",
         "--out", str(out), "--calib-data", calib, "--calib-samples", "32",
         "--eval-data", test, "--eval-windows", "2",
     )  # fmt: skip

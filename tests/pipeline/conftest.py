@@ -44,6 +44,6 @@ def small_data(**extra):
 
 @pytest.fixture
 def mlflow_client(pipeline_env):
-    from tasks.tracking import get_client
+    from tracking.adapter import get_client
 
     return get_client()

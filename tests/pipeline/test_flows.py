@@ -9,10 +9,11 @@ import pytest
 import yaml
 
 from flows.evaluate import evaluate_flow
-from flows.params import RECIPES_DIR, EvaluateJob, QuantizeJob, SweepJob
+from flows.params import EvaluateJob, QuantizeJob, SweepJob
 from flows.quantize import quantize_flow
 from flows.sweep import sweep_flow
 from quantmill import stages
+from quantmill.recipes import SHIPPED_DIR
 from tests.pipeline.conftest import small_data
 
 pytestmark = pytest.mark.slow
@@ -116,7 +117,7 @@ def test_sweep_shares_calibration_runs_concurrently_and_compares(
 
     monkeypatch.setattr(api, "quantize", quantize_together)
     low_bits = pipeline_env / "gptq-w3-shared.yaml"
-    data = yaml.safe_load((RECIPES_DIR / "gptq-w4g64-shared.yaml").read_text())
+    data = yaml.safe_load((SHIPPED_DIR / "gptq-w4g64-shared.yaml").read_text())
     data["name"] = "gptq-w3g64-shared"
     data["steps"][0]["weights"]["bits"] = 3
     low_bits.write_text(yaml.safe_dump(data))

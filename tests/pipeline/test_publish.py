@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.params import RECIPES_DIR, PublishJob, QuantizeJob
+from flows.params import PublishJob, QuantizeJob
 from flows.publish import publish_flow
 from flows.quantize import quantize_flow
 from quantmill import api as qapi
 from quantmill.card import card_metadata
 from quantmill.recipe import load_recipe, save_recipe, with_overrides
+from quantmill.recipes import SHIPPED_DIR
 from tests.conftest import WIKI_TEST
 from tests.pipeline.conftest import small_data
 from tests.support.hub_server import running_hub
@@ -43,7 +44,7 @@ def hub(tmp_path_factory):
 def checkpoint(smollm2_path, tmp_path_factory) -> Path:
     """An RTN w4 g64 checkpoint of the real model, evaluated on one window."""
     recipe = with_overrides(
-        load_recipe(RECIPES_DIR / "rtn-w4g64.yaml"), eval_data=str(WIKI_TEST), eval_windows=1
+        load_recipe(SHIPPED_DIR / "rtn-w4g64.yaml"), eval_data=str(WIKI_TEST), eval_windows=1
     )
     out = tmp_path_factory.mktemp("checkpoint") / "smollm2-rtn-w4g64"
     qapi.quantize(str(smollm2_path), recipe, out, progress=False)
@@ -403,7 +404,7 @@ def test_cli_publish_against_an_mlflow_server(hub_env, checkpoint, registry_url,
 
     repo = repo_name("cli")
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry_url}
-    cmd = [sys.executable, "-m", "quantmill.cli", "publish", str(checkpoint)]
+    cmd = [sys.executable, "-m", "app", "publish", str(checkpoint)]
     cmd += ["--hub-repo", repo, "--json"]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -77,7 +77,7 @@ def test_run_against_mlflow_on_postgres_and_a_prefect_server(
         "QUANTMILL_CACHE": str(tmp_path / "cache"),
         "PREFECT_LOGGING_EXTRA_LOGGERS": "quantmill",
     }
-    cmd = [sys.executable, "-m", "quantmill.cli", "run", "--model", str(smollm2_path)]
+    cmd = [sys.executable, "-m", "app", "run", "--model", str(smollm2_path)]
     cmd += ["--recipe", "rtn-w4g64", "--out", str(tmp_path / "out"), "--json"]
     cmd += ["--calib-data", str(WIKI_VALID), "--eval-data", str(WIKI_TEST), "--eval-windows", "1"]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)

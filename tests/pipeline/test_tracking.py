@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.tracking import flatten, get_client, mlflow_run, run_metrics, run_params
+from tracking.adapter import get_client, mlflow_run
+from tracking.figures import flatten, run_metrics, run_params
 
 
 @pytest.fixture

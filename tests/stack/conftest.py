@@ -13,7 +13,7 @@ from tests.support.servers import PG, free_port
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "quantmill.cli", *args]
+    cmd = [sys.executable, "-m", "app", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done
@@ -37,7 +37,7 @@ def stack(tmp_path_factory):
         yield {"home": home, "env": env, "prefix": prefix}
     finally:
         subprocess.run(
-            [sys.executable, "-m", "quantmill.cli", "stack", "down", "--home", str(home)]
+            [sys.executable, "-m", "app", "stack", "down", "--home", str(home)]
         )
         admin = psycopg2.connect(dbname="postgres", **PG)
         admin.autocommit = True

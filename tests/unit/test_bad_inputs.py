@@ -177,7 +177,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
         [
             sys.executable,
             "-m",
-            "quantmill.cli",
+            "app",
             "quantize",
             "--model",
             "x",

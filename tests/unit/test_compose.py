@@ -123,7 +123,7 @@ def test_the_dockerfile_copies_what_exists_and_bakes_in_no_secret():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), source
-    for package in ("quantmill", "tasks", "flows", "stack", "recipes"):
+    for package in ("quantmill", "tasks", "flows", "stack", "tracking", "app"):
         assert f"COPY {package} " in text, package
     assert not re.search(r"^(ARG|ENV)\s+.*(TOKEN|SECRET|PASSWORD)", text, re.M | re.I)
     assert "scripts/bootstrap.sh" in text

@@ -176,7 +176,7 @@ def interrupted_run(source, recipe, out, monkeypatch, after_block: int) -> None:
 
 def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["quantize", "--model", "no/such-model", "--recipe", "recipes/rtn-w4g64.yaml",
+    code = main(["quantize", "--model", "no/such-model", "--recipe", "rtn-w4g64",
                  "--out", str(out), "--device", "cuda"])  # fmt: skip
     err = capsys.readouterr().err
     if torch.cuda.is_available():
@@ -297,8 +297,8 @@ def test_a_rerun_of_the_quantize_task_resumes(bf16_source, recipe, monkeypatch):
     settings = {"max_shard_size": "60KB"}
     monkeypatch.setattr(engine.StreamingStore, "finish", crash)
     with pytest.raises(SystemExit):
-        quantize_task.fn(model, recipe.to_dict(), out, engine=settings)
+        quantize_task.fn(model, recipe, out, engine=settings)
     monkeypatch.setattr(engine.StreamingStore, "finish", finish)
-    result = quantize_task.fn(model, recipe.to_dict(), out, engine=settings)
+    result = quantize_task.fn(model, recipe, out, engine=settings)
     assert result["engine"]["resumed_at_block"] == 3
     assert result["out_dir"] == str(bf16_source.parent.resolve() / "out")

@@ -22,6 +22,6 @@ def test_prefect_and_mlflow_are_installed_so_the_check_means_something():
 def test_cli_pins_the_mmap_threshold_on_glibc():
     import platform
 
-    from quantmill.cli import pin_mmap_threshold
+    from app.main import pin_mmap_threshold
 
     assert pin_mmap_threshold() is (platform.libc_ver()[0] == "glibc")

@@ -2,7 +2,7 @@
 
 import math
 
-from tasks.tracking import method_metrics, training_metrics
+from tracking.figures import method_metrics, training_metrics
 
 
 def test_lkd_losses_alphas_and_outlier_fractions_become_stepped_metrics():

@@ -199,16 +199,19 @@ def test_l4q_merged_export_computes_what_the_trained_model_computed(
     assert out.training[0].eval_loss_after < out.training[0].eval_loss_before
 
 
-def test_llm_qat_trains_on_text_the_model_writes_and_rounds_to_its_grid(tiny_model, tmp_path):
+def test_llm_qat_trains_on_text_the_model_writes_and_rounds_to_its_grid(
+    tiny_model, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("QUANTMILL_CACHE", str(tmp_path))
     model = tiny_model()
     recipe = parse_recipe(
         {"steps": [{"method": "llm_qat", "weights": {"bits": 2, "group_size": None},
                     "generated_samples": 6, "training": training(lr=1e-3)}]}
     )  # fmt: skip
     assert recipe.evaluation.kv_cache is not None  # the step's KV setting is evaluated
-    context = TrainContext(None, cache_dir=tmp_path / "gen", model_key="tiny", progress=False)
+    context = TrainContext(None, cache=True, model_key="tiny", progress=False)
     out = quantize_model(model, recipe.steps, None, progress=False, training=context)
-    assert len(list((tmp_path / "gen").iterdir())) == 1  # the generated text is cached
+    assert len(list((tmp_path / "generated").iterdir())) == 1  # the generated text is cached
     result = out.training[0]
     assert result.eval_loss_after < result.eval_loss_before
     for name, quant in out.layers.items():

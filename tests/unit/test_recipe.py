@@ -1,11 +1,11 @@
-from pathlib import Path
 
 import pytest
 
 from quantmill.errors import ConfigError
 from quantmill.recipe import load_recipe, parse_recipe, save_recipe
+from quantmill.recipes import SHIPPED_DIR
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+RECIPES = sorted(SHIPPED_DIR.glob("*.yaml"))
 
 
 def test_example_recipes_exist_and_parse():

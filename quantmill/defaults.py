@@ -1,0 +1,13 @@
+"""Every default a user sees, in one place: the library's, the pipeline's and the
+stack's settings read them from here (the command line shows them, never repeats them)."""
+
+MODEL = "smollm2-135m"  # the preset quantized when no model is given
+RECIPE = "gptq-w4g64"  # the shipped recipe of `quantmill run`
+SWEEP_RECIPES = ("rtn-w4g64", "gptq-w4g64")
+OUTPUT_ROOT = "outputs"  # a run's checkpoint goes to OUTPUT_ROOT/<model>-<recipe>
+SWEEP_ROOT = "outputs/sweep"
+MAX_CONCURRENCY = 2  # recipes of a sweep quantized at once
+EXPERIMENT = "quantmill"  # the MLflow experiment
+TOKEN_SECRET = "hf-token"  # the Prefect Secret block holding the Hub token
+POOL = "quantmill"  # the Prefect work pool of the deployments
+BUCKET = "quantmill"  # the S3 bucket of artifacts and the shared cache
