@@ -107,8 +107,10 @@ class QuantizeJob(ModelSettings):
 
     @model_validator(mode="after")
     def _parse(self) -> QuantizeJob:
-        """The recipe, parsed once here: a bad one fails before any flow starts."""
-        self._recipe = load_job_recipe(self.recipe_file or str(self.recipe), self.data)
+        """The recipe, parsed once here: a bad one fails before any flow starts. (Prefect
+        validates a flow's parameters again: an instance already parsed is kept.)"""
+        if not _parsed(self, "_recipe"):
+            self._recipe = load_job_recipe(self.recipe_file or str(self.recipe), self.data)
         return self
 
     def load(self) -> Recipe:
@@ -144,6 +146,8 @@ class SweepJob(ModelSettings):
     @model_validator(mode="after")
     def _parse(self) -> SweepJob:
         """Every recipe, parsed once here: a bad one fails before any flow starts."""
+        if _parsed(self, "_recipes"):
+            return self
         recipes = [load_job_recipe(n, self.data) for n in self.sources()]
         seen: set[str] = set()
         for recipe in recipes:
@@ -199,6 +203,11 @@ class EvaluateJob(ModelSettings):
 
         base = load_recipe(self.recipe_file).evaluation if self.recipe_file else EvalSpec()
         return spec_with_overrides(base, **self.data.model_dump())
+
+
+def _parsed(job: BaseModel, name: str) -> bool:
+    """True when ``job`` holds its parsed recipes already (private attributes)."""
+    return (job.__pydantic_private__ or {}).get(name) is not None
 
 
 def load_job_recipe(name_or_path: str, data: DataSettings) -> Recipe:

@@ -41,12 +41,29 @@ def counting(monkeypatch, module, name: str) -> list:
     return calls
 
 
-def test_quantize_flow_tracks_everything_in_mlflow(pipeline_env, smollm2_path, mlflow_client):
+def test_quantize_flow_tracks_everything_in_mlflow(
+    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+):
+    import traceback
+
+    from quantmill.recipe import Recipe
+
+    parses = []
+    real = Recipe.model_validate
+
+    def counted(cls, data, **kwargs):
+        # the card and the gate read the written checkpoint's recipe file: not the job's
+        if not any(f.filename.endswith("card.py") for f in traceback.extract_stack()):
+            parses.append(1)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(Recipe, "model_validate", classmethod(counted))
     job = QuantizeJob(
         model=str(smollm2_path), recipe="gptq-w4g64", out_dir="out", data=small_data()
     )
     state = quantize_flow(job, return_state=True)
     assert state.is_completed(), state.message
+    assert len(parses) == 1  # the recipe is parsed once, when the job is made
     result = state.result()
     flow_run_id = str(state.state_details.flow_run_id)
 

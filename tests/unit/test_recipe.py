@@ -110,3 +110,74 @@ def test_missing_and_malformed_recipe_files(tmp_path):
     scalar.write_text("42")
     with pytest.raises(ConfigError, match="mapping"):
         load_recipe(scalar)
+
+
+def test_what_a_step_needs_is_read_from_its_registry_entry_without_building_it(monkeypatch):
+    from quantmill.methods import base, get_method
+    from quantmill.recipe import needs_of
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("a method was built to read its needs")
+
+    monkeypatch.setattr(base.Method, "__init__", no_building)
+    sequential = parse_recipe({"steps": [{"method": "gptq"}]})
+    shared = parse_recipe({"steps": [{"method": "gptq", "sequential": False}]})
+    no_lkd = parse_recipe({"steps": [{"method": "zeroquant", "lkd_steps": 0}]})
+    assert sequential.needs_calibration() and not sequential.uses_shared_statistics()
+    assert shared.uses_shared_statistics()
+    assert not no_lkd.needs_calibration()
+    assert not needs_of(no_lkd.steps[0]).targets
+    assert get_method("peqa").base_needs.after == ("rtn", "gptq")
+
+
+@pytest.mark.parametrize(
+    ("steps", "fragment"),
+    [
+        (
+            [{"method": "llm_qat", "generated_samples": 4}, {"method": "rtn"}],
+            "steps.1.method: rtn is a post-training step after a training step",
+        ),
+        ([{"method": "peqa"}], "steps.0.method: peqa trains the grids of an earlier rtn or gptq"),
+        (
+            [{"method": "rtn", "targets": ["*.mlp.*"]}, {"method": "peqa"}],
+            "steps.1.method: peqa trains the grids of an earlier rtn or gptq",
+        ),
+    ],
+)
+def test_step_order_rules_fail_when_the_recipe_is_parsed(steps, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_recipe({"steps": steps})
+    assert fragment in str(info.value)
+
+
+def test_peqa_after_rtn_on_the_same_layers_parses():
+    recipe = parse_recipe({"steps": [{"method": "rtn"}, {"method": "peqa"}]})
+    assert recipe.trains()
+
+
+def test_shipped_recipes_are_found_by_name_and_files_by_path(tmp_path):
+    from quantmill.recipes import find_recipe, shipped_recipes
+
+    assert "gptq-w4g64" in shipped_recipes()
+    assert load_recipe("gptq-w4g64").name == "gptq-w4g64"
+    own = tmp_path / "gptq-w4g64.yaml"  # a file of the same name is a file, not the shipped one
+    own.write_text("name: mine\nsteps: [{method: rtn}]\n")
+    assert find_recipe(str(own)) == own and load_recipe(str(own)).name == "mine"
+    with pytest.raises(ConfigError, match="shipped recipes: .*gptq-w4g64"):
+        load_recipe("no-such-recipe")
+
+
+def test_overrides_apply_before_the_one_parse(monkeypatch):
+    from quantmill import recipe as recipe_module
+
+    parses = []
+    real = recipe_module.Recipe.model_validate
+    monkeypatch.setattr(
+        recipe_module.Recipe,
+        "model_validate",
+        classmethod(lambda cls, data, **kw: parses.append(1) or real(data, **kw)),
+    )
+    loaded = load_recipe("gptq-w4g64", calib_samples=3, eval_windows=0, kv_cache="4:head")
+    assert parses == [1]
+    assert loaded.calibration.num_samples == 3 and loaded.evaluation.max_windows is None
+    assert loaded.evaluation.kv_cache.bits == 4
