@@ -1,11 +1,31 @@
 """Plots written as PNG files (matplotlib, headless): what people would rather
-look at than read. matplotlib is imported only when a plot is drawn."""
+look at than read. matplotlib is imported only when a plot is drawn.
+
+pyplot is not thread-safe (its figure manager and text parser are shared), and
+a sweep records its recipes from several threads at once: every plot is drawn
+under one lock.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+_DRAWING = threading.RLock()
+
+
+def _one_at_a_time(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _DRAWING:
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _pyplot():
@@ -17,6 +37,7 @@ def _pyplot():
     return plt
 
 
+@_one_at_a_time
 def layer_loss(layers: list[dict[str, Any]], path: str | Path) -> Path:
     """Each quantized layer's reconstruction loss, in model order (log scale)."""
     plt = _pyplot()
@@ -37,6 +58,7 @@ def layer_loss(layers: list[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, plt, path)
 
 
+@_one_at_a_time
 def size_vs_perplexity(
     rows: list[dict[str, Any]], path: str | Path, original: dict[str, Any] | None = None
 ) -> Path:
@@ -60,6 +82,7 @@ def size_vs_perplexity(
     return _save(fig, plt, path)
 
 
+@_one_at_a_time
 def distillation(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
     """ZeroQuant's layer-wise distillation: each block's output error before and after."""
     blocks = [r for r in layers if r.get("method") == "zeroquant-lkd"]
@@ -79,6 +102,7 @@ def distillation(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
     return _save(fig, plt, path)
 
 
+@_one_at_a_time
 def training(results: list[dict[str, Any]], path: str | Path) -> Path | None:
     """Quantization-aware training: loss per step (and learning rate) of each training step."""
     results = [r for r in results if r.get("history")]
@@ -104,6 +128,7 @@ def training(results: list[dict[str, Any]], path: str | Path) -> Path | None:
     return _save(fig, plt, path)
 
 
+@_one_at_a_time
 def outlier_columns(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
     """LLM.int8(): the share of each layer's input columns over the threshold in calibration."""
     rows = [r for r in layers if "outlier_fraction" in r.get("extra", {})]
@@ -134,6 +159,7 @@ def _save(fig, plt, path: str | Path) -> Path:
     return path
 
 
+@_one_at_a_time
 def outlier_stats(layers: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Per-layer outlier figures in model order (``quantmill.outliers`` layer dicts):
     activation max/median ratio, activation and weight kurtosis (log scales) and
