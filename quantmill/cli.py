@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from quantmill.config import CalibrationSpec
+
 COMMANDS = ("quantize", "eval", "outliers", "methods")
 
 
@@ -45,8 +47,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("model", help="preset (smollm2-135m), local folder, .gguf file or Hub repo id")
     o.add_argument("--out", required=True, help="folder for outliers.json, .csv and .png")
     o.add_argument("--calib-data", help="calibration text file (default: WikiText-2 train)")
-    o.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
-    o.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    calib = CalibrationSpec.model_fields
+    o.add_argument(
+        "--calib-samples",
+        type=int,
+        help=f"calibration samples (default: {calib['num_samples'].default})",
+    )
+    o.add_argument(
+        "--seq-len", type=int, help=f"tokens per sample (default: {calib['seq_len'].default})"
+    )
     o.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _device_args(o)
@@ -213,7 +222,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _outliers(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from quantmill.config import CalibrationSpec
     from quantmill.data import calibration_ids
     from quantmill.errors import ConfigError
     from quantmill.models import load_tokenizer
@@ -221,9 +229,9 @@ def _outliers(args: argparse.Namespace) -> int:
     from quantmill.recipe import format_validation_error
     from quantmill.sources import resolve_model
 
-    data = {"dataset": args.calib_data} if args.calib_data else {}
+    given = {"dataset": args.calib_data, "num_samples": args.calib_samples, "seq_len": args.seq_len}
     try:
-        spec = CalibrationSpec(num_samples=args.calib_samples, seq_len=args.seq_len, **data)
+        spec = CalibrationSpec(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:  # --calib-samples / --seq-len out of range
         raise ConfigError(format_validation_error(exc, "calibration settings")) from None
     resolved = resolve_model(args.model, args.revision)
