@@ -60,6 +60,39 @@ def smollm2_path() -> Path:
     return resolve_model("smollm2-135m").path
 
 
+# Blocks kept by ``short_smollm2``: the real weights, a fraction of the work.
+SHORT_BLOCKS = 4
+
+
+@pytest.fixture(scope="session")
+def short_smollm2(smollm2_path, tmp_path_factory) -> Path:
+    """SmolLM2-135M's real weights cut to its first ``SHORT_BLOCKS`` decoder blocks (with
+    its embeddings, norm, head and tokenizer): for tests of the pipeline around the
+    quantizer, where the other 26 blocks add nothing but time."""
+    import json
+
+    from quantmill.export.shards import ShardWriter
+    from quantmill.weights import WeightFiles
+
+    folder = tmp_path_factory.mktemp("smollm2") / f"smollm2-{SHORT_BLOCKS}-blocks"
+    folder.mkdir()
+    files = WeightFiles(smollm2_path)
+    writer = ShardWriter(folder, 5 * 10**9)
+    for name, located in files.tensors.items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and int(parts[2]) >= SHORT_BLOCKS:
+            continue
+        writer.add_raw(name, located.entry, located.file, located.data_start)
+    writer.finish()
+    config = json.loads((smollm2_path / "config.json").read_text())
+    config["num_hidden_layers"] = SHORT_BLOCKS
+    (folder / "config.json").write_text(json.dumps(config))
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (smollm2_path / extra).is_file():
+            (folder / extra).write_bytes((smollm2_path / extra).read_bytes())
+    return folder
+
+
 @pytest.fixture(scope="session")
 def wiki_files() -> tuple[Path, Path]:
     if not WIKI_VALID.is_file() or not WIKI_TEST.is_file():

@@ -17,33 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.export.shards import ShardWriter
 from quantmill.folder import weight_files
-from quantmill.weights import WeightFiles
+from tests.conftest import SHORT_BLOCKS as BLOCKS
 
 pytestmark = pytest.mark.slow
-BLOCKS = 4
+
 KILL_AFTER = 2
-
-
-@pytest.fixture(scope="module")
-def short_smollm2(smollm2_path, tmp_path_factory) -> Path:
-    """SmolLM2-135M's real weights, cut to its first ``BLOCKS`` decoder blocks."""
-    folder = tmp_path_factory.mktemp("smollm2") / f"smollm2-{BLOCKS}-blocks"
-    folder.mkdir()
-    files = WeightFiles(smollm2_path)
-    writer = ShardWriter(folder, 5 * 10**9)
-    for name, located in files.tensors.items():
-        parts = name.split(".")
-        if parts[:2] == ["model", "layers"] and int(parts[2]) >= BLOCKS:
-            continue
-        writer.add_raw(name, located.entry, located.file, located.data_start)
-    writer.finish()
-    config = json.loads((smollm2_path / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": BLOCKS}))
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (folder / extra).write_bytes((smollm2_path / extra).read_bytes())
-    return folder
 
 
 def command(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:

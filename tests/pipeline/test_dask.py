@@ -14,9 +14,9 @@ from tests.pipeline.test_flows import runs_of
 pytestmark = pytest.mark.slow
 
 
-def test_a_sweep_fans_out_over_dask_worker_processes(pipeline_env, smollm2_path, mlflow_client):
+def test_a_sweep_fans_out_over_dask_worker_processes(pipeline_env, short_smollm2, mlflow_client):
     job = SweepJob(
-        model=str(smollm2_path),
+        model=str(short_smollm2),
         recipes=["rtn-w4g64", "rtn-w8-channel"],
         max_concurrency=2,
         dask="local",

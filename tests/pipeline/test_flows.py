@@ -14,6 +14,7 @@ from flows.quantize import quantize_flow
 from flows.sweep import sweep_flow
 from quantmill import stages
 from quantmill.recipes import SHIPPED_DIR
+from tests.conftest import SHORT_BLOCKS
 from tests.pipeline.conftest import small_data
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def counting(monkeypatch, module, name: str) -> list:
 
 
 def test_quantize_flow_tracks_everything_in_mlflow(
-    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+    pipeline_env, short_smollm2, mlflow_client, monkeypatch
 ):
     import traceback
 
@@ -59,7 +60,7 @@ def test_quantize_flow_tracks_everything_in_mlflow(
 
     monkeypatch.setattr(Recipe, "model_validate", classmethod(counted))
     job = QuantizeJob(
-        model=str(smollm2_path), recipe="gptq-w4g64", out_dir="out", data=small_data()
+        model=str(short_smollm2), recipe="gptq-w4g64", out_dir="out", data=small_data()
     )
     state = quantize_flow(job, return_state=True)
     assert state.is_completed(), state.message
@@ -75,15 +76,15 @@ def test_quantize_flow_tracks_everything_in_mlflow(
     assert params["recipe.calibration.num_samples"] == "4"
     assert params["model.revision"].startswith("sha256:")
     assert params["versions.torch"].startswith("2.")
-    # the first 2048-token window of WikiText-2 test: 15.15 for the original model
-    assert metrics["perplexity_original"] == pytest.approx(15.15, abs=0.05)
-    assert metrics["perplexity"] > metrics["perplexity_original"]
+    # a 4-block cut of the model: its perplexity means nothing, so only that both were
+    # measured and differ (the whole model's 15.15 on this window: tests/integration)
+    assert metrics["perplexity"] != metrics["perplexity_original"] > 1
     assert metrics["perplexity"] == pytest.approx(result["perplexity"])
     assert 4.0 < metrics["bits_per_weight"] < 4.6
     for stage in ("download", "calibration_data", "quantize", "evaluate"):
         assert metrics[f"time_{stage}_s"] >= 0
     history = mlflow_client.get_metric_history(run.info.run_id, "layer_loss")
-    assert sorted(m.step for m in history) == list(range(210))  # 30 blocks x 7 linears
+    assert sorted(m.step for m in history) == list(range(SHORT_BLOCKS * 7))  # 7 per block
     assert tags["prefect.flow_run_id"] == flow_run_id
     assert flow_run_id in tags["prefect.flow_run_url"]
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
@@ -102,11 +103,11 @@ def test_quantize_flow_tracks_everything_in_mlflow(
 
 
 def test_second_run_reuses_prepared_data_and_statistics(
-    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+    pipeline_env, short_smollm2, mlflow_client, monkeypatch
 ):
     tokenize = counting(monkeypatch, stages, "calibration_ids")
     collect = counting(monkeypatch, stages, "collect_statistics")
-    job = dict(model=str(smollm2_path), recipe="gptq-w4g64-shared", data=small_data())
+    job = dict(model=str(short_smollm2), recipe="gptq-w4g64-shared", data=small_data())
     first = quantize_flow(QuantizeJob(**job, out_dir="first"))
     assert (len(tokenize), len(collect)) == (1, 1)
     second = quantize_flow(QuantizeJob(**job, out_dir="second"))
@@ -118,7 +119,7 @@ def test_second_run_reuses_prepared_data_and_statistics(
 
 
 def test_sweep_shares_calibration_runs_concurrently_and_compares(
-    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+    pipeline_env, short_smollm2, mlflow_client, monkeypatch
 ):
     from prefect.artifacts import Artifact
 
@@ -139,7 +140,7 @@ def test_sweep_shares_calibration_runs_concurrently_and_compares(
     data["steps"][0]["weights"]["bits"] = 3
     low_bits.write_text(yaml.safe_dump(data))
     job = SweepJob(
-        model=str(smollm2_path),
+        model=str(short_smollm2),
         recipes=["gptq-w4g64-shared"],
         recipe_files=[str(low_bits)],
         max_concurrency=2,
@@ -159,9 +160,23 @@ def test_sweep_shares_calibration_runs_concurrently_and_compares(
     assert sorted(c.info.run_name for c in children) == ["gptq-w3g64-shared", "gptq-w4g64-shared"]
     assert all(c.info.status == "FINISHED" for c in children)
     by_name = {c.info.run_name: c.data.metrics for c in children}
-    # 3-bit is smaller than 4-bit and loses more perplexity
+    # 3-bit is smaller than 4-bit and each layer's output error is larger (the cut
+    # model's perplexity means nothing; the whole model's ordering: tests/integration)
     w3, w4 = by_name["gptq-w3g64-shared"], by_name["gptq-w4g64-shared"]
-    assert w3["size_bytes"] < w4["size_bytes"] and w3["perplexity"] > w4["perplexity"]
+    assert w3["size_bytes"] < w4["size_bytes"]
+    ids = {c.info.run_name: c.info.run_id for c in children}
+    loss = {
+        name: [
+            m.value
+            for m in sorted(
+                mlflow_client.get_metric_history(run_id, "layer_loss"), key=lambda m: m.step
+            )
+        ]
+        for name, run_id in ids.items()
+    }
+    w3_loss, w4_loss = loss["gptq-w3g64-shared"], loss["gptq-w4g64-shared"]
+    assert len(w3_loss) == len(w4_loss) == SHORT_BLOCKS * 7
+    assert all(a > b for a, b in zip(w3_loss, w4_loss, strict=True))
     assert w3["bits_per_weight"] < 3.6
     artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison.json"} <= artifacts
@@ -174,7 +189,7 @@ def test_sweep_shares_calibration_runs_concurrently_and_compares(
 
 
 def test_sweep_respects_the_concurrency_limit(
-    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+    pipeline_env, short_smollm2, mlflow_client, monkeypatch
 ):
     from quantmill import api
 
@@ -193,7 +208,7 @@ def test_sweep_respects_the_concurrency_limit(
 
     monkeypatch.setattr(api, "quantize", tracked)
     job = SweepJob(
-        model=str(smollm2_path),
+        model=str(short_smollm2),
         recipes=["rtn-w4g64", "rtn-w8-channel"],
         max_concurrency=1,
         data=small_data(),
@@ -222,7 +237,7 @@ def test_a_failing_task_fails_the_mlflow_run_and_the_prefect_run_alike(
 
 
 def test_no_run_is_left_running_when_quantization_raises(
-    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+    pipeline_env, short_smollm2, mlflow_client, monkeypatch
 ):
     from quantmill import api
 
@@ -230,7 +245,7 @@ def test_no_run_is_left_running_when_quantization_raises(
         raise RuntimeError("quantizer exploded at block 3")
 
     monkeypatch.setattr(api, "quantize", boom)
-    job = SweepJob(model=str(smollm2_path), recipes=["rtn-w4g64"], data=small_data())
+    job = SweepJob(model=str(short_smollm2), recipes=["rtn-w4g64"], data=small_data())
     state = sweep_flow(job, return_state=True)
     assert state.is_failed() and "quantizer exploded at block 3" in state.message
     exp = mlflow_client.get_experiment_by_name("quantmill")
@@ -256,7 +271,7 @@ def test_flow_parameters_render_as_a_form_with_choices():
 
 
 def test_a_download_that_fails_twice_is_retried_and_the_flow_completes(
-    pipeline_env, smollm2_path, mlflow_client, monkeypatch
+    pipeline_env, short_smollm2, mlflow_client, monkeypatch
 ):
     import flows.quantize
     import tasks.download as download
@@ -278,7 +293,7 @@ def test_a_download_that_fails_twice_is_retried_and_the_flow_completes(
     monkeypatch.setattr(download, "resolve_model", flaky)
     no_wait = download.download_model.with_options(retry_delay_seconds=0)
     monkeypatch.setattr(flows.quantize, "download_model", no_wait)
-    job = QuantizeJob(model=str(smollm2_path), recipe="rtn-w4g64", data=small_data())
+    job = QuantizeJob(model=str(short_smollm2), recipe="rtn-w4g64", data=small_data())
     state = quantize_flow(job, return_state=True)
     assert state.is_completed(), state.message
     assert len(calls) == 3

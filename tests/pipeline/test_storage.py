@@ -78,10 +78,10 @@ def test_an_unreachable_s3_server_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_flow_keeps_artifacts_and_cache_in_the_bucket(
-    s3_env, pipeline_env, smollm2_path, mlflow_client, monkeypatch
+    s3_env, pipeline_env, short_smollm2, mlflow_client, monkeypatch
 ):
     collect = counting(monkeypatch, stages, "collect_statistics")
-    job = dict(model=str(smollm2_path), recipe="gptq-w4g64-shared", data=small_data())
+    job = dict(model=str(short_smollm2), recipe="gptq-w4g64-shared", data=small_data())
     first = quantize_flow(QuantizeJob(**job, out_dir="first"))
     run = mlflow_client.get_run(first["mlflow_run_id"])
     assert run.info.artifact_uri.startswith(f"s3://{s3_env.bucket}/mlflow/")
