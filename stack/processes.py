@@ -117,19 +117,25 @@ def online_workers(s: StackSettings) -> set[str]:
 
 
 def down(home: Path, grace: float = 20) -> list[str]:
-    """Stop every recorded service (workers first) and forget the state."""
+    """Stop every recorded service and forget the state: the workers first, all at once,
+    then the servers, all at once; each group has ``grace`` seconds before SIGKILL."""
     home = Path(home).resolve()
     state = read_state(home)
+    services = list(state.get("services", {}).items())
+    workers = [(n, i) for n, i in services if n.startswith("worker")]
+    servers = [(n, i) for n, i in services if not n.startswith("worker")]
     stopped = []
-    for name, info in reversed(list(state.get("services", {}).items())):
-        if alive(info["pid"]):
-            _signal(info["pid"], signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while alive(info["pid"]) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if alive(info["pid"]):
-                _signal(info["pid"], signal.SIGKILL)
-            stopped.append(name)
+    for group in (workers, servers):
+        running = [(name, info["pid"]) for name, info in group if alive(info["pid"])]
+        for _, pid in running:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(alive(pid) for _, pid in running) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _, pid in running:
+            if alive(pid):
+                _signal(pid, signal.SIGKILL)
+        stopped += [name for name, _ in reversed(running)]
     (home / STATE).unlink(missing_ok=True)
     return stopped
 

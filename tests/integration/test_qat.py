@@ -86,7 +86,7 @@ def test_llm_qat_trains_w4a8kv8_on_generated_text(wiki_files, tmp_path):
     assert summary.quantized["runtime_layers"] == {"ActQuantLinear": 210}
     assert len(trained["history"]) == 6 and trained["eval_loss_before"] > 0
     generated = [p for p in (cache_root() / "generated").iterdir() if p.is_dir()]
-    assert generated, "the generated training text is cached as a dataset"
+    assert generated, "the generated training text is in the cache"
 
 
 def cli(recipe: Path, out: Path, log: Path) -> subprocess.Popen:

@@ -118,7 +118,7 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     calib, test = (str(f) for f in wiki_files)
     summary = cli(
         "quantize", "--model", "smollm2-135m", "--recipe", "gptq-w4g64",
-        "--out", str(out), "--calib-data", calib, "--calib-samples", "32",
+        "--out", str(out), "--calib-data", calib, "--calib-samples", "16",
         "--eval-data", test, "--eval-windows", "2",
     )  # fmt: skip
     original, quantized = summary["original"]["perplexity"], summary["quantized"]["perplexity"]
