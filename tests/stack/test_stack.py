@@ -138,52 +138,6 @@ def test_ten_runs_at_once_with_a_limit_of_two_all_complete(stack, client, short_
     assert max(most) == 2  # the limit was used, not just respected
 
 
-def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
-    stack, client, tmp_path
-):
-    import psutil
-
-    from stack import processes
-
-    # RTN on the whole model: still running 10 s in, and a rerun that finishes soon after
-    job = {
-        "model": "smollm2-135m",
-        "recipe": "rtn-w4g64",
-        "out_dir": str(tmp_path / "out"),
-        "overwrite": True,
-        "data": {"eval_data": str(WIKI_TEST), "eval_windows": 1},
-    }
-    quantize = deployment(client, "quantize")
-    run = client.create_flow_run_from_deployment(quantize.id, parameters={"job": job})
-    deadline = time.monotonic() + 300
-    while client.read_flow_run(run.id).state.type.value != "RUNNING":
-        assert time.monotonic() < deadline, "the run never started"
-        time.sleep(1)
-    time.sleep(10)  # well into the run: heartbeats are flowing
-
-    # the worker running it dies with everything it started, as when its machine goes down
-    flow_process = psutil.Process(
-        int(client.read_flow_run(run.id).infrastructure_pid.split(":")[-1])
-    )
-    worker = flow_process.parent()
-    services = processes.read_state(stack["home"])["services"]
-    (name,) = [n for n, info in services.items() if info["pid"] == worker.pid]
-    family = [worker, *worker.children(recursive=True)]
-    assert len(family) > 1  # the flow run's own process is among them
-    for proc in family:
-        proc.kill()
-    psutil.wait_procs(family, timeout=30)
-
-    (crashed,) = wait_runs(client, [run.id], timeout=300)
-    assert crashed.state.type.value == "CRASHED", crashed.state
-    assert "heartbeat" in (crashed.state.message or "")
-
-    processes.restart(stack["home"], name)
-    again = client.create_flow_run_from_deployment(quantize.id, parameters={"job": job})
-    (done,) = wait_runs(client, [again.id], timeout=600)
-    assert done.state.type.value == "COMPLETED", done.state.message
-
-
 def test_a_sweep_fans_out_over_the_pools_workers(stack, client, tmp_path, short_smollm2):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 

@@ -1,0 +1,61 @@
+"""A worker killed mid-run: the run is marked Crashed once its heartbeats stop, and a
+rerun completes. Last of the stack's tests (the file name sorts after the others):
+the crashed run's deployment concurrency slot is held until its lease ends, which
+would hold up any quantize run a later test starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import WIKI_TEST
+from tests.stack.test_stack import deployment, wait_runs
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
+    stack, client, tmp_path
+):
+    import psutil
+
+    from stack import processes
+
+    # RTN on the whole model: still running 10 s in, and a rerun that finishes soon after
+    job = {
+        "model": "smollm2-135m",
+        "recipe": "rtn-w4g64",
+        "out_dir": str(tmp_path / "out"),
+        "overwrite": True,
+        "data": {"eval_data": str(WIKI_TEST), "eval_windows": 1},
+    }
+    quantize = deployment(client, "quantize")
+    run = client.create_flow_run_from_deployment(quantize.id, parameters={"job": job})
+    deadline = time.monotonic() + 300
+    while client.read_flow_run(run.id).state.type.value != "RUNNING":
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(1)
+    time.sleep(10)  # well into the run: heartbeats are flowing
+
+    # the worker running it dies with everything it started, as when its machine goes down
+    flow_process = psutil.Process(
+        int(client.read_flow_run(run.id).infrastructure_pid.split(":")[-1])
+    )
+    worker = flow_process.parent()
+    services = processes.read_state(stack["home"])["services"]
+    (name,) = [n for n, info in services.items() if info["pid"] == worker.pid]
+    family = [worker, *worker.children(recursive=True)]
+    assert len(family) > 1  # the flow run's own process is among them
+    for proc in family:
+        proc.kill()
+    psutil.wait_procs(family, timeout=30)
+
+    (crashed,) = wait_runs(client, [run.id], timeout=300)
+    assert crashed.state.type.value == "CRASHED", crashed.state
+    assert "heartbeat" in (crashed.state.message or "")
+
+    processes.restart(stack["home"], name)
+    again = client.create_flow_run_from_deployment(quantize.id, parameters={"job": job})
+    (done,) = wait_runs(client, [again.id], timeout=600)
+    assert done.state.type.value == "COMPLETED", done.state.message
