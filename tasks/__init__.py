@@ -1,8 +1,10 @@
 """Prefect tasks: thin adapters over the ``quantmill`` library.
 
-Each parses its inputs, calls the library and returns something small (a path,
-a URI, a dict of figures), never a model or a tensor, so results can be
-persisted, cached and shown in the Prefect UI.
+Each takes paths, small dicts and the specs the flow parsed once (a recipe, a
+calibration or evaluation spec), calls the library and returns something small
+(a path, a URI, a dict of figures), never a model or a tensor, so results can
+be persisted, cached and shown in the Prefect UI. Recording goes through
+``tracking`` (``tasks/record.py``).
 """
 
 import os
