@@ -68,10 +68,11 @@ def cached_file(
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        hit = store is not None and _download(store, remote, Path(tmp))
+        checksum = _download(store, remote, Path(tmp)) if store is not None else None
+        hit = checksum is not None
         if not hit:
             produce(Path(tmp))
-        _place(Path(tmp), path)
+        _place(Path(tmp), path, checksum or file_sha256(Path(tmp)))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -110,26 +111,25 @@ def _verified(path: Path) -> bool:
     return False
 
 
-def _place(tmp: Path, path: Path) -> None:
+def _place(tmp: Path, path: Path, checksum: str) -> None:
     """Checksum first, then the entry: a reader never sees an entry without its checksum."""
-    checksum = _checksum_file(path)
-    partial = checksum.with_name(checksum.name + ".partial")
-    partial.write_text(file_sha256(tmp) + "\n")
-    os.replace(partial, checksum)
+    sums = _checksum_file(path)
+    partial = sums.with_name(sums.name + ".partial")
+    partial.write_text(checksum + "\n")
+    os.replace(partial, sums)
     os.replace(tmp, path)
 
 
-def _download(store, remote: str, tmp: Path) -> bool:
-    """True when the mirror holds ``remote`` with a matching checksum."""
+def _download(store, remote: str, tmp: Path) -> str | None:
+    """The checksum of ``remote`` when the mirror holds it and it matches, else None."""
     sums = tmp.with_name(tmp.name + ".sha256")
     try:
-        if not store.download(remote + ".sha256", sums):
-            return False
-        if not store.download(remote, tmp):
-            return False
-        if file_sha256(tmp) == sums.read_text().strip():
-            return True
+        if not store.download(remote + ".sha256", sums) or not store.download(remote, tmp):
+            return None
+        checksum = sums.read_text().strip()
+        if file_sha256(tmp) == checksum:
+            return checksum
         log.warning("cache entry %s in the S3 mirror does not match its checksum: ignored", remote)
-        return False
+        return None
     finally:
         sums.unlink(missing_ok=True)

@@ -70,7 +70,8 @@ def prepare_statistics(
     spec: CalibrationSpec,
     calibration: str | Path,
     progress: bool = True,
-    engine: EngineSpec | None = None,
+    *,
+    engine: EngineSpec | None = None,  # keyword: its threads apply (uses_engine_threads)
 ) -> Cached:
     """The original model's calibration statistics (``quantmill.stats``), cached per
     model, calibration and compute (device type, dtype); one block in memory at a time."""
