@@ -66,7 +66,7 @@ def deploy_on(settings) -> None:
     """After ``stack up --deploy``: the pipeline's deployments on the new stack."""
     from flows.deploy import deploy_all
 
-    deploy_all(settings.pool, api_url=settings.prefect_api)
+    deploy_all(settings.pool, api_url=settings.prefect_api, crash_after_s=settings.crash_after_s)
 
 
 def main(argv: list[str] | None = None) -> int:

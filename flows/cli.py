@@ -113,6 +113,7 @@ def _common(p: argparse.ArgumentParser, model: Any, data: Any) -> None:
     _field(p, data, "calib_samples", prefix="data.", type=int)
     _field(p, data, "eval_data", prefix="data.")
     _field(p, data, "eval_windows", prefix="data.", type=int)
+    _field(p, data, "eval_seq_len", prefix="data.", type=int)
     _field(p, data, "kv_cache", prefix="data.")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_engine_args(p)

@@ -93,23 +93,27 @@ def deploy_all(
     api_url: str | None = None,
     names: list[str] | None = None,
     image: str | None = None,
+    crash_after_s: int | None = None,
 ) -> dict[str, str]:
     """Create or update the deployments on ``pool``; returns ``{name: deployment id}``.
 
     ``image`` (Docker or Kubernetes pools): the project's image, in which the code
     sits at the same path as here, so run this from inside that image.
+    ``crash_after_s``: a run without a heartbeat for this long is marked Crashed;
+    None keeps the crash detection already on the server (or makes it for
+    ``defaults.CRASH_AFTER_S``).
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if api_url:
         with temporary_settings({PREFECT_API_URL: api_url}):
-            return deploy_all(pool, schedules, None, names, image)
+            return deploy_all(pool, schedules, None, names, image, crash_after_s)
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.flows import Flow
 
     if image is None:
         ensure_pool(pool)
-    ensure_crash_detection()
+    ensure_crash_detection(crash_after_s)
     chosen = schedules or {}
     ids = {}
     for name in names or list(DEPLOYMENTS):
@@ -149,14 +153,14 @@ def ensure_pool(pool: str) -> None:
 
 
 CRASH_AUTOMATION = "quantmill: mark runs without heartbeats as crashed"
-HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY that workers set for their runs
-MISSED_HEARTBEATS_S = 90
 
 
-def ensure_crash_detection() -> None:
+def ensure_crash_detection(crash_after_s: int | None = None) -> None:
     """An automation that marks a run Crashed once its heartbeats stop (its worker or
     machine died), instead of leaving it Running forever. Runs emit heartbeats when
-    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set, as the stack's workers do."""
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set, as the stack's workers do; a run
+    silent for ``crash_after_s`` is the one marked. An automation of another
+    window is replaced; with None, whatever is there is kept."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -166,10 +170,14 @@ def ensure_crash_detection() -> None:
     from prefect.events.schemas.events import ResourceSpecification
 
     try:
-        Automation.read(name=CRASH_AUTOMATION)
-        return
+        existing = Automation.read(name=CRASH_AUTOMATION)
     except ValueError:  # not there yet
-        pass
+        existing = None
+    silent_s = crash_after_s or defaults.CRASH_AFTER_S
+    if existing is not None:
+        if crash_after_s is None or existing.trigger.within == timedelta(seconds=silent_s):
+            return
+        existing.delete()
     ends = ("Completed", "Failed", "Cancelled", "Crashed")
     Automation(
         name=CRASH_AUTOMATION,
@@ -180,12 +188,12 @@ def ensure_crash_detection() -> None:
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
-            within=timedelta(seconds=MISSED_HEARTBEATS_S),
+            within=timedelta(seconds=silent_s),
         ),
         actions=[
             ChangeFlowRunState(
                 state=StateType.CRASHED,
-                message=f"no heartbeat for {MISSED_HEARTBEATS_S} s: its worker or machine died",
+                message=f"no heartbeat for {silent_s} s: its worker or machine died",
             )
         ],
     ).create()

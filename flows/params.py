@@ -34,6 +34,7 @@ class DataSettings(Params):
     calib_samples: int | None = Field(None, ge=1, description="calibration samples")
     eval_data: str | None = Field(None, description="evaluation text file, or a datasets name")
     eval_windows: int | None = Field(None, ge=0, description="evaluation windows; 0: all")
+    eval_seq_len: int | None = Field(None, ge=8, description="evaluation window length in tokens")
     kv_cache: str | None = Field(
         None,
         description="quantize keys and values while evaluating: 8, 4, 8:head, 4:token; none: off",

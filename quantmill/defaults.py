@@ -11,3 +11,5 @@ EXPERIMENT = "quantmill"  # the MLflow experiment
 TOKEN_SECRET = "hf-token"  # the Prefect Secret block holding the Hub token
 POOL = "quantmill"  # the Prefect work pool of the deployments
 BUCKET = "quantmill"  # the S3 bucket of artifacts and the shared cache
+HEARTBEAT_S = 30  # how often a worker's flow runs send a heartbeat (Prefect's least)
+CRASH_AFTER_S = 90  # a run without a heartbeat for this long is marked Crashed

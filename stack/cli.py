@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from stack.services import DEFAULT_HOME, StackSettings
+from quantmill import defaults
+from stack.services import DEFAULT_HOME, StackSettings, StackSettingsError
 
 SETTING = "stack."  # the prefix of the options that are StackSettings fields
 
@@ -38,6 +39,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _setting(u, "pool", "the process work pool")
     _setting(u, "workers", "worker processes on the pool", type=int)
     _setting(u, "worker_limit", "flow runs per worker at once", type=int)
+    _setting(
+        u,
+        "crash_after_s",
+        f"a run is marked Crashed after this many seconds without a heartbeat "
+        f"(they come every {defaults.HEARTBEAT_S} s; --deploy)",
+        type=int,
+    )
     _setting(u, "bucket", "S3 bucket for artifacts and cache")
     u.add_argument("--deploy", action="store_true", help="then create the deployments")
     d = verbs.add_parser("down", help="stop the stack")
@@ -82,8 +90,9 @@ def run(
         }
         settings = StackSettings(home=args.home, **given)
         try:
+            settings.check()
             processes.up(settings)
-        except processes.StackError as exc:
+        except (processes.StackError, StackSettingsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if after_up is not None:

@@ -12,6 +12,10 @@ from quantmill import defaults
 DEFAULT_HOME = Path(".quantmill") / "stack"
 
 
+class StackSettingsError(ValueError):
+    """A stack setting that cannot work."""
+
+
 @dataclass(frozen=True)
 class StackSettings:
     home: Path = DEFAULT_HOME  # state file, logs and local stores
@@ -26,8 +30,20 @@ class StackSettings:
     pool: str = defaults.POOL
     worker_limit: int = 2  # flow runs one worker executes at once
     workers: int = 1
+    crash_after_s: int = defaults.CRASH_AFTER_S  # a run without heartbeats is then Crashed
     aws_key: str = "quantmill"
     aws_secret: str = "quantmill-secret"
+
+    def check(self) -> None:
+        """Settings that cannot work, named with the fix (``StackSettingsError``)."""
+        if self.crash_after_s <= defaults.HEARTBEAT_S:
+            raise StackSettingsError(
+                f"crash_after_s = {self.crash_after_s}: runs send a heartbeat every "
+                f"{defaults.HEARTBEAT_S} s, so give more than that (default "
+                f"{defaults.CRASH_AFTER_S}): --crash-after-s"
+            )
+        if self.workers < 1 or self.worker_limit < 1:
+            raise StackSettingsError("workers and worker_limit: give at least 1")
 
     @property
     def prefect_api(self) -> str:
@@ -124,7 +140,7 @@ def services(s: StackSettings) -> list[Service]:
                     **client_env(s),
                     "PREFECT_HOME": str(home / "prefect"),
                     # runs send heartbeats; flows/deploy.py marks silent ones Crashed
-                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(defaults.HEARTBEAT_S),
                 },
             )
         )

@@ -1,8 +1,13 @@
 """Integer matrix multiplication for W8A8 layers on CPU.
 
 ``int8_linear``: per-token int8 activations times per-channel int8 weights,
-accumulated in int32 by ``torch._int_mm`` (VNNI on x86), then rescaled by the
-outer product of the two scale vectors: ``y = (qx · qwᵀ) * sx * swᵀ + b``.
+accumulated in int32, then rescaled by the outer product of the two scale
+vectors: ``y = (qx · qwᵀ) * sx * swᵀ + b``. The int32 products come from
+``torch._int_mm`` where it is fast (GPUs; x86 CPUs with AVX-512, whose VNNI it
+uses) and otherwise from float32 matrix products over chunks of at most 1024
+input columns: every partial sum of such a chunk is an integer of magnitude at
+most 128·128·1024 = 2²⁴, which float32 holds exactly, so the two paths give
+the same integers (on an AVX2-only CPU ``_int_mm`` was 20× slower than fp32).
 
 ``mixed_int8_linear``: LLM.int8()'s decomposition (Dettmers et al., 2022):
 input columns holding any activation of magnitude ≥ ``threshold`` are
@@ -32,10 +37,37 @@ def _quantize_tokens_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.div(x, scale).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
+EXACT_CHUNK = 1024  # input columns per float32 product: sums stay within ±2**24
+
+
+def int_mm_is_fast(device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` beats float32 products on ``device``."""
+    if device.type != "cpu":
+        return True
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def int32_matmul(qx: Tensor, qweight_t: Tensor, exact_float: bool | None = None) -> Tensor:
+    """``qx`` ``[tokens, in]`` int8 times ``qweight_t`` ``[in, out]`` int8: exact int32.
+
+    ``exact_float`` picks the float32 path (None: whichever is faster here)."""
+    if exact_float is None:
+        exact_float = not int_mm_is_fast(qx.device)
+    if not exact_float:
+        return torch._int_mm(qx, qweight_t)
+    acc = None
+    for start in range(0, qx.shape[1], EXACT_CHUNK):
+        cols = slice(start, start + EXACT_CHUNK)
+        part = (qx[:, cols].float() @ qweight_t[cols].float()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    assert acc is not None, "int32_matmul of an empty product"
+    return acc
+
+
 def int8_matmul(x: Tensor, qweight_t: Tensor, w_scale: Tensor) -> Tensor:
     """``x`` ``[tokens, in]`` (float) times int8 ``qweight_t`` ``[in, out]``: float32 output."""
     qx, x_scale = _quantize_tokens_int8(x.float())
-    acc = torch._int_mm(qx, qweight_t)
+    acc = int32_matmul(qx, qweight_t)
     return acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
 
 

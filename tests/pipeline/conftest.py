@@ -1,5 +1,6 @@
 """Pipeline fixtures: Prefect's test harness, an MLflow SQLite store and a cache
-folder per test, and small calibration/evaluation budgets on the real model."""
+folder per test, one MLflow server on PostgreSQL for the session, and small
+calibration/evaluation budgets on the real model."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_url(tmp_path_factory):
+    """One real ``mlflow server`` for the session, its runs and registry in PostgreSQL."""
+    from tests.support.servers import mlflow_server, postgres_database
+
+    with postgres_database("quantmill_mlflow") as backend:
+        with mlflow_server(backend, tmp_path_factory.mktemp("mlflow-server")) as url:
+            yield url
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from quantmill.recipes import SHIPPED_DIR
 from tests.conftest import WIKI_TEST
 from tests.pipeline.conftest import small_data
 from tests.support.hub_server import running_hub
-from tests.support.servers import mlflow_server, postgres_database, start_mlflow, stop
+from tests.support.servers import mlflow_server, start_mlflow, stop
 
 pytestmark = pytest.mark.slow
 
@@ -385,15 +385,7 @@ def test_quantize_flow_ends_with_the_publication(hub_env, smollm2_path, mlflow_c
     assert summary["original"]["perplexity"] == pytest.approx(result["perplexity_original"])
 
 
-@pytest.fixture(scope="module")
-def registry_url(tmp_path_factory):
-    """A real ``mlflow server`` with its runs and registry in PostgreSQL."""
-    with postgres_database("quantmill_registry") as backend:
-        with mlflow_server(backend, tmp_path_factory.mktemp("registry")) as url:
-            yield url
-
-
-def test_cli_publish_against_an_mlflow_server(hub_env, checkpoint, registry_url, tmp_path):
+def test_cli_publish_against_an_mlflow_server(hub_env, checkpoint, mlflow_server_url, tmp_path):
     import os
     import subprocess
     import sys
@@ -403,6 +395,7 @@ def test_cli_publish_against_an_mlflow_server(hub_env, checkpoint, registry_url,
     from tests.pipeline.test_servers import last_json
 
     repo = repo_name("cli")
+    registry_url = mlflow_server_url
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry_url}
     cmd = [sys.executable, "-m", "app", "publish", str(checkpoint)]
     cmd += ["--hub-repo", repo, "--json"]

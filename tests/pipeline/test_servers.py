@@ -11,29 +11,10 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import WIKI_TEST, WIKI_VALID
-from tests.support.servers import (
-    free_port,
-    mlflow_server,
-    postgres_database,
-    start,
-    stop,
-    wait_http,
-)
+from tests.conftest import SHORT_BLOCKS, WIKI_TEST, WIKI_VALID
+from tests.support.servers import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    with postgres_database("quantmill_mlflow") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def mlflow_url(postgres_url, tmp_path_factory):
-    with mlflow_server(postgres_url, tmp_path_factory.mktemp("mlflow-server")) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +47,11 @@ def api(url: str, body: dict | None = None):
 
 
 def test_run_against_mlflow_on_postgres_and_a_prefect_server(
-    mlflow_url, prefect_server, smollm2_path, tmp_path
+    mlflow_server_url, prefect_server, short_smollm2, tmp_path
 ):
     from mlflow.tracking import MlflowClient
 
+    mlflow_url = mlflow_server_url
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
@@ -77,7 +59,7 @@ def test_run_against_mlflow_on_postgres_and_a_prefect_server(
         "QUANTMILL_CACHE": str(tmp_path / "cache"),
         "PREFECT_LOGGING_EXTRA_LOGGERS": "quantmill",
     }
-    cmd = [sys.executable, "-m", "app", "run", "--model", str(smollm2_path)]
+    cmd = [sys.executable, "-m", "app", "run", "--model", str(short_smollm2)]
     cmd += ["--recipe", "rtn-w4g64", "--out", str(tmp_path / "out"), "--json"]
     cmd += ["--calib-data", str(WIKI_VALID), "--eval-data", str(WIKI_TEST), "--eval-windows", "1"]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -100,5 +82,5 @@ def test_run_against_mlflow_on_postgres_and_a_prefect_server(
     assert run.data.tags["prefect.flow_run_url"].startswith(("http://", "https://"))
     logs = api(f"{prefect_server}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
     messages = [entry["message"] for entry in logs]
-    assert any("block 30/30 quantized" in m for m in messages)
+    assert any(f"block {SHORT_BLOCKS}/{SHORT_BLOCKS} quantized" in m for m in messages)
     assert any("perplexity: window 1/1" in m for m in messages)

@@ -3,6 +3,7 @@ ports with fresh PostgreSQL databases, and a Prefect client on it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -30,8 +31,13 @@ def stack(tmp_path_factory):
     args = ["--home", str(home), "--postgres", f"postgresql://{PG['user']}@{PG['host']}:5432"]
     args += ["--db-prefix", prefix, "--prefect-port", ports[0], "--mlflow-port", ports[1]]
     args += ["--s3-port", ports[2], "--workers", "2", "--deploy"]
+    # a killed worker's run is marked Crashed 45 s after its last heartbeat (90 s by
+    # default; they come every 30 s), and the scheduler looks for new deployments
+    # every 5 s (60 s)
+    args += ["--crash-after-s", "45"]
+    env = {**os.environ, "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
     try:
-        cli("stack", "up", *args)
+        cli("stack", "up", *args, env=env)
         env_lines = cli("stack", "env", "--home", str(home)).stdout.splitlines()
         env = dict(line.removeprefix("export ").split("=", 1) for line in env_lines)
         yield {"home": home, "env": env, "prefix": prefix}

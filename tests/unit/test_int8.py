@@ -15,6 +15,7 @@ from quantmill.quant.act import fake_quantize_tokens, quantize_tokens
 from quantmill.quant.int8 import (
     fake_mixed_int8,
     int8_linear,
+    int32_matmul,
     mixed_int8_linear,
     quantize_rows_int8,
 )
@@ -43,6 +44,21 @@ def test_int8_matmul_matches_the_dequantized_reference():
     # and close to the float layer itself
     exact = x @ W.t() + bias
     assert (y - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("inner", [64, 1536, 2049])
+def test_the_float32_path_gives_the_same_integers_as_int_mm(inner):
+    # the worst case for exactness: every product at ±128·127 or 128·128, and inner
+    # sizes past one chunk of 1024 columns (SmolLM2's down_proj takes 1536)
+    torch.manual_seed(0)
+    qx = torch.randint(-128, 128, (33, inner), dtype=torch.int8)
+    qw = torch.randint(-128, 128, (inner, 40), dtype=torch.int8)
+    qx[0], qw[:, 0] = -128, -128  # a column whose sum is 128·128·inner
+    qx[1], qw[:, 1] = 127, -128
+    exact = torch._int_mm(qx, qw)
+    assert exact[0, 0] == 128 * 128 * inner
+    assert torch.equal(int32_matmul(qx, qw, exact_float=True), exact)
+    assert torch.equal(int32_matmul(qx, qw), exact)  # whichever this machine uses
 
 
 def test_int8_linear_handles_a_single_token():
