@@ -114,8 +114,9 @@ def _verified(path: Path) -> bool:
 def _place(tmp: Path, path: Path, checksum: str) -> None:
     """Checksum first, then the entry: a reader never sees an entry without its checksum."""
     sums = _checksum_file(path)
-    partial = sums.with_name(sums.name + ".partial")
-    partial.write_text(checksum + "\n")
+    fd, partial = tempfile.mkstemp(prefix=f".{sums.name}.", suffix=".partial", dir=sums.parent)
+    with os.fdopen(fd, "w") as out:  # a name of its own: two writers of one entry may race
+        out.write(checksum + "\n")
     os.replace(partial, sums)
     os.replace(tmp, path)
 

@@ -10,6 +10,7 @@ narrowest dtype that holds them exactly. Memory holds one tensor at a time.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -37,13 +38,22 @@ def convert_gguf(
     """Write ``gguf`` as a plain safetensors folder at ``target`` (config, tokenizer, weights).
 
     Written into a sibling folder and renamed into place when complete, so an
-    interrupted conversion never leaves a folder that looks complete.
+    interrupted conversion never leaves a folder that looks complete; one process
+    at a time converts into ``target`` (the others wait, then use its result).
     ``lineage`` (``base_model``, ``license``) goes to ``quantmill_source.json``.
     """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # converted while this one waited
+            return target
+        return _convert(gguf, target, lineage, progress)
+
+
+def _convert(gguf: Path, target: Path, lineage: dict[str, str] | None, progress: bool) -> Path:
     from gguf import GGUFReader, dequantize
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     try:
         reader = GGUFReader(str(gguf))

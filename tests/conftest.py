@@ -15,6 +15,16 @@ WIKI_VALID = DATA_DIR / "wikitext-2" / "wiki.valid.tokens"
 WIKI_TEST = DATA_DIR / "wikitext-2" / "wiki.test.raw"
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """With pytest-xdist (``make test`` runs two workers), each module's tests run on one
+    worker, so module fixtures are built once; the service stack's tests share one
+    worker and one stack, in file order (the killed-worker test last)."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        group = "stack" if module.startswith("tests/stack/") else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def tiny_config(model_type: str, vocab_size: int = 320):
     """A two-block config of ``model_type`` small enough for unit tests."""
     from transformers import AutoConfig
