@@ -38,9 +38,11 @@ def test_options_given_reach_the_job_nested():
     args = parse(
         "run", "--model", "m", "--calib-samples", "3", "--public", "--no-register",
         "--token-secret", "mine", "--recipe", "rtn-w4g64", "--threads", "1",
+        "--eval-seq-len", "256",
     )  # fmt: skip
     job = flow_cli._job(args)
     assert (job.model, job.data.calib_samples, job.recipe) == ("m", 3, "rtn-w4g64")
+    assert job.load().evaluation.seq_len == 256
     assert (job.publish.private, job.publish.registry, job.publish.token_secret) == (
         False, False, "mine",
     )  # fmt: skip
@@ -71,6 +73,8 @@ def test_stack_options_come_from_the_stack_settings():
         (["run", "--calib-samples", "0"], "data.calib_samples"),
         (["sweep", "--recipes", "rtn-w4g64", "rtn-w4g64"], "two recipes are named"),
         (["run", "--hub-repo", "not a repo"], "publish.hub_repo"),
+        (["run", "--eval-seq-len", "4"], "data.eval_seq_len"),
+        (["stack", "up", "--crash-after-s", "20"], "--crash-after-s"),
     ],
 )
 def test_bad_flow_parameters_exit_2_before_any_flow(argv, fragment, capsys):
