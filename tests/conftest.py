@@ -15,31 +15,14 @@ WIKI_VALID = DATA_DIR / "wikitext-2" / "wiki.valid.tokens"
 WIKI_TEST = DATA_DIR / "wikitext-2" / "wiki.test.raw"
 
 
-# The longest groups of tests first (measured), so that under pytest-xdist neither
-# worker is left with one of them at the end; the rest keep their order.
-LONGEST_FIRST = (
-    "stack",  # about 12 minutes: the stack, ten runs, the UI, a killed worker
-    "tests/integration/test_smollm2.py",
-    "tests/pipeline/test_publish.py",
-    "tests/pipeline/test_flows.py",
-    "tests/integration/test_outlier_methods.py",
-    "tests/integration/test_qat.py",
-)
-
-
 def pytest_collection_modifyitems(items) -> None:
     """With pytest-xdist (``make test`` runs two workers), each module's tests run on one
     worker, so module fixtures are built once; the service stack's tests share one
-    worker and one stack, in file order (the killed-worker test last). The longest
-    groups start first."""
-    groups = {}
+    worker and one stack, in file order (the killed-worker test last)."""
     for item in items:
         module = item.nodeid.split("::", 1)[0]
-        groups[item.nodeid] = "stack" if module.startswith("tests/stack/") else module
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
-    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
-    order = {item.nodeid: i for i, item in enumerate(items)}
-    items.sort(key=lambda it: (rank.get(groups[it.nodeid], len(rank)), order[it.nodeid]))
+        group = "stack" if module.startswith("tests/stack/") else module
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def tiny_config(model_type: str, vocab_size: int = 320):
