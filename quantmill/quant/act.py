@@ -1,6 +1,11 @@
 """Dynamic per-token activation quantization: one scale per token (row), from
 that token's largest magnitude, computed at run time (no calibration).
 
+The rule is compressed-tensors' (what ``transformers`` and vLLM compute for an
+exported checkpoint): symmetric scale ``max|x| / ((2^b - 1) / 2)`` (127.5 at 8
+bits) with integers clamped to ``[-2^(b-1), 2^(b-1) - 1]``; asymmetric scale
+``(max - min) / (2^b - 1)``.
+
 The fake-quantized form uses a straight-through estimator, so the same
 function serves evaluation and training (layer-wise distillation).
 """
@@ -19,8 +24,8 @@ def token_qparams(x: Tensor, scheme: ActScheme) -> tuple[Tensor, Tensor | None]:
     """Scale ``[..., 1]`` (and zero point when asymmetric) per row of ``x`` ``[..., features]``."""
     x = x.detach().float()
     if scheme.symmetric:
-        q_max = (1 << (scheme.bits - 1)) - 1
-        return (x.abs().amax(dim=-1, keepdim=True) / q_max).clamp_min(EPS), None
+        half_range = ((1 << scheme.bits) - 1) / 2
+        return (x.abs().amax(dim=-1, keepdim=True) / half_range).clamp_min(EPS), None
     low = x.amin(dim=-1, keepdim=True).clamp_max(0)
     high = x.amax(dim=-1, keepdim=True).clamp_min(0)
     scale = ((high - low) / ((1 << scheme.bits) - 1)).clamp_min(EPS)

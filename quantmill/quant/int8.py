@@ -32,9 +32,14 @@ def quantize_rows_int8(W: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def _quantize_tokens_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    scale = x.abs().amax(dim=1, keepdim=True).div_(127).clamp_min_(1e-8)
-    return torch.div(x, scale).round_().clamp_(-127, 127).to(torch.int8), scale
+def _quantize_tokens_int8(x: Tensor, paper: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-row int8 of ``x`` ``[tokens, in]``. The default is compressed-tensors' rule
+    (scale ``max/127.5``, integers in ``[-128, 127]``: what an exported W8A8 checkpoint
+    computes in ``transformers`` and vLLM); ``paper`` is LLM.int8()'s (``max/127``,
+    ``[-127, 127]``), which no checkpoint format describes."""
+    top, low = (127.0, -127) if paper else (127.5, -128)
+    scale = x.abs().amax(dim=1, keepdim=True).div_(top).clamp_min_(1e-8)
+    return torch.div(x, scale).round_().clamp_(low, 127).to(torch.int8), scale
 
 
 EXACT_CHUNK = 1024  # input columns per float32 product: sums stay within ±2**24
@@ -64,9 +69,9 @@ def int32_matmul(qx: Tensor, qweight_t: Tensor, exact_float: bool | None = None)
     return acc
 
 
-def int8_matmul(x: Tensor, qweight_t: Tensor, w_scale: Tensor) -> Tensor:
+def int8_matmul(x: Tensor, qweight_t: Tensor, w_scale: Tensor, paper: bool = False) -> Tensor:
     """``x`` ``[tokens, in]`` (float) times int8 ``qweight_t`` ``[in, out]``: float32 output."""
-    qx, x_scale = _quantize_tokens_int8(x.float())
+    qx, x_scale = _quantize_tokens_int8(x.float(), paper)
     acc = int32_matmul(qx, qweight_t)
     return acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
 
@@ -94,10 +99,10 @@ def mixed_int8_linear(
     outliers = outlier_columns(flat, threshold)
     count = int(outliers.sum())
     if count == 0:
-        y = int8_matmul(flat, qweight_t, w_scale)
+        y = int8_matmul(flat, qweight_t, w_scale, paper=True)
     else:
         regular = ~outliers
-        y = int8_matmul(flat[:, regular], qweight_t[regular], w_scale)
+        y = int8_matmul(flat[:, regular], qweight_t[regular], w_scale, paper=True)
         w_out = qweight_t[outliers].float() * w_scale  # [n_outliers, out], dequantized
         y = y + flat[:, outliers] @ w_out
     if bias is not None:
@@ -112,6 +117,6 @@ def fake_mixed_int8(x: Tensor, threshold: float) -> Tensor:
     flat = x.reshape(-1, shape[-1]).float()
     outliers = outlier_columns(flat, threshold)
     regular = flat.masked_fill(outliers, 0.0)
-    q, scale = _quantize_tokens_int8(regular)
+    q, scale = _quantize_tokens_int8(regular, paper=True)
     out = torch.where(outliers, flat, q.float() * scale)
     return out.reshape(shape).to(x.dtype)

@@ -172,6 +172,34 @@ def test_w8a8_checkpoint_runs_with_integer_kernels(tmp_path, tiny_model, ids):
     assert (integer - simulated).abs().max() < 1e-2 * simulated.abs().max()
 
 
+def test_a_w8a8_checkpoint_computes_what_transformers_computes_for_it(tmp_path, tiny_model, ids):
+    # transformers runs compressed-tensors' own fake quantization (activation scale
+    # max/127.5, integers in [-128, 127]); our integer kernels must give the same numbers
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    steps = parse_recipe({"steps": [{"method": "rtn", **W8A8}]}).steps
+    outcome = quantize_model(model, steps, None, 4, False)
+    save_quantized(model, None, outcome.layers, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert set(apply_runtime(ours, tmp_path).values()) == {"Int8Linear"}
+    with torch.no_grad():
+        reference, integer = plain(ids, labels=ids), ours(ids, labels=ids)
+    diff = (integer.logits - reference.logits).abs()
+    assert float(diff.mean()) < 1e-4 * float(reference.logits.abs().max())
+    assert float(integer.loss.exp()) == pytest.approx(float(reference.loss.exp()), rel=1e-3)
+
+
+def test_token_scales_follow_compressed_tensors_and_llm_int8_keeps_the_paper_rule():
+    x = torch.tensor([[-127.5, 64.0, 0.25, 127.5]])
+    q, scale, _ = quantize_tokens(x, ActScheme(bits=8))
+    assert float(scale) == 1.0  # max / 127.5
+    assert q.tolist() == [[-128, 64, 0, 127]]  # ±127.5 round to ±128; +128 is clamped
+    # LLM.int8(): max/127 and ±127, the paper's absmax rule: the extremes are exact
+    assert float(fake_mixed_int8(x, 1000.0)[0, 0]) == pytest.approx(-127.5)
+
+
 def test_llm_int8_checkpoint_counts_outlier_columns_at_run_time(tmp_path, tiny_model, ids):
     from transformers import AutoModelForCausalLM
 
