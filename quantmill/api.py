@@ -42,6 +42,7 @@ from quantmill.models import load_model, load_tokenizer
 from quantmill.qat.loop import TrainContext
 from quantmill.recipe import Recipe, save_recipe
 from quantmill.runtime import apply_runtime, runtime_summary
+from quantmill.servable import check_servable, partial_groups
 from quantmill.sources import ResolvedModel, resolve_model
 from quantmill.stages import data_fingerprint, load_calibration
 from quantmill.stats import StatisticsFile
@@ -74,6 +75,8 @@ class QuantizeSummary:
     layers: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)  # one per training step
     engine: dict[str, Any] = field(default_factory=dict)  # device, dtype, resumed_at
+    # format written, and why the serving engines cannot load it (empty: they can)
+    serving: dict[str, Any] = field(default_factory=dict)
     quantmill_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,13 +113,24 @@ def quantize(
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
     methods = check_recipe(lazy.model, recipe, export_format)  # built once, used by the run
+    unservable = [p.describe() for p in partial_groups(lazy.model, recipe.steps)]
+    if unservable and export_format == "packed":
+        log.warning(
+            "export.servable is false and %s (and %d more layers): the packed format cannot "
+            "hold a partial last group, so the checkpoint is written as float weights on the "
+            "grid", unservable[0], len(unservable) - 1,
+        )  # fmt: skip
+        export_format = "fake"
     check_space(out_dir, estimate_output_bytes(lazy, recipe, export_format))
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     fingerprint = run_fingerprint(resolved, recipe, lazy, export_format, engine)
     trains = recipe.trains()
     workdir = training_dir(out_dir, resolved, recipe) if trains else None
     with staged_run(out_dir, fingerprint, resume=engine.resume, overwrite=overwrite) as stage:
-        run = _Run(resolved, lazy, recipe, methods, stage, export_format, engine, progress, workdir)
+        run = _Run(
+            resolved, lazy, recipe, methods, stage, export_format, engine, progress, workdir,
+            unservable,
+        )  # fmt: skip
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
         original = _original_perplexity(lazy, resolved, recipe.evaluation, windows, progress)
         written = (stage.state or {}).get("written")
@@ -156,6 +170,7 @@ class _Run:
     engine: EngineSpec
     progress: bool
     workdir: Path | None  # training checkpoints, for recipes that train
+    unservable: list[str]  # partial groups let through by export.servable: false
 
 
 def _stream(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None):
@@ -212,6 +227,7 @@ def _summary(run: _Run, written: dict, original: dict | None, quantized: dict | 
             "dtype": dtype_name(run.lazy.dtype),
             "resumed_at_block": written["resumed_at"],
         },
+        serving={"format": run.fmt, "servable": not run.unservable, "reasons": run.unservable},
     )
 
 
@@ -363,12 +379,15 @@ def check_recipe(
     net: torch.nn.Module, recipe: Recipe, export_format: str = "packed"
 ) -> list[Method]:
     """Everything about ``recipe`` that depends on the model, checked before any work:
-    the architecture, each step's mappings and layers, the KV-cache layout, the export.
+    the architecture, each step's mappings and layers, the KV-cache layout, the export
+    (packed grids that no serving engine loads, unless ``export.servable`` is false).
     Returns the steps' methods, built and checked (a run uses these)."""
     spec = arch_for(net)
     methods = build_methods(net, recipe.steps)
     if recipe.evaluation.kv_cache is not None:
         check_kv_supported(net)
+    if export_format == "packed":
+        check_servable(net, recipe)
     if spec.conv1d and export_format == "packed":
         raise ConfigError(
             f"{net.config.model_type} stores its weights in Conv1D modules, which the packed "
@@ -441,4 +460,3 @@ def _original_perplexity(
         "eval", key, lambda: streamed_perplexity(lazy, windows, progress).to_dict()
     )
     return result
-

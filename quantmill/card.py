@@ -135,6 +135,7 @@ def render_card(info: CheckpointInfo, repo_id: str | None = None) -> str:
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",
         f"# {title}",
         _intro(info, base),
+        "## Serving\n\n" + serving_notes(info),
         "## Evaluation\n\n" + evaluation_table(info),
         "## Recipe\n\n```yaml\n" + yaml.safe_dump(info.recipe.to_dict(), sort_keys=False) + "```",
         "## How to load\n\n" + _how_to_load(load_id),
@@ -168,14 +169,36 @@ def evaluation_table(info: CheckpointInfo) -> str:
     return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
 
 
+def serving_notes(info: CheckpointInfo) -> str:
+    """Which engines can run this checkpoint, and why not where they cannot."""
+    serving = info.summary.get("serving") or {}
+    reasons = serving.get("reasons") or []
+    if not reasons:
+        return (
+            "Every quantized layer uses a compressed-tensors scheme that transformers and "
+            "vLLM load (`group`/`channel` strategies)."
+        )
+    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    return (
+        "**Not servable as a quantized model** (the recipe sets `export.servable: false`): "
+        f"{shown}. No serving engine loads a partial last group, so the weights are stored "
+        "as floats that lie on the quantization grid: they load anywhere, at full size."
+    )
+
+
 def _intro(info: CheckpointInfo, base: BaseModelInfo) -> str:
     methods = " then ".join(m.upper() for m in info.methods())
     bits = "/".join(str(b) for b in info.bits())
     link = f"[{base.repo_id}](https://huggingface.co/{base.repo_id})" if base.repo_id else base.name
+    fake = (info.summary.get("serving") or {}).get("format") == "fake"
+    stored = (
+        "floats on the quantization grid"
+        if fake
+        else "packed integers in the compressed-tensors format, which transformers and vLLM load"
+    )
     return (
         f"{bits}-bit weight quantization of {link} with {methods}, made by "
-        "[quantmill](https://github.com/quantmill/quantmill). The weights are stored as "
-        "packed integers in the compressed-tensors format, which transformers loads."
+        f"[quantmill](https://github.com/quantmill/quantmill). The weights are stored as {stored}."
     )
 
 

@@ -96,9 +96,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "none", "cpu"],
         help="where calibration activations wait between blocks (auto: on the device if they fit)",
     )
-    p.add_argument(
-        "--max-shard-size", help="largest safetensors shard of the output (default 5GB)"
-    )
+    p.add_argument("--max-shard-size", help="largest safetensors shard of the output (default 5GB)")
     p.add_argument("--threads", type=int, help="CPU threads of torch's operators (default: all)")
     p.add_argument(
         "--no-resume",

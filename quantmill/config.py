@@ -147,6 +147,15 @@ class EvalSpec(StrictModel):
     kv_cache: KVCacheSpec | None = None
 
 
+class ExportSpec(StrictModel):
+    """What the written checkpoint must be."""
+
+    # true: refuse, before any work, a grid that no serving engine loads (a group size
+    # that does not divide a layer's inputs); false: write it anyway (as float weights
+    # on the grid where the packed format cannot hold it) and say so in the card.
+    servable: bool = True
+
+
 class TrainSpec(StrictModel):
     """The training loop of a quantization-aware method (LLM-QAT, PEQA, L4Q)."""
 

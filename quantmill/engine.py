@@ -172,9 +172,7 @@ class StreamingStore(LazyStore):
         hidden = None
         if inputs is not None:
             hidden = f"hidden-{blocks_done:05d}.safetensors"
-            write_file(
-                self.stage.work / hidden, {str(b): h for b, h in enumerate(inputs.hidden)}
-            )
+            write_file(self.stage.work / hidden, {str(b): h for b, h in enumerate(inputs.hidden)})
         self.stage.save(
             {
                 "blocks_done": blocks_done,
@@ -199,5 +197,3 @@ def first_block_width(block: nn.Module) -> int:
         if weight is not None and weight.dim() >= 1:
             return int(weight.shape[-1])
     raise ValueError("cannot tell the hidden size of the decoder block")
-
-

@@ -13,7 +13,14 @@ from typing import Any
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from quantmill.config import CalibrationSpec, EvalSpec, MethodConfig, QualityGate, StrictModel
+from quantmill.config import (
+    CalibrationSpec,
+    EvalSpec,
+    ExportSpec,
+    MethodConfig,
+    QualityGate,
+    StrictModel,
+)
 from quantmill.errors import ConfigError
 from quantmill.methods import get_method, method_names
 from quantmill.recipes import find_recipe, shipped_recipes
@@ -28,6 +35,7 @@ class Recipe(StrictModel):
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     # Checked before the model registry marks a version as a release candidate.
     gate: QualityGate = Field(default_factory=QualityGate)
+    export: ExportSpec = Field(default_factory=ExportSpec)
 
     @field_validator("steps", mode="before")
     @classmethod

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from quantmill.layers import LayerQuant
 
 
-
 def layer_runtime(quant: LayerQuant) -> dict[str, Any] | None:
     """The sidecar entry for one layer, or ``None`` for a weight-only layer."""
     if quant.outlier_threshold is not None:

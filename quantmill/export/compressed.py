@@ -5,6 +5,13 @@ methods (``LayerQuant``) into compressed-tensors schemes and per-module
 compressed state dicts, using the compressed-tensors compressors:
 ``pack-quantized`` (sub-8-bit integers packed into int32, asymmetric zero
 points packed too) and ``int-quantized`` for 8 bits (int8 weights).
+
+Asymmetric weights use the ``group``/``channel`` strategies with packed zero
+points, as llm-compressor writes them and vLLM loads them. compressed-tensors
+0.18 to 0.20.1 cannot load those in ``transformers``: on the meta device their
+``compress`` leaves the zero points unpacked, so the empty model expects
+``[out, groups]`` where the file holds ``[out/8, groups]`` (pyproject pins
+``compressed-tensors<0.18``; 0.17 is also what vLLM 0.32 runs).
 """
 
 from __future__ import annotations
@@ -42,18 +49,17 @@ def quantization_args(scheme: QuantScheme, in_features: int) -> QuantizationArgs
         "observer": scheme.observer if scheme.observer == "mse" else "minmax",
     }
     group = scheme.group_size
-    if scheme.symmetric and group is None:
+    if group is None:
         return QuantizationArgs(strategy="channel", **common)
-    if scheme.symmetric and in_features % group == 0:
-        return QuantizationArgs(strategy="group", group_size=group, **common)
-    # "block" with one-row blocks is the same grid as "group", and compressed-tensors
-    # handles it in two cases where "group"/"channel" fail:
-    # - a partial last group: "group" requires exact division, "block" pads;
-    # - asymmetric: "group"/"channel" pack zero points into int32, but the empty model
-    #   that transformers builds before loading expects them unpacked (compressed-tensors
-    #   0.20 skips the packing on the meta device), so such checkpoints do not load.
-    #   "block" stores zero points as int8 on both paths.
-    return QuantizationArgs(strategy="block", block_structure=[1, group or in_features], **common)
+    if in_features % group:
+        # compressed-tensors' "group" needs exact division; its "block" pads, but no serving
+        # engine loads it and compressed-tensors 0.17 cannot decompress a padded block
+        raise ExportError(
+            f"group size {group} does not divide a layer's {in_features} inputs: the packed "
+            "format cannot hold a partial last group; export with --format fake (float "
+            "weights on the grid), or pick a group size that divides every layer's inputs"
+        )
+    return QuantizationArgs(strategy="group", group_size=group, **common)
 
 
 def activation_args(quant: LayerQuant) -> QuantizationArgs | None:

@@ -39,7 +39,6 @@ def round_layer(
 
 @register_method("rtn", config=RTNConfig)
 class RTN(Method):
-
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
         start = time.perf_counter()
         scale, zero, loss = round_layer(layer, self.config.weights, self.conv1d)

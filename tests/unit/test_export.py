@@ -16,8 +16,6 @@ from tests.conftest import tiny_recipe, tiny_tokenizer
 SCHEMES = [
     dict(bits=4, group_size=16, symmetric=True),
     dict(bits=4, group_size=16, symmetric=False),
-    dict(bits=4, group_size=48, symmetric=True),  # 64 inputs: partial last group
-    dict(bits=4, group_size=48, symmetric=False),
     dict(bits=4, group_size=None, symmetric=True),
     dict(bits=4, group_size=None, symmetric=False),
     dict(bits=3, group_size=32, symmetric=True),
@@ -34,19 +32,34 @@ def test_packed_checkpoint_reloads_with_identical_logits(tmp_path, tiny_model, w
     save_quantized(model, None, outcome.layers, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    # what the serving engines know: group and channel
+    strategy = "channel" if weights["group_size"] is None else "group"
+    written = {
+        g["weights"]["strategy"] for g in config["quantization_config"]["config_groups"].values()
+    }
+    assert written == {strategy}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    # bits, plus a float16 scale (and an int8 zero point) per group, plus weight_shape
-    per_group = 16 + (0 if weights["symmetric"] else 8)
-    extra, total = 0, 0
+    # integers packed 32 // bits to an int32 (3 bits: 10 per word, 2 bits wasted), a
+    # float16 scale and a zero point (packed the same way, down the rows) per group,
+    # and weight_shape (two int64)
+    bits = weights["bits"]
+    per_word = 32 // bits
+
+    def packed(count: int) -> int:
+        return count * 8 if bits == 8 else -(-count // per_word) * 32
+
+    stored, total = 0, 0
     for name in outcome.layers:
         rows, cols = model.get_submodule(name).weight.shape
-        extra += rows * -(-cols // (weights["group_size"] or cols)) * per_group
-        extra += 128 if weights["bits"] < 8 else 0  # weight_shape: two int64
+        groups = -(-cols // (weights["group_size"] or cols))
+        stored += rows * packed(cols)
+        stored += rows * groups * 16 + (0 if weights["symmetric"] else groups * packed(rows))
+        stored += 128 if bits < 8 else 0
         total += rows * cols
-    expected = weights["bits"] + extra / total
+    expected = stored / total
     assert bits_per_weight(tmp_path) == pytest.approx(expected, rel=1e-9)
 
 
@@ -100,7 +113,7 @@ def test_api_writes_checkpoint_recipe_and_summary(tiny_checkpoint, text_files, t
 
 def test_asymmetric_group_checkpoints_of_other_tools_load(tmp_path, tiny_model):
     """llmcompressor-style asymmetric ``group`` checkpoints pack zero points into int32;
-    transformers' compressed path refuses them, so ``load_model`` takes the dequantizing one."""
+    transformers loads them (with compressed-tensors < 0.18), and so does ``load_model``."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -131,9 +144,9 @@ def test_asymmetric_group_checkpoints_of_other_tools_load(tmp_path, tiny_model):
     model.save_pretrained(tmp_path, state_dict=state)
     tiny_tokenizer().save_pretrained(tmp_path)
     del model.config.quantization_config
-    with pytest.raises(RuntimeError, match="mismatch"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     loaded, _ = load_model(resolve_model(str(tmp_path)))
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
