@@ -13,3 +13,6 @@ POOL = "quantmill"  # the Prefect work pool of the deployments
 BUCKET = "quantmill"  # the S3 bucket of artifacts and the shared cache
 HEARTBEAT_S = 30  # how often a worker's flow runs send a heartbeat (Prefect's least)
 CRASH_AFTER_S = 90  # a run without a heartbeat for this long is marked Crashed
+VLLM_VENV = ".venv-vllm"  # vLLM's own virtual environment (scripts/vllm-venv.sh makes it)
+VERIFY_PROMPT = "The capital of France is"  # what the verifiers generate from
+VERIFY_TOKENS = 8  # greedy tokens compared between an engine and transformers

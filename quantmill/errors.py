@@ -75,3 +75,7 @@ class StorageError(QuantmillError):
 class TrainingDivergedError(QuantmillError):
     """Quantization-aware training produced a non-finite loss; the last good checkpoint
     is kept so a run with a lower learning rate resumes from it."""
+
+
+class ServingError(QuantmillError):
+    """A serving engine is missing or could not be run (not: it refused a checkpoint)."""
