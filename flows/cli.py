@@ -100,7 +100,8 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
     _field(g, P, "hub_repo", prefix="publish.")
     _field(g, P, "private", "--public", prefix="publish.", action="store_const", const=False)
     _field(g, P, "token_secret", prefix="publish.")
-    _field(g, P, "verify", "--no-verify", prefix="publish.", action="store_const", const=False)
+    _field(g, P, "verify", prefix="publish.", metavar="ENGINES")
+    _field(g, P, "verify", "--no-verify", prefix="publish.", action="store_const", const=[])
     _field(g, P, "registry", "--no-register", prefix="publish.", action="store_const", const=False)
     _field(g, P, "registered_model", prefix="publish.")
 

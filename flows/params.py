@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -69,11 +69,25 @@ class PublishSettings(Params):
         defaults.TOKEN_SECRET,
         description="Prefect Secret block with the Hub token (used if HF_TOKEN unset)",
     )
-    verify: bool = Field(True, description="download the upload again, load it, compare logits")
+    verify: list[Literal["transformers", "vllm"]] = Field(
+        default_factory=lambda: ["transformers"],
+        description="verifiers: transformers (the Hub upload, downloaded again, gives the same "
+        "logits), vllm (vLLM loads the checkpoint and generates what transformers does; a "
+        "checkpoint it cannot serve gets no 'candidate' alias)",
+    )
     registry: bool = Field(True, description="register the checkpoint in the MLflow registry")
     registered_model: str | None = Field(
         None, description="registered model name; default: the base model's name"
     )
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # the former switch: true is the Hub check alone
+            return ["transformers"] if value else []
+        if isinstance(value, str):  # "transformers,vllm" from a command line or a form
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("hub_repo")
     @classmethod

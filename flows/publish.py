@@ -13,7 +13,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.params import PublishJob, PublishSettings, slug
-from tasks.publish import hub_artifact, publish_to_hub, verify_hub_upload, write_model_card
+from tasks.publish import (
+    hub_artifact,
+    publish_to_hub,
+    verify_hub_upload,
+    verify_serving,
+    write_model_card,
+)
 from tasks.record import tag_run
 from tasks.registry import register_model
 from tracking.adapter import TrackedRun, mlflow_run
@@ -24,12 +30,19 @@ def publish_checkpoint(
 ) -> dict[str, Any]:
     """Card, then Hub, then registry; each step runs only once the one before succeeded."""
     logger = get_run_logger()
+    serving = None
+    if "vllm" in settings.verify:  # before the card: the card and the gate say what it found
+        serving = verify_serving(checkpoint, ["vllm"])
+        tag_run(run, {"serving.vllm": "ok" if serving["vllm"]["ok"] else "refused"})
+        logger.info("vLLM: %s", "serves it" if serving["vllm"]["ok"] else serving["vllm"]["reason"])
     described = write_model_card(checkpoint, settings.hub_repo)
     result: dict[str, Any] = {"card": described["card"], "gate": described["gate"]}
+    if serving is not None:
+        result["serving"] = serving
     hub = None
     if settings.hub_repo:
         hub = publish_to_hub(checkpoint, settings.hub_repo, settings.private, settings.token_secret)
-        if settings.verify:
+        if "transformers" in settings.verify:
             check = verify_hub_upload(
                 checkpoint, hub["repo_id"], hub["commit"], settings.token_secret
             )

@@ -47,9 +47,7 @@ def quantize_one(
         "quantize": quantized["seconds"],
         "evaluate": evaluation["seconds"],
     }
-    figures = record_run(
-        run, model, recipe.to_dict(), quantized, original_eval, evaluation, times
-    )
+    figures = record_run(run, model, recipe.to_dict(), quantized, original_eval, evaluation, times)
     published = {}
     if publish is not None and publish.enabled():
         published = {"published": publish_checkpoint(quantized["out_dir"], publish, run)}

@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 
 from quantmill.errors import CheckpointError
-from quantmill.folder import CARD_FILE, CONFIG_FILE, RECIPE_FILE, SOURCE_FILE, SUMMARY_FILE
+from quantmill.folder import (
+    CARD_FILE,
+    CONFIG_FILE,
+    RECIPE_FILE,
+    SOURCE_FILE,
+    SUMMARY_FILE,
+    Checkpoint,
+)
 from quantmill.gate import GateResult, check_gate
 from quantmill.recipe import Recipe
 
@@ -65,7 +72,18 @@ class CheckpointInfo:
         return (self.summary.get("original") or {}).get("perplexity")
 
     def gate(self) -> GateResult:
-        return check_gate(self.recipe.gate, self.original_perplexity, self.perplexity)
+        """The recipe's quality gate, failed also by a serving engine that was asked to
+        load the checkpoint and could not (``quantmill_serving.json``)."""
+        gate = check_gate(self.recipe.gate, self.original_perplexity, self.perplexity)
+        refused = [(k, v) for k, v in self.serving().items() if not v.get("ok")]
+        if not gate.passed or not refused:
+            return gate
+        engine, found = refused[0]
+        reason = f"failed: {engine} cannot serve it ({found.get('reason')}); {gate.reason}"
+        return GateResult(False, gate.recovery, gate.min_recovery, reason)
+
+    def serving(self) -> dict[str, dict[str, Any]]:
+        return Checkpoint(self.folder).serving()
 
     def base(self) -> BaseModelInfo:
         return base_model_info(self.summary.get("model") or {})
@@ -170,20 +188,33 @@ def evaluation_table(info: CheckpointInfo) -> str:
 
 
 def serving_notes(info: CheckpointInfo) -> str:
-    """Which engines can run this checkpoint, and why not where they cannot."""
+    """Which engines can run this checkpoint, what the verifiers found, and why not."""
     serving = info.summary.get("serving") or {}
     reasons = serving.get("reasons") or []
     if not reasons:
-        return (
+        lines = [
             "Every quantized layer uses a compressed-tensors scheme that transformers and "
-            "vLLM load (`group`/`channel` strategies)."
-        )
-    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
-    return (
-        "**Not servable as a quantized model** (the recipe sets `export.servable: false`): "
-        f"{shown}. No serving engine loads a partial last group, so the weights are stored "
-        "as floats that lie on the quantization grid: they load anywhere, at full size."
-    )
+            "vLLM know (`group`/`channel` strategies)."
+        ]
+    else:
+        more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        shown = "; ".join(reasons[:3]) + more
+        lines = [
+            "**Not servable as a quantized model** (the recipe sets `export.servable: false`): "
+            f"{shown}. No serving engine loads a partial last group, so the weights are stored "
+            "as floats that lie on the quantization grid: they load anywhere, at full size."
+        ]
+    for engine, found in sorted(info.serving().items()):
+        if found.get("ok"):
+            kernels = ", ".join(found.get("kernels") or []) or "its dense kernels"
+            lines.append(
+                f"Verified in {engine}: it loads the checkpoint ({kernels}) and "
+                f"{found.get('agree')}/{len(found.get('ranks') or [])} of its greedy tokens "
+                "are the ones transformers chooses on the same prefix."
+            )
+        else:
+            lines.append(f"**{engine} cannot serve this checkpoint**: {found.get('reason')}")
+    return "\n\n".join(lines)
 
 
 def _intro(info: CheckpointInfo, base: BaseModelInfo) -> str:

@@ -1,4 +1,5 @@
-"""The library's commands: ``quantize``, ``eval``, ``outliers`` and ``methods``.
+"""The library's commands: ``quantize``, ``eval``, ``outliers``, ``methods``, and the
+serving ones, ``export`` and ``verify`` (``quantmill.serving.commands``).
 
 The ``quantmill`` program (``app.main``) composes these with the pipeline's
 and the stack's commands; ``python -m quantmill.cli`` runs these alone.
@@ -10,8 +11,9 @@ import argparse
 import json
 
 from quantmill.config import CalibrationSpec
+from quantmill.serving import commands as serving
 
-COMMANDS = ("quantize", "eval", "outliers", "methods")
+COMMANDS = ("quantize", "eval", "outliers", "methods", *serving.COMMANDS)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +63,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _device_args(o)
 
     sub.add_parser("methods", help="list the registered quantization methods")
+    serving.add_commands(sub)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         return _outliers(args)
     if args.command == "quantize":
         return _quantize(args)
+    if args.command in serving.COMMANDS:
+        return serving.run(args)
     return _evaluate(args)
 
 

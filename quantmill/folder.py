@@ -95,6 +95,16 @@ class Checkpoint:
     def layers(self) -> list[dict[str, Any]]:
         return self.json(LAYERS_FILE, [])
 
+    def serving(self) -> dict[str, dict[str, Any]]:
+        """What each serving engine did with the checkpoint (``verify``), by engine."""
+        return self.json(SERVING_FILE, {})
+
+    def write_serving(self, found: dict[str, dict[str, Any]]) -> None:
+        path = self.path(SERVING_FILE)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
     def runtime(self) -> dict[str, dict[str, Any]]:
         return (self.json(RUNTIME_FILE) or {}).get("layers", {})
 

@@ -22,7 +22,7 @@ from prefect import task
 
 from quantmill import card, compare, digest
 from quantmill.errors import PublishError
-from quantmill.folder import CARD_FILE
+from quantmill.folder import CARD_FILE, Checkpoint
 from quantmill.sources import http_status, transient_status
 from tasks.download import TRANSIENT_RETRIES
 from tasks.secrets import DEFAULT_SECRET_BLOCK, hub_token
@@ -44,6 +44,19 @@ def write_model_card(checkpoint: str, repo_id: str | None = None) -> dict[str, A
         "license": base.license,
         "gate": info.gate().to_dict(),
     }
+
+
+@task(name="verify-serving", timeout_seconds=1800)
+def verify_serving(checkpoint: str, engines: list[str]) -> dict[str, Any]:
+    """Load the checkpoint in each serving engine (vLLM, out of process) and record what
+    it did in ``quantmill_serving.json``: the card and the quality gate read it."""
+    from quantmill.serving.verify import verify_vllm
+
+    found = {}
+    if "vllm" in engines:
+        (found["vllm"],) = verify_vllm([checkpoint])
+    Checkpoint(Path(checkpoint)).write_serving(found)
+    return found
 
 
 @task(name="check-hub-access")

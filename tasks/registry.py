@@ -57,6 +57,10 @@ def register_model(
         tags = version_tags(info, content, hub)
         tags["quality_gate"] = "passed" if gate.passed else "failed"
         tags["quality_gate_reason"] = gate.reason
+        for engine, found in info.serving().items():  # what the serving verifiers found
+            tags[f"serving.{engine}"] = "ok" if found.get("ok") else "refused"
+            if not found.get("ok"):
+                tags[f"serving.{engine}.reason"] = str(found.get("reason"))[:500]
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         if gate.passed:

