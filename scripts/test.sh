@@ -4,6 +4,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
+# The vLLM tests (tests/serving) run vLLM's CPU build from its own venv.
+bash scripts/vllm-venv.sh
 # The browser test drives Debian's Chromium: install it once when missing.
 if ! command -v chromium >/dev/null 2>&1; then
     echo "test: installing chromium (Debian package) for the browser test" >&2

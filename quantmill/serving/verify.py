@@ -126,14 +126,15 @@ def verdict(folder: str | Path, result: dict[str, Any], check: dict[str, Any] | 
     weight-only (vLLM does not read ``quantmill_runtime.json``), which is not the model we
     evaluated: refused with that reason."""
     out = dict(result)
+    if any("outlier_threshold" in entry for entry in read_runtime(folder).values()):
+        vllm = "loads" if result["loaded"] else f"refuses them ({result['reason']})"
+        return {**out, "ok": False, "reason": (
+            "LLM.int8()'s outlier decomposition (quantmill_runtime.json) has no "
+            "compressed-tensors form: vLLM could at most serve its int8 weight-only layers, "
+            f"another model than the one evaluated; this vLLM {vllm}"
+        )}  # fmt: skip
     if not result["loaded"]:
         return {**out, "ok": False}
-    if any("outlier_threshold" in entry for entry in read_runtime(folder).values()):
-        return {**out, "ok": False, "reason": (
-            "vLLM loads LLM.int8() layers as int8 weight-only: the outlier decomposition "
-            "(quantmill_runtime.json) has no compressed-tensors form, so it would serve "
-            "another model than the one evaluated"
-        )}  # fmt: skip
     check = check or {"ranks": [], "logprob_gaps": [], "transformers_token_ids": []}
     agree = sum(rank == 0 for rank in check["ranks"])
     worst = max(check["logprob_gaps"], default=0.0)

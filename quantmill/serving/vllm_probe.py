@@ -40,10 +40,10 @@ def probe(folder, prompt, tokens, dtype, max_model_len):
 
 
 def _reason(exc):
-    text = f"{type(exc).__name__}: {exc}".strip()
-    # the engine process's error is the last line that names one
-    lines = [line for line in text.splitlines() if "Error" in line or "error" in line]
-    return (lines[-1] if lines else text)[:600]
+    """The error in a few lines: its type and message, without pydantic's link lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("For further information")]
+    return f"{type(exc).__name__}: {' | '.join(lines)}"[:600]
 
 
 def main():

@@ -85,6 +85,36 @@ def test_the_card_carries_lineage_evaluation_and_recipe(tmp_path):
     assert 'from_pretrained("me/smol-gptq")' in text
 
 
+def test_a_checkpoint_vllm_cannot_serve_fails_the_gate_and_the_card_says_why(tmp_path):
+    from quantmill.folder import Checkpoint
+
+    folder = fake_checkpoint(tmp_path / "ck")
+    assert CheckpointInfo.load(folder).gate().passed  # recovery 0.84 >= 0.80
+    Checkpoint(folder).write_serving({"vllm": {"ok": False, "reason": "no scheme found"}})
+    info = CheckpointInfo.load(folder)
+    gate = info.gate()
+    assert not gate.passed and gate.recovery == pytest.approx(19.13 / 22.76)
+    assert gate.reason.startswith("failed: vllm cannot serve it (no scheme found)")
+    assert "**vllm cannot serve this checkpoint**: no scheme found" in render_card(info)
+    served = {"ok": True, "kernels": ["CPUWNA16LinearKernel"], "agree": 8, "ranks": [0] * 8}
+    Checkpoint(folder).write_serving({"vllm": served})
+    info = CheckpointInfo.load(folder)
+    assert info.gate().passed
+    assert "Verified in vllm: it loads the checkpoint (CPUWNA16LinearKernel) and 8/8" in (
+        render_card(info)
+    )
+
+
+def test_verify_takes_engines_and_the_former_switch():
+    from flows.params import PublishSettings
+
+    assert PublishSettings().verify == ["transformers"]
+    assert PublishSettings(verify=False).verify == []
+    assert PublishSettings(verify="transformers,vllm").verify == ["transformers", "vllm"]
+    with pytest.raises(ValueError, match="verify"):
+        PublishSettings(verify=["llama.cpp"])
+
+
 def test_a_model_of_unknown_lineage_says_so(tmp_path):
     model = {"kind": "local", "source": "/x/my-model", "path": str(tmp_path), "revision": "r"}
     info = CheckpointInfo.load(fake_checkpoint(tmp_path / "ck", model=model))
