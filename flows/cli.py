@@ -34,7 +34,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help=f"shipped recipe name or recipe file (default: {_default(QuantizeJob, 'recipe')})",
     )
     _field(r, QuantizeJob, "out_dir", "--out")
-    _field(r, QuantizeJob, "export_format", "--format", choices=["packed", "fake"])
+    _field(r, QuantizeJob, "export_format", "--format", choices=["packed", "fake", "gguf"])
     _field(r, QuantizeJob, "overwrite", action="store_const", const=True)
     _publish_args(r)
 

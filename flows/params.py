@@ -110,8 +110,10 @@ class QuantizeJob(ModelSettings):
     recipe_file: str | None = Field(None, description="a YAML/JSON recipe; replaces `recipe`")
     out_dir: str | None = Field(None, description="default: outputs/MODEL-RECIPE")
     overwrite: bool = Field(False, description="replace an existing output folder")
-    export_format: Literal["packed", "fake"] = Field(
-        "packed", description="packed: compressed-tensors integers; fake: float weights"
+    export_format: Literal["packed", "fake", "gguf"] = Field(
+        "packed",
+        description="packed: compressed-tensors integers; fake: float weights; gguf: packed "
+        "and a GGUF file for llama.cpp beside it (grids of 32: Q4_0/Q4_1/Q8_0, exact)",
     )
     publish: PublishSettings = Field(default_factory=PublishSettings)
     outlier_report: bool = Field(

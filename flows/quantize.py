@@ -51,6 +51,10 @@ def quantize_one(
     published = {}
     if publish is not None and publish.enabled():
         published = {"published": publish_checkpoint(quantized["out_dir"], publish, run)}
+    if "gguf" in quantized:  # --format gguf: the file llama.cpp runs, beside the checkpoint
+        gguf = quantized["gguf"]
+        get_run_logger().info("GGUF: %s (%s)", gguf["path"], gguf["tensor_types"])
+        published["gguf"] = gguf  # alongside what was published: the same result dict
     return {
         "recipe": recipe.name,
         "out_dir": quantized["out_dir"],
@@ -73,7 +77,7 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
     with mlflow_run(recipe.name, job.experiment, tags={"quantmill.flow": "quantize"}) as run:
         record_params(run, None, recipe.to_dict())
         model = download_model(job.model, job.revision)
-        check_recipe(model, [recipe])
+        check_recipe(model, [recipe], job.export_format)
         calibration = statistics = None
         timings = {"download": model["seconds"]}
         if recipe.needs_calibration() or job.outlier_report:

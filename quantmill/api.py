@@ -98,6 +98,7 @@ def quantize(
     calibration: str | Path | None = None,
     statistics: str | Path | None = None,
     engine: EngineSpec | None = None,
+    check_format: str | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model`` (preset, path, Hub id or resolved source) with ``recipe``.
 
@@ -112,7 +113,8 @@ def quantize(
     check_output(out_dir, overwrite)
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
-    methods = check_recipe(lazy.model, recipe, export_format)  # built once, used by the run
+    # built once, used by the run; ``check_format`` "gguf": the caller exports GGUF after
+    methods = check_recipe(lazy.model, recipe, check_format or export_format)
     unservable = [p.describe() for p in partial_groups(lazy.model, recipe.steps)]
     if unservable and export_format == "packed":
         log.warning(
@@ -386,6 +388,11 @@ def check_recipe(
     methods = build_methods(net, recipe.steps)
     if recipe.evaluation.kv_cache is not None:
         check_kv_supported(net)
+    if export_format == "gguf":  # a packed checkpoint, then its GGUF file
+        from quantmill.serving.gguf_export import check_exact
+
+        check_exact(recipe.steps)
+        export_format = "packed"
     if export_format == "packed":
         check_servable(net, recipe)
     if spec.conv1d and export_format == "packed":

@@ -17,12 +17,14 @@ from quantmill.sources import ResolvedModel
 
 
 @task(name="check-recipe")
-def check_recipe(model: dict[str, Any], recipes: list[Recipe]) -> None:
+def check_recipe(
+    model: dict[str, Any], recipes: list[Recipe], export_format: str = "packed"
+) -> None:
     """Fail before any expensive step when a recipe does not fit the model
-    (mappings, layers, KV-cache layout); reads the model's config only."""
+    (mappings, layers, KV-cache layout, the export); reads the model's config only."""
     source = ResolvedModel.from_dict(model)
     for recipe in recipes:
-        api.check_recipe_source(source, recipe)
+        api.check_recipe_source(source, recipe, export_format=export_format)
 
 
 @task(name="quantize")
@@ -36,20 +38,24 @@ def quantize_model(
     export_format: str = "packed",
     engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Figures of the written checkpoint (no evaluation: that is its own task)."""
+    """Figures of the written checkpoint (no evaluation: that is its own task); with
+    ``gguf``, the packed checkpoint and its GGUF file beside it."""
     start = time.perf_counter()
+    gguf = export_format == "gguf"
     summary = api.quantize(
         ResolvedModel.from_dict(model),
         recipe,
         out_dir,
         evaluate=False,
         overwrite=overwrite,
-        export_format=export_format,  # type: ignore[arg-type]
+        export_format="packed" if gguf else export_format,  # type: ignore[arg-type]
         calibration=calibration["path"] if calibration else None,
         statistics=statistics["path"] if statistics else None,
         engine=EngineSpec.model_validate(engine or {}),
     )
+    extra = {"gguf": _gguf(out_dir)} if gguf else {}
     return {
+        **extra,
         "out_dir": str(Path(out_dir).resolve()),
         "quant_seconds": summary.quant_seconds,
         "size_bytes": summary.size_bytes,
@@ -60,3 +66,9 @@ def quantize_model(
         "pid": os.getpid(),  # the process that quantized (a thread here, or a Dask worker)
         "seconds": time.perf_counter() - start,
     }
+
+
+def _gguf(out_dir: str) -> dict[str, Any]:
+    from quantmill.serving.gguf_export import export_gguf, gguf_path
+
+    return export_gguf(out_dir, gguf_path(out_dir), overwrite=True).to_dict()

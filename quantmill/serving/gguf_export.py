@@ -69,15 +69,41 @@ class GgufReport:
         }  # fmt: skip
 
 
-def block_type(grid: Grid) -> str | None:
-    """The GGUF block type that holds ``grid`` exactly, or None."""
-    if grid.group_size != GROUP:
+def exact_type(bits: int, symmetric: bool, group_size: int | None) -> str | None:
+    """The GGUF block type that holds such a grid exactly, or None."""
+    if group_size != GROUP:
         return None
-    if grid.bits == 4:
-        return "Q4_0" if grid.symmetric else "Q4_1"
-    if grid.bits == 8 and grid.symmetric:
+    if bits == 4:
+        return "Q4_0" if symmetric else "Q4_1"
+    if bits == 8 and symmetric:
         return "Q8_0"
     return None
+
+
+def block_type(grid: Grid) -> str | None:
+    return exact_type(grid.bits, grid.symmetric, grid.group_size)
+
+
+def gguf_path(checkpoint: str | Path) -> Path:
+    """Where ``--format gguf`` puts a run's GGUF file: beside its checkpoint folder."""
+    folder = Path(checkpoint)
+    return folder.with_name(f"{folder.name}.gguf")
+
+
+def check_exact(steps) -> None:
+    """Refuse, before any work, a recipe whose grids GGUF cannot hold exactly."""
+    from quantmill.errors import ConfigError
+
+    for index, step in enumerate(steps):
+        w = step.weights
+        if exact_type(w.bits, w.symmetric, w.group_size) is None:
+            raise ConfigError(
+                f"steps.{index}.weights = {w.bits}-bit, group_size {w.group_size}, "
+                f"{'symmetric' if w.symmetric else 'asymmetric'}: GGUF holds exactly only "
+                "4-bit groups of 32 (Q4_0 symmetric, Q4_1 asymmetric) and 8-bit symmetric "
+                "groups of 32 (Q8_0); use the recipe gptq-w4g32, or export packed and run "
+                "`quantmill export --requantize q4_0` (GPTQ/AWQ rounding is then lost)"
+            )
 
 
 def nearest_recipe(grid: Grid) -> str:

@@ -134,3 +134,25 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(tmp_path, tiny_model):
     assert (tmp_path / "a.gguf").read_text() == "keep me"
     export_gguf(folder, tmp_path / "a.gguf", overwrite=True)
     assert (tmp_path / "a.gguf").stat().st_size > 1000
+
+
+def test_quantize_with_format_gguf_writes_the_file_beside_the_checkpoint(
+    tmp_path, tiny_checkpoint, text_files, capsys
+):
+    from quantmill.cli import main
+    from quantmill.recipe import save_recipe
+    from tests.conftest import tiny_recipe
+
+    src = tiny_checkpoint("llama")
+    for group, code in ((16, 2), (32, 0)):
+        recipe = tmp_path / f"g{group}.yaml"
+        save_recipe(tiny_recipe("rtn", *text_files, group_size=group), recipe)
+        out = tmp_path / f"out{group}"
+        argv = ["quantize", "--model", str(src), "--recipe", str(recipe), "--out", str(out)]
+        assert main([*argv, "--format", "gguf", "--json", "-q"]) == code
+    assert "GGUF holds exactly only" in capsys.readouterr().err  # refused before any work
+    assert not (tmp_path / "out16").exists()
+    reader = GGUFReader(str(tmp_path / "out32.gguf"))
+    kinds = {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.")}
+    assert kinds == {"Q4_0", "F32"}  # the quantized layers and the norms
+    assert (tmp_path / "out32" / "config.json").is_file()  # the packed checkpoint as well
