@@ -75,14 +75,16 @@ def transformers_perplexity(folder: Path, ids: torch.Tensor) -> float:
     from quantmill.evaluate import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():  # compressed-tensors decompresses on the model's first forward
+        model(ids[:1, :4])
     return perplexity(model, ids, progress=False).perplexity
 
 
 def run_json(cmd: list[str], mark: str = "") -> dict[str, Any]:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env=_env())
     for line in reversed(done.stdout.splitlines()):
-        if line.startswith(mark) and line[len(mark):].lstrip().startswith("{"):
-            return json.loads(line[len(mark):])
+        if line.startswith(mark) and line[len(mark) :].lstrip().startswith("{"):
+            return json.loads(line[len(mark) :])
     tail = " | ".join(done.stderr.strip().splitlines()[-3:])
     return {"error": f"exit {done.returncode}: {tail}"[:800]}
 
@@ -182,8 +184,11 @@ def main() -> int:
         rows.append(measure(recipe, folder, ours, ids, windows, work, args))
     result = {
         "command": "benchmarks/serving.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
-                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},  # fmt: skip
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": THREADS,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },  # fmt: skip
         "protocol": "perplexity: the first 8 windows of 2048 tokens of WikiText-2 test, the "
         "same token ids for every engine (quantmill's tokenization); speed: greedy decode "
         "of 64 new tokens after 'The capital of France is' (vLLM: bfloat16 activations, "

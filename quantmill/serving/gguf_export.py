@@ -28,7 +28,7 @@ import torch
 from quantmill.errors import ExportError
 from quantmill.folder import CONFIG_FILE, weight_files
 from quantmill.serving import gguf_blocks
-from quantmill.serving.gguf_meta import ARCHS, GgufArch, add_tokenizer
+from quantmill.serving.gguf_meta import ARCHS, GgufArch, add_tokenizer, rope_factors
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,11 @@ def _write(
         data, kind = _tensor(permute, name, module, tensors[leaf], grid, requantize, report)
         writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
         report.tensors[name] = kind
+    factors = rope_factors(config)
+    if factors is not None:  # Llama 3's scaled rotary frequencies
+        writer.add_tensor("rope_freqs.weight", factors, raw_dtype=gguf.GGMLQuantizationType.F32)
+        report.tensors["rope_freqs.weight"] = "F32"
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

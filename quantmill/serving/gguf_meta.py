@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ class GgufArch:
         writer.add_feed_forward_length(config["intermediate_size"])
         writer.add_head_count(heads)
         writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-        writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+        writer.add_rope_freq_base(rope_theta(config))
         writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
         writer.add_rope_dimension_count(head_dim)
         writer.add_vocab_size(config["vocab_size"])
@@ -88,6 +89,42 @@ class GgufArch:
         return (
             rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
         )
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 keeps them in ``rope_parameters``; older configs at the top level
+    and in ``rope_scaling``."""
+    found = dict(config.get("rope_scaling") or {})
+    found.update(config.get("rope_parameters") or {})
+    if "rope_theta" not in found and "rope_theta" in config:
+        found["rope_theta"] = config["rope_theta"]
+    return found
+
+
+def rope_theta(config: dict[str, Any]) -> float:
+    return float(rope_parameters(config).get("rope_theta", 10000.0))
+
+
+def rope_factors(config: dict[str, Any]) -> np.ndarray | None:
+    """``rope_freqs.weight`` for Llama 3's frequency scaling (as llama.cpp's converter
+    computes it); None for plain RoPE; an error for scalings llama.cpp takes otherwise."""
+    rope = rope_parameters(config)
+    kind = (rope.get("rope_type") or rope.get("type") or "default").lower()
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ExportError(f"GGUF export knows plain and llama3 RoPE; this model uses {kind!r}")
+    heads = config["num_attention_heads"]
+    dim = config.get("head_dim") or config["hidden_size"] // heads
+    freqs = 1.0 / (rope_theta(config) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    scaled = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, between))
+    return scaled.astype(np.float32)
 
 
 ARCHS = {

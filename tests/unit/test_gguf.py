@@ -74,6 +74,9 @@ def test_every_quantized_tensor_dequantizes_to_our_weights(tmp_path, tiny_model,
         k: f.contents() for k, f in reader.fields.items() if k.startswith(("general.", "llama."))
     }
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.rope.freq_base"] == pytest.approx(
+        model.config.rope_parameters["rope_theta"]
+    )
     assert fields["llama.attention.head_count_kv"] == 2
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 320
     tensors = {t.name: t for t in reader.tensors}
@@ -97,6 +100,21 @@ def test_every_quantized_tensor_dequantizes_to_our_weights(tmp_path, tiny_model,
         assert rounded == 0
     assert tensors["token_embd.weight"].tensor_type.name == "F16"
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+
+def test_rope_settings_come_from_transformers_5s_rope_parameters():
+    from quantmill.serving.gguf_meta import rope_factors, rope_theta
+
+    assert rope_theta({"rope_parameters": {"rope_theta": 100000.0}}) == 100000.0  # SmolLM2
+    assert rope_theta({"rope_theta": 500000.0}) == 500000.0
+    assert rope_factors({"rope_parameters": {"rope_type": "default"}}) is None
+    llama3 = {"num_attention_heads": 32, "hidden_size": 2048, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}  # fmt: skip
+    factors = rope_factors(llama3)
+    assert factors.shape == (32,) and factors[0] == 1.0 and factors[-1] == 32.0
+    with pytest.raises(ExportError, match="yarn"):
+        rope_factors({"rope_parameters": {"rope_type": "yarn"}})
 
 
 def test_the_permuted_rows_are_llama_cpps_rotary_order():
