@@ -139,13 +139,18 @@ def write_runtime(folder: str | Path, layers: dict[str, LayerQuant]) -> None:
 
 
 @torch.no_grad()
-def apply_runtime(model: nn.Module, folder: str | Path) -> dict[str, str]:
+def apply_runtime(model: nn.Module, folder: str | Path, described: bool = True) -> dict[str, str]:
     """Swap the layers named in the checkpoint's runtime file for quantized-input modules.
 
     Integer modules take their int8 weights and scales from the checkpoint's own
-    files. Returns ``{layer: module class}`` for what was swapped.
+    files. ``described=False`` swaps only what compressed-tensors cannot describe
+    (LLM.int8()): the other layers keep the input quantization transformers applies
+    from the checkpoint's config, so a figure measured so is what transformers (and
+    its users) get, bit for bit. Returns ``{layer: module class}`` for what was swapped.
     """
     spec = read_runtime(folder)
+    if not described:  # leave to transformers what the checkpoint's config describes
+        spec = {n: e for n, e in spec.items() if e.get("outlier_threshold") is not None}
     swapped: dict[str, str] = {}
     if not spec:
         return swapped
@@ -164,8 +169,12 @@ def runtime_summary(model: nn.Module) -> dict[str, Any]:
     counts: dict[str, int] = {}
     outliers = seen = 0
     for module in model.modules():
+        kind = None
         if isinstance(module, Int8Linear | ActQuantLinear | _Simulated):
             kind = type(module).__name__
+        elif getattr(getattr(module, "quantization_scheme", None), "input_activations", None):
+            kind = "CompressedTensorsLinear"  # transformers quantizes its input itself
+        if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
         if isinstance(module, MixedInt8Linear):
             outliers += module.outlier_columns

@@ -54,9 +54,7 @@ def run_killed(cmd: list[str], journal: Path, blocks: int, cwd: Path) -> int:
     return done
 
 
-def test_sigkill_then_rerun_resumes_and_writes_the_same_bytes(
-    short_smollm2, wiki_files, tmp_path
-):
+def test_sigkill_then_rerun_resumes_and_writes_the_same_bytes(short_smollm2, wiki_files, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     calib = wiki_files[0]
     whole = tmp_path / "whole"

@@ -53,7 +53,7 @@ def test_smoothquant_w8a8_runs_with_integer_kernels_and_stays_close(run):
     steps = [{"method": "smoothquant", "alpha_grid": [0.5, 0.7, 0.9]}]
     summary, out = run("smoothquant", steps)
     original, quantized = summary.original["perplexity"], summary.quantized["perplexity"]
-    assert summary.quantized["runtime_layers"] == {"Int8Linear": 210}
+    assert summary.quantized["runtime_layers"] == {"CompressedTensorsLinear": 210}
     assert quantized < 1.05 * original
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
@@ -96,7 +96,7 @@ def test_zeroquant_distillation_lowers_block_losses(run, short_smollm2):
     assert len(blocks) == SHORT_BLOCKS
     assert all(r["loss"] <= r["extra"]["initial_loss"] for r in blocks)
     assert sum(r["extra"]["kept"] == "distilled" for r in blocks) >= SHORT_BLOCKS - 1
-    assert summary.quantized["runtime_layers"] == {"ActQuantLinear": SHORT_BLOCKS * 7}  # W4A8
+    assert summary.quantized["runtime_layers"] == {"CompressedTensorsLinear": SHORT_BLOCKS * 7}
 
 
 def test_kv_cache_int8_costs_little_and_int4_more(run):

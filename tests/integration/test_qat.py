@@ -83,7 +83,7 @@ def test_llm_qat_trains_w4a8kv8_on_generated_text(wiki_files, tmp_path):
     steps = [{"method": "llm_qat", "generated_samples": 4, "kv_cache": {"bits": 8}}]
     summary, out, trained = run(wiki_files, tmp_path, steps, lr=2e-5)
     assert summary.quantized["kv_cache"] == "kv8t"  # evaluated the way it was trained
-    assert summary.quantized["runtime_layers"] == {"ActQuantLinear": 210}
+    assert summary.quantized["runtime_layers"] == {"CompressedTensorsLinear": 210}
     assert len(trained["history"]) == 6 and trained["eval_loss_before"] > 0
     generated = [p for p in (cache_root() / "generated").iterdir() if p.is_dir()]
     assert generated, "the generated training text is in the cache"

@@ -89,9 +89,7 @@ def test_at_most_one_block_is_in_memory_at_any_time(bf16_source, recipe, monkeyp
     assert all(p.device.type == "meta" for p in opened[-1].model.parameters())
 
 
-def test_sharded_bf16_source_gives_sharded_checkpoint_with_in_memory_logits(
-    bf16_source, recipe
-):
+def test_sharded_bf16_source_gives_sharded_checkpoint_with_in_memory_logits(bf16_source, recipe):
     out = bf16_source.parent / "out"
     run(bf16_source, recipe, out, evaluate=False)
     files = weight_files(out)
@@ -254,9 +252,7 @@ def test_a_disk_too_small_for_the_checkpoint_is_refused_before_work(
     import shutil as shutil_module
 
     usage = shutil_module.disk_usage(bf16_source)
-    monkeypatch.setattr(
-        "quantmill.api.shutil.disk_usage", lambda _: usage._replace(free=10_000)
-    )
+    monkeypatch.setattr("quantmill.api.shutil.disk_usage", lambda _: usage._replace(free=10_000))
     out = bf16_source.parent / "out"
     with pytest.raises(OutOfSpaceError, match="GB free"):
         run(bf16_source, recipe, out)

@@ -236,3 +236,30 @@ def test_llm_int8_refuses_other_weight_grids():
         parse_recipe({"steps": [{"method": "llm_int8", "weights": {"bits": 4}}]})
     with pytest.raises(ConfigError, match=r"steps\.0\.activations"):
         parse_recipe({"steps": [{"method": "llm_int8", "activations": {"bits": 8}}]})
+
+
+@pytest.mark.parametrize(
+    "activations", [{"bits": 8}, {"bits": 8, "symmetric": False}], ids=["sym", "asym"]
+)
+def test_the_reported_perplexity_is_what_transformers_gives_for_the_folder(
+    tiny_checkpoint, text_files, tmp_path, activations
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantmill.api import quantize
+    from quantmill.data import eval_ids
+    from quantmill.evaluate import perplexity
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe("rtn", *text_files)
+    step = recipe.steps[0].model_copy(update={"activations": ActScheme(**activations)})
+    recipe = recipe.model_copy(update={"steps": [step]})
+    out = tmp_path / "out"
+    summary = quantize(str(tiny_checkpoint("llama")), recipe, out, progress=False)
+    assert summary.quantized["runtime_layers"] == {"CompressedTensorsLinear": 14}
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    windows = eval_ids(AutoTokenizer.from_pretrained(out), recipe.evaluation)
+    with torch.no_grad():
+        plain(windows[:1, :4])  # compressed-tensors decompresses on the first forward
+    expected = perplexity(plain, windows, progress=False).perplexity
+    assert summary.quantized["perplexity"] == pytest.approx(expected, rel=1e-6)

@@ -1,4 +1,3 @@
-
 import pytest
 
 from quantmill.errors import ConfigError
