@@ -263,7 +263,7 @@ def test_flow_parameters_render_as_a_form_with_choices():
     assert set(definitions["RecipeName"]["enum"]) == set(shipped_recipes())
     job = definitions["QuantizeJob"]["properties"]
     assert job["model"]["default"] == "smollm2-135m"
-    assert job["export_format"]["enum"] == ["packed", "fake"]
+    assert job["export_format"]["enum"] == ["packed", "fake", "gguf"]
     with pytest.raises(ValueError, match="recipe"):
         QuantizeJob(recipe="no-such-recipe")
     with pytest.raises(ValueError, match="max_concurrency"):
