@@ -51,10 +51,10 @@ def quantize_one(
     published = {}
     if publish is not None and publish.enabled():
         published = {"published": publish_checkpoint(quantized["out_dir"], publish, run)}
+    gguf = {}
     if "gguf" in quantized:  # --format gguf: the file llama.cpp runs, beside the checkpoint
-        gguf = quantized["gguf"]
-        get_run_logger().info("GGUF: %s (%s)", gguf["path"], gguf["tensor_types"])
-        published["gguf"] = gguf  # alongside what was published: the same result dict
+        gguf = {"gguf": quantized["gguf"]}
+        get_run_logger().info("GGUF: %s (%s)", gguf["gguf"]["path"], gguf["gguf"]["tensor_types"])
     return {
         "recipe": recipe.name,
         "out_dir": quantized["out_dir"],
@@ -62,6 +62,7 @@ def quantize_one(
         "original_perplexity": original_eval.get("perplexity"),
         **figures,
         **published,
+        **gguf,
     }
 
 

@@ -18,7 +18,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -93,12 +93,11 @@ def quantize(
     evaluate: bool = True,
     overwrite: bool = False,
     trust_remote_code: bool = False,
-    export_format: ExportFormat = "packed",
+    export_format: ExportFormat | Literal["gguf"] = "packed",
     progress: bool = True,
     calibration: str | Path | None = None,
     statistics: str | Path | None = None,
     engine: EngineSpec | None = None,
-    check_format: str | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model`` (preset, path, Hub id or resolved source) with ``recipe``.
 
@@ -113,10 +112,14 @@ def quantize(
     check_output(out_dir, overwrite)
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
-    # built once, used by the run; ``check_format`` "gguf": the caller exports GGUF after
-    methods = check_recipe(lazy.model, recipe, check_format or export_format)
-    unservable = [p.describe() for p in partial_groups(lazy.model, recipe.steps)]
-    if unservable and export_format == "packed":
+    methods = check_recipe(lazy.model, recipe, export_format)  # built once, used by the run
+    gguf = export_format == "gguf"  # a packed checkpoint, then its GGUF file beside it
+    if gguf:
+        export_format = "packed"
+    unservable = []
+    if export_format == "packed":  # partial groups here were let through by servable: false
+        unservable = [p.describe() for p in partial_groups(lazy.model, recipe.steps)]
+    if unservable:
         log.warning(
             "export.servable is false and %s (and %d more layers): the packed format cannot "
             "hold a partial last group, so the checkpoint is written as float weights on the "
@@ -156,6 +159,10 @@ def quantize(
         _write_run_files(stage.folder, recipe, summary)
     if workdir is not None:  # the checkpoint is complete: nothing left to resume
         shutil.rmtree(workdir.parent, ignore_errors=True)
+    if gguf:
+        from quantmill.serving.gguf_export import export_gguf, gguf_path
+
+        summary.serving["gguf"] = export_gguf(out_dir, gguf_path(out_dir), overwrite=True).to_dict()
     return summary
 
 

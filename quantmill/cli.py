@@ -198,16 +198,11 @@ def _quantize(args: argparse.Namespace) -> int:
         evaluate=not args.no_eval,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
-        export_format="packed" if args.format == "gguf" else args.format,
+        export_format=args.format,
         progress=not args.quiet,
         engine=engine_spec(args),
-        check_format=args.format,
     )
     data = {k: v for k, v in summary.to_dict().items() if k != "layers"}
-    if args.format == "gguf":
-        from quantmill.serving.gguf_export import export_gguf, gguf_path
-
-        data["gguf"] = export_gguf(args.out, gguf_path(args.out), overwrite=True).to_dict()
     print(json.dumps(data, indent=2) if args.json else report.summary_table(data))
     return 0
 

@@ -11,7 +11,8 @@ import torch
 PROMPT = "The capital of France is"
 
 
-def logits_and_text(folder: Path, prompt: str, max_new_tokens: int) -> tuple[torch.Tensor, str]:
+def load_plain(folder: Path):
+    """``(model, tokenizer)`` as plain transformers loads the folder, in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantmill.models import LOAD_LOCK
@@ -19,6 +20,11 @@ def logits_and_text(folder: Path, prompt: str, max_new_tokens: int) -> tuple[tor
     with LOAD_LOCK:  # transformers' loading patches are process-wide
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def logits_and_text(folder: Path, prompt: str, max_new_tokens: int) -> tuple[torch.Tensor, str]:
+    model, tokenizer = load_plain(folder)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         logits = model(**inputs).logits[0].float()

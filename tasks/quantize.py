@@ -41,19 +41,18 @@ def quantize_model(
     """Figures of the written checkpoint (no evaluation: that is its own task); with
     ``gguf``, the packed checkpoint and its GGUF file beside it."""
     start = time.perf_counter()
-    gguf = export_format == "gguf"
     summary = api.quantize(
         ResolvedModel.from_dict(model),
         recipe,
         out_dir,
         evaluate=False,
         overwrite=overwrite,
-        export_format="packed" if gguf else export_format,  # type: ignore[arg-type]
+        export_format=export_format,  # type: ignore[arg-type]
         calibration=calibration["path"] if calibration else None,
         statistics=statistics["path"] if statistics else None,
         engine=EngineSpec.model_validate(engine or {}),
     )
-    extra = {"gguf": _gguf(out_dir)} if gguf else {}
+    extra = {"gguf": summary.serving["gguf"]} if "gguf" in summary.serving else {}
     return {
         **extra,
         "out_dir": str(Path(out_dir).resolve()),
@@ -66,9 +65,3 @@ def quantize_model(
         "pid": os.getpid(),  # the process that quantized (a thread here, or a Dask worker)
         "seconds": time.perf_counter() - start,
     }
-
-
-def _gguf(out_dir: str) -> dict[str, Any]:
-    from quantmill.serving.gguf_export import export_gguf, gguf_path
-
-    return export_gguf(out_dir, gguf_path(out_dir), overwrite=True).to_dict()

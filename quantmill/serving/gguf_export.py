@@ -160,7 +160,7 @@ def _write(
         if name is None:
             raise ExportError(f"{module}.{leaf}: no GGUF name for this tensor ({arch.name})")
         grid = _grid(module, tensors, schemes.get(module)) if leaf == "weight" else None
-        data, kind = _tensor(permute, name, module, tensors[leaf], grid, requantize, report)
+        data, kind = _tensor(permute, name, module, tensors.get(leaf), grid, requantize, report)
         writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
         report.tensors[name] = kind
     factors = rope_factors(config)
@@ -213,13 +213,14 @@ def _tensor(permute, name, hf_name, tensor, grid, requantize, report):
 
 
 def _dequantize(grid: Grid) -> np.ndarray:
-    cols = grid.q.shape[1]
-    size = grid.group_size or cols
-    scale = np.repeat(grid.scale.astype(np.float32), size, axis=1)[:, :cols]
-    zero = (
-        0 if grid.zero is None else np.repeat(grid.zero.astype(np.float32), size, axis=1)[:, :cols]
-    )
-    return (grid.q.astype(np.float32) - (zero if np.isscalar(zero) else zero[:, :cols])) * scale
+    """Our float weights for ``grid``: ``quantmill.quant.grid.dequantize`` on its arrays."""
+    from quantmill.config import QuantScheme
+    from quantmill.quant.grid import dequantize
+
+    scheme = QuantScheme(bits=grid.bits, group_size=grid.group_size, symmetric=grid.symmetric)
+    zero = None if grid.zero is None else torch.from_numpy(grid.zero).float()
+    q, scale = torch.from_numpy(grid.q), torch.from_numpy(grid.scale).float()
+    return dequantize(q, scale, zero, scheme).numpy()
 
 
 def _read_config(folder: Path) -> dict:
@@ -277,8 +278,6 @@ def _tensors(folder: Path) -> Iterator[tuple[str, str, dict[str, torch.Tensor]]]
         tensors = {}
         for key in keys:
             tensors[key.rpartition(".")[2]] = handles[where[key]].get_tensor(key)
-        if kind == "weight" and "weight" not in tensors:
-            tensors["weight"] = tensors["weight_packed"]  # a placeholder: the grid is used
         yield module, kind, tensors
 
 

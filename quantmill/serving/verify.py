@@ -58,7 +58,8 @@ def probe_vllm(
     # -I: the probe's own folder stays off sys.path (and so does this environment's)
     command = [str(vllm_python()), "-I", str(PROBE), "--prompt", prompt, "--tokens", str(tokens)]
     command += ["--dtype", dtype]
-    command += [str(Path(f).resolve()) for f in folders]
+    paths = [str(Path(f).resolve()) for f in folders]
+    command += paths
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     start = time.perf_counter()
     try:
@@ -68,21 +69,18 @@ def probe_vllm(
     except subprocess.TimeoutExpired:
         raise ServingError(f"vLLM did not finish within {timeout_s:.0f} s") from None
     results = _results(done.stdout, done.stderr)
-    missing = [str(Path(f).resolve()) for f in folders if str(Path(f).resolve()) not in results]
+    missing = [path for path in paths if path not in results]
     if missing:  # the process died on a folder: the rest were not tried
         tail = "\n".join(done.stderr.strip().splitlines()[-3:])
         for folder in missing:
             results[folder] = {"folder": folder, "loaded": False, "reason": f"vLLM exited "
                                f"with status {done.returncode}: {tail}"[:600]}  # fmt: skip
     seconds = time.perf_counter() - start
-    return [
-        {**results[str(Path(f).resolve())], "process_seconds": round(seconds, 1)} for f in folders
-    ]
+    return [{**results[path], "process_seconds": round(seconds, 1)} for path in paths]
 
 
 def _results(stdout: str, stderr: str) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
-    kernels: list[str] = []
     lines = (stdout + "\n" + stderr).splitlines()
     for line in stdout.splitlines():
         if line.startswith(MARK):
@@ -99,13 +97,10 @@ def transformers_check(folder: str | Path, prompt: str, generated: list[int]) ->
     (teacher forcing): its own greedy choice at each position, the rank it gives the
     engine's token there (0: its choice too) and the log-probability gap between them."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantmill.models import LOAD_LOCK
+    from quantmill.compare import load_plain
 
-    with LOAD_LOCK:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, tokenizer = load_plain(Path(folder))
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
     ids = torch.cat([prompt_ids, torch.tensor([generated], dtype=prompt_ids.dtype)], dim=1)
     with torch.inference_mode():

@@ -69,3 +69,13 @@ def test_servable_false_writes_floats_on_the_grid_and_the_card_says_why(
     assert json.loads((out / SUMMARY_FILE).read_text())["serving"]["servable"] is False
     card = render_card(CheckpointInfo.load(out))
     assert "Not servable as a quantized model" in card and "floats on the quantization grid" in card
+
+
+def test_a_float_export_asked_for_is_not_called_unservable(tiny_checkpoint, text_files, tmp_path):
+    recipe = tiny_recipe("rtn", *text_files, group_size=48)  # servable: true, the default
+    out = tmp_path / "out"
+    summary = quantize(
+        str(tiny_checkpoint("llama")), recipe, out, export_format="fake", progress=False
+    )
+    assert summary.serving == {"format": "fake", "servable": True, "reasons": []}
+    assert "Not servable" not in render_card(CheckpointInfo.load(out))
