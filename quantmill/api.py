@@ -23,6 +23,14 @@ from typing import Any, Literal
 import torch
 
 from quantmill import __version__
+from quantmill.accuracy.models import (
+    add_tasks,
+    loaded_accuracy,
+    original_accuracy,
+    spec_tasks,
+    write_harness_file,
+)
+from quantmill.accuracy.recovery import accuracy_recovery
 from quantmill.arch import arch_for
 from quantmill.cache import cache_key, cached_json
 from quantmill.config import EngineSpec, EvalSpec
@@ -70,8 +78,10 @@ class QuantizeSummary:
     size_bytes: int
     original_size_bytes: int
     bits_per_weight: float | None
-    original: dict[str, Any] | None = None  # perplexity of the unquantized model
+    original: dict[str, Any] | None = None  # perplexity (and tasks) of the unquantized model
     quantized: dict[str, Any] | None = None
+    # zero-shot accuracy recovery per task and mean (evaluation.tasks); empty without tasks
+    accuracy: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)  # one per training step
     engine: dict[str, Any] = field(default_factory=dict)  # device, dtype, resumed_at
@@ -110,6 +120,7 @@ def quantize(
     out_dir = Path(out_dir)
     device = resolve_device(engine.device)  # a missing GPU is an error before any work
     check_output(out_dir, overwrite)
+    refs = spec_tasks(recipe.evaluation) if evaluate else []  # task files and data checked
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
     methods = check_recipe(lazy.model, recipe, export_format)  # built once, used by the run
@@ -138,6 +149,11 @@ def quantize(
         )  # fmt: skip
         windows = eval_ids(tokenizer, recipe.evaluation) if evaluate else None
         original = _original_perplexity(lazy, resolved, recipe.evaluation, windows, progress)
+        if original is not None:
+            tasks = original_accuracy(
+                resolved, refs, recipe.evaluation, lazy.device, lazy.dtype, progress
+            )
+            original = add_tasks(dict(original), tasks)
         written = (stage.state or {}).get("written")
         if written is None:
             calib = _calibration(tokenizer, recipe, calibration)
@@ -153,9 +169,10 @@ def quantize(
             # Evaluate what was written, loaded the way users load it.
             staged = ResolvedModel(str(out_dir), "local", stage.folder, "staged")
             quantized = _quantized_perplexity(
-                staged, recipe.evaluation, windows, progress, device, lazy.dtype
+                staged, recipe.evaluation, windows, progress, device, lazy.dtype, refs
             )
-        summary = _summary(run, written, original, quantized)
+        write_harness_file(stage.folder, original, quantized)
+        summary = _summary(run, written, _brief(original), _brief(quantized))
         _write_run_files(stage.folder, recipe, summary)
     if workdir is not None:  # the checkpoint is complete: nothing left to resume
         shutil.rmtree(workdir.parent, ignore_errors=True)
@@ -217,6 +234,11 @@ def _train_in_memory(run: _Run, calib: torch.Tensor | None, stats: StatisticsFil
     return outcome, None
 
 
+def _brief(result: dict | None) -> dict | None:
+    """An evaluation's figures without the harness's own output (a file of its own)."""
+    return None if result is None else {k: v for k, v in result.items() if k != "harness"}
+
+
 def _summary(run: _Run, written: dict, original: dict | None, quantized: dict | None):
     folder = run.stage.folder
     return QuantizeSummary(
@@ -229,6 +251,9 @@ def _summary(run: _Run, written: dict, original: dict | None, quantized: dict | 
         bits_per_weight=bits_per_weight(folder),
         original=original,
         quantized=quantized,
+        accuracy=accuracy_recovery(
+            (original or {}).get("tasks", {}), (quantized or {}).get("tasks", {})
+        ),
         layers=written["reports"],
         training=written["training"],
         engine={
@@ -354,15 +379,18 @@ def evaluate_checkpoint(
     cache: bool = False,
     engine: EngineSpec | None = None,
 ) -> dict[str, Any]:
-    """Perplexity, size and bits per weight of any model source (quantized or not).
+    """Perplexity, size, bits per weight and the evaluation's zero-shot tasks of any
+    model source (quantized or not).
 
     ``cache`` marks an original (unquantized) model: it is evaluated block by block
     from its files, and a perplexity measured before for the same revision,
-    evaluation spec, device and dtype is reused.
+    evaluation spec, device and dtype is reused (its task results likewise, per task).
+    The result's ``harness`` holds lm-evaluation-harness's own output when tasks ran.
     """
     engine = engine or EngineSpec()
     evaluation = evaluation or EvalSpec()
     device = resolve_device(engine.device)
+    refs = spec_tasks(evaluation)  # task files and data checked before any work
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     tokenizer = load_tokenizer(resolved)
     windows = eval_ids(tokenizer, evaluation)
@@ -371,10 +399,12 @@ def evaluate_checkpoint(
         lazy = open_model(resolved.path, device, engine.dtype)
         if evaluation.kv_cache is not None:
             check_kv_supported(lazy.model)
-        result = _original_perplexity(lazy, resolved, evaluation, windows, progress) or {}
+        result = dict(_original_perplexity(lazy, resolved, evaluation, windows, progress) or {})
+        tasks = original_accuracy(resolved, refs, evaluation, lazy.device, lazy.dtype, progress)
+        result = add_tasks(result, tasks)
     else:
         dtype = resolve_dtype(engine.dtype, device, _config_dtype(resolved))
-        result = _quantized_perplexity(resolved, evaluation, windows, progress, device, dtype)
+        result = _quantized_perplexity(resolved, evaluation, windows, progress, device, dtype, refs)
     return {
         "model": resolved.to_dict(),
         "evaluation": evaluation.model_dump(),
@@ -437,18 +467,21 @@ def _quantized_perplexity(
     progress: bool,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    refs: list | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of a checkpoint loaded the way users load it and run as transformers
+    """Perplexity (and the zero-shot tasks ``refs``, through lm-evaluation-harness on the
+    same loaded model) of a checkpoint loaded the way users load it and run as transformers
     runs it (activation quantization as compressed-tensors computes it, from the config;
     LLM.int8()'s layers, which no config describes, from the runtime file), with the
     evaluation's KV-cache quantization. The original model is never evaluated this way.
     (Our integer kernels give the same per-layer numbers up to float rounding, but
     per-token rounding turns those last-bit differences into a different model: 0.2%
     in perplexity over 8 windows of SmolLM2 W8A8.)"""
-    net, _ = load_model(resolved, dtype=dtype, device=device)
+    net, tokenizer = load_model(resolved, dtype=dtype, device=device)
     apply_runtime(net, resolved.path, described=False)
     with kv_cache_quantized(net, evaluation.kv_cache):
         result = perplexity(net, windows, progress).to_dict()
+        add_tasks(result, loaded_accuracy(net, tokenizer, refs or [], evaluation, progress))
     result.update(runtime_summary(net))
     if evaluation.kv_cache is not None:
         result["kv_cache"] = evaluation.kv_cache.label()

@@ -117,9 +117,12 @@ class CalibrationSpec(StrictModel):
 
 
 class QualityGate(StrictModel):
-    """The least perplexity recovery (original / quantized) that makes a release candidate."""
+    """The least recovery that makes a release candidate: perplexity (original /
+    quantized) and, when set, mean zero-shot accuracy (quantized / original over the
+    run's ``evaluation.tasks``)."""
 
     min_recovery: float = Field(0.8, gt=0, le=1)
+    min_accuracy_recovery: float | None = Field(None, gt=0, le=1)
 
 
 class KVCacheSpec(StrictModel):
@@ -145,6 +148,21 @@ class EvalSpec(StrictModel):
     max_windows: int | None = Field(8, ge=1)
     # Quantize keys and values while evaluating, to measure what a quantized KV cache costs.
     kv_cache: KVCacheSpec | None = None
+    # Zero-shot tasks through lm-evaluation-harness: shipped names (arc_easy, arc_challenge,
+    # piqa, lambada_openai) or paths of task YAML files of one's own. Empty: perplexity only.
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1, description="documents per task; null: every one")
+    # Folder of the shipped tasks' local copies (<task>.jsonl, SHA256SUMS checked);
+    # null: $QUANTMILL_TASK_DATA, and without it the harness's Hub datasets.
+    task_data: str | None = None
+    task_batch_size: int = Field(16, ge=1, description="requests per forward of the harness")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: list[str]) -> list[str]:
+        from quantmill.accuracy.tasks import check_task_names
+
+        return check_task_names(value)
 
 
 class ExportSpec(StrictModel):

@@ -28,6 +28,7 @@ TRAINING_FILE = "quantmill_training.json"
 RUNTIME_FILE = "quantmill_runtime.json"
 SOURCE_FILE = "quantmill_source.json"  # lineage kept beside a converted preset or GGUF
 SERVING_FILE = "quantmill_serving.json"  # what the serving engines did with it (verify)
+ACCURACY_FILE = "lm_eval_results.json"  # lm-evaluation-harness's own results, both models
 CARD_FILE = "README.md"
 JOURNAL_FILE = "journal.json"
 LOCK_FILE = "lock"
