@@ -116,6 +116,9 @@ def _common(p: argparse.ArgumentParser, model: Any, data: Any) -> None:
     _field(p, data, "eval_windows", prefix="data.", type=int)
     _field(p, data, "eval_seq_len", prefix="data.", type=int)
     _field(p, data, "kv_cache", prefix="data.")
+    _field(p, data, "tasks", prefix="data.")
+    _field(p, data, "limit", prefix="data.", type=int)
+    _field(p, data, "task_data", prefix="data.")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_engine_args(p)
 

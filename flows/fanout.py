@@ -32,6 +32,7 @@ def fan_out(job: SweepJob) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     original = {
         "perplexity": done[0].get("perplexity_original") if done else None,
         "size_bytes": (done[0].get("original_size_bytes") or 0) if done else 0,
+        "mean_accuracy": done[0].get("accuracy_mean_original") if done else None,
     }
     return rows, original
 

@@ -39,6 +39,15 @@ class DataSettings(Params):
         None,
         description="quantize keys and values while evaluating: 8, 4, 8:head, 4:token; none: off",
     )
+    tasks: str | None = Field(
+        None,
+        description="zero-shot tasks through lm-evaluation-harness, comma-separated "
+        "(arc_easy, arc_challenge, piqa, lambada_openai, or task YAML files); none: off",
+    )
+    limit: int | None = Field(None, ge=1, description="documents per task (default: every one)")
+    task_data: str | None = Field(
+        None, description="folder of the tasks' local copies (default: $QUANTMILL_TASK_DATA)"
+    )
 
 
 class ModelSettings(Params):

@@ -32,7 +32,10 @@ from tasks.quantize import check_recipe
 from tasks.record import record_comparison, record_params
 from tracking.adapter import TrackedRun, error_message, mlflow_run
 
-COLUMNS = ("recipe", "status", "perplexity", "size_bytes", "bits_per_weight", "quant_seconds")
+COLUMNS = (
+    "recipe", "status", "perplexity", "accuracy_mean", "accuracy_recovery", "size_bytes",
+    "bits_per_weight", "quant_seconds",
+)  # fmt: skip
 
 
 @flow(name="run-recipe")

@@ -450,6 +450,7 @@ def check_recipe_source(
     """``check_recipe`` on an empty model built from the source's config (no weights
     read): what a pipeline runs right after download, before any expensive step."""
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
+    spec_tasks(recipe.evaluation)  # task names, files and data
     net = empty_model(resolved.path, torch.float32, trust_remote_code)
     check_recipe(net, recipe, export_format)
 

@@ -74,13 +74,19 @@ class CheckpointInfo:
     def gate(self) -> GateResult:
         """The recipe's quality gate, failed also by a serving engine that was asked to
         load the checkpoint and could not (``quantmill_serving.json``)."""
-        gate = check_gate(self.recipe.gate, self.original_perplexity, self.perplexity)
+        gate = check_gate(
+            self.recipe.gate, self.original_perplexity, self.perplexity,
+            self.summary.get("accuracy"),
+        )  # fmt: skip
         refused = [(k, v) for k, v in self.serving().items() if not v.get("ok")]
         if not gate.passed or not refused:
             return gate
         engine, found = refused[0]
         reason = f"failed: {engine} cannot serve it ({found.get('reason')}); {gate.reason}"
-        return GateResult(False, gate.recovery, gate.min_recovery, reason)
+        return GateResult(
+            False, gate.recovery, gate.min_recovery, reason,
+            gate.accuracy_recovery, gate.min_accuracy_recovery,
+        )  # fmt: skip
 
     def serving(self) -> dict[str, dict[str, Any]]:
         return Checkpoint(self.folder).serving()
@@ -184,7 +190,49 @@ def evaluation_table(info: CheckpointInfo) -> str:
         "layers' integers, scales and zero points.",
         f"Quality gate: {gate.reason}",
     ]
+    tasks = tasks_table(summary)
+    if tasks:
+        notes.insert(1, tasks)
     return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
+
+
+def tasks_table(summary: dict[str, Any]) -> str:
+    """Zero-shot accuracy per task and metric (± standard error), original beside this
+    model, with the recovery of each task's primary metric; "" without tasks."""
+    orig = (summary.get("original") or {}).get("tasks") or {}
+    quant = (summary.get("quantized") or {}).get("tasks") or {}
+    if not quant:
+        return ""
+    recovery = (summary.get("accuracy") or {}).get("tasks", {})
+    rows = ["| task | metric | original | this model | recovery |", "|---|---|---|---|---|"]
+    for name, task in quant.items():
+        for metric in task["metrics"]:
+            ratio = recovery.get(name, {}).get("recovery") if metric == task["primary"] else None
+            rows.append(
+                f"| {name} | {metric} | {_pm(orig.get(name), metric)} | {_pm(task, metric)} "
+                f"| {_fmt(ratio, 3) if ratio is not None else ''} |"
+            )
+    mean = summary.get("accuracy") or {}
+    if mean.get("mean_recovery") is not None:
+        rows.append(
+            f"| **mean** | primary | {_fmt(mean.get('mean_original'), 4)} "
+            f"| {_fmt(mean.get('mean_quantized'), 4)} | {_fmt(mean['mean_recovery'], 3)} |"
+        )
+    limit = ((summary.get("recipe") or {}).get("evaluation") or {}).get("limit")
+    docs = ", ".join(f"{n} {t['documents']}" for n, t in quant.items())
+    where = "limited to " + str(limit) + " documents per task" if limit else "full sets"
+    note = (
+        f"Zero-shot accuracy through lm-evaluation-harness ({where}: {docs}); the primary "
+        "metric (acc) gives the mean and the recovery (this model / original)."
+    )
+    return "\n".join(rows) + "\n\n" + note
+
+
+def _pm(task: dict[str, Any] | None, metric: str) -> str:
+    if not task or metric not in task["metrics"]:
+        return "n/a"
+    err = task["stderr"].get(metric)
+    return f"{task['metrics'][metric]:.4f}" + (f" ± {err:.4f}" if err is not None else "")
 
 
 def serving_notes(info: CheckpointInfo) -> str:

@@ -144,6 +144,20 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         metavar="BITS[:token|head]",
         help="quantize keys and values while evaluating (8, 4, 4:head; none: off)",
     )
+    from quantmill.accuracy.tasks import DATA_ENV, SHIPPED
+
+    p.add_argument(
+        "--tasks",
+        help="zero-shot tasks through lm-evaluation-harness, comma-separated: "
+        f"{', '.join(SHIPPED)}, or task YAML files (none: off)",
+    )
+    p.add_argument(
+        "--limit", type=int, help="documents per task, for quick runs (default: every one)"
+    )
+    p.add_argument(
+        "--task-data",
+        help=f"folder of the tasks' local copies (default: ${DATA_ENV}, else the Hub)",
+    )
 
 
 def _methods() -> int:
@@ -168,6 +182,9 @@ def _overrides(args: argparse.Namespace) -> dict:
         "eval_windows": args.eval_windows,
         "eval_seq_len": args.eval_seq_len,
         "kv_cache": args.kv_cache,
+        "tasks": args.tasks,
+        "limit": args.limit,
+        "task_data": args.task_data,
     }
 
 
@@ -219,7 +236,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.model, evaluation, revision=args.revision, progress=not args.quiet,
         cache=args.original, engine=engine_spec(args),
     )  # fmt: skip
-    print(json.dumps(result, indent=2) if args.json else report.eval_table(result))
+    shown = {k: v for k, v in result.items() if k != "harness"}
+    print(json.dumps(shown, indent=2) if args.json else report.eval_table(result))
     return 0
 
 

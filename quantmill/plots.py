@@ -62,24 +62,43 @@ def layer_loss(layers: list[dict[str, Any]], path: str | Path) -> Path:
 def size_vs_perplexity(
     rows: list[dict[str, Any]], path: str | Path, original: dict[str, Any] | None = None
 ) -> Path:
-    """One point per recipe: size on disk (MB) against perplexity; lower-left is better."""
+    """One point per recipe: size on disk (MB) against perplexity (lower left is better)
+    and, when the recipes evaluated zero-shot tasks, a second panel of size against mean
+    accuracy (upper left is better)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    accuracy = any(row.get("accuracy_mean") is not None for row in rows)
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4.5))
+    panels = [
+        ("perplexity", "perplexity", "perplexity", "Size vs perplexity (lower left is better)")
+    ]
+    if accuracy:
+        panels.append(
+            ("accuracy_mean", "mean_accuracy", "mean zero-shot accuracy",
+             "Size vs mean accuracy (upper left is better)")
+        )  # fmt: skip
+    for ax, (key, original_key, label, title) in zip(
+        axes if accuracy else [axes], panels, strict=True
+    ):
+        _size_panel(ax, rows, original, key, original_key)
+        ax.set_xlabel("size on disk (MB)")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _size_panel(ax, rows, original, key: str, original_key: str) -> None:
     for row in rows:
-        if row.get("perplexity") is None:
+        if row.get(key) is None or not row.get("size_bytes"):
             continue
-        x, y = row["size_bytes"] / 2**20, row["perplexity"]
+        x, y = row["size_bytes"] / 2**20, row[key]
         ax.scatter([x], [y], s=30)
         ax.annotate(row["recipe"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if original and original.get("perplexity") is not None:
-        x, y = original["size_bytes"] / 2**20, original["perplexity"]
+    if original and original.get(original_key) is not None and original.get("size_bytes"):
+        x, y = original["size_bytes"] / 2**20, original[original_key]
         ax.scatter([x], [y], marker="*", s=120, color="black")
         ax.annotate("original", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Size vs perplexity (lower left is better)")
-    ax.grid(alpha=0.3)
-    return _save(fig, plt, path)
 
 
 @_one_at_a_time

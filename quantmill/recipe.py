@@ -182,12 +182,17 @@ def apply_overrides(
     eval_windows: int | None = None,
     eval_seq_len: int | None = None,
     kv_cache: str | None = None,
+    tasks: str | list[str] | None = None,
+    limit: int | None = None,
+    task_data: str | None = None,
 ) -> dict[str, Any]:
     """Recipe data with the given data settings replaced (``None``: keep the recipe's).
 
     ``eval_windows = 0`` means every window. ``kv_cache``: ``"8"``, ``"4"``,
     ``"8:head"``, ``"4:token"``… quantizes keys and values during evaluation;
-    ``"none"`` turns it off.
+    ``"none"`` turns it off. ``tasks``: zero-shot tasks, a list or comma-separated
+    (``"none"``: no tasks); ``limit``: documents per task (at least 1);
+    ``task_data``: the folder of the tasks' local copies.
     """
     calib = data.setdefault("calibration", {})
     evaluation = data.setdefault("evaluation", {})
@@ -203,7 +208,20 @@ def apply_overrides(
         evaluation["seq_len"] = eval_seq_len
     if kv_cache:
         evaluation["kv_cache"] = parse_kv_cache(kv_cache)
+    if tasks is not None:
+        evaluation["tasks"] = parse_tasks(tasks)
+    if limit is not None:
+        evaluation["limit"] = limit
+    if task_data:
+        evaluation["task_data"] = task_data
     return data
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """``"arc_easy,piqa"`` (or a list) as ``evaluation.tasks``; ``"none"`` or ``""``: none."""
+    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    items = [t.strip() for t in items if t.strip()]
+    return [] if items == ["none"] else items
 
 
 def parse_kv_cache(text: str) -> dict[str, Any] | None:

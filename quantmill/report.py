@@ -35,6 +35,12 @@ def summary_table(s: dict[str, Any]) -> str:
     ]
     head = ["model", "perplexity", "size on disk", "bits/weight", "quantize time"]
     note = f"\nperplexity over {windows} windows" if windows else ""
+    tasks = tasks_table(s.get("original"), s.get("quantized"))
+    recovery = (s.get("accuracy") or {}).get("mean_recovery")
+    if tasks:
+        note += f"\n\n{tasks}"
+    if recovery is not None:
+        note += f"\nmean accuracy recovery {recovery:.3f}"
     return f"{table(head, rows)}{note}\ncheckpoint: {s['out_dir']}"
 
 
@@ -49,7 +55,9 @@ def eval_table(r: dict[str, Any]) -> str:
             bpw,
         ]
     ]
-    return table(["model", "perplexity", "windows", "size on disk", "bits/weight"], rows)
+    text = table(["model", "perplexity", "windows", "size on disk", "bits/weight"], rows)
+    tasks = tasks_table(None, r)
+    return f"{text}\n\n{tasks}" if tasks else text
 
 
 def comparison_markdown(rows: list[dict[str, Any]], original: dict[str, Any]) -> str:
@@ -58,17 +66,46 @@ def comparison_markdown(rows: list[dict[str, Any]], original: dict[str, Any]) ->
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    tasks = any(row.get("accuracy_mean") is not None for row in rows)
+    acc_head = " mean accuracy | accuracy recovery |" if tasks else ""
     lines = [
-        "| recipe | status | perplexity | size (MB) | bits/weight | quantize (s) |",
-        "|---|---|---|---|---|---|",
+        f"| recipe | status | perplexity |{acc_head} size (MB) | bits/weight | quantize (s) |",
+        "|---|---|---|" + ("---|---|" if tasks else "") + "---|---|---|",
         f"| original | - | {fmt(original.get('perplexity'), '.2f')} "
-        f"| {fmt(original.get('size_bytes', 0) / 2**20, '.1f')} | - | - |",
+        + (f"| {fmt(original.get('mean_accuracy'), '.4f')} | - " if tasks else "")
+        + f"| {fmt(original.get('size_bytes', 0) / 2**20, '.1f')} | - | - |",
     ]
     for row in rows:
         size = row.get("size_bytes")
+        mean, kept = fmt(row.get("accuracy_mean"), ".4f"), fmt(row.get("accuracy_recovery"), ".3f")
+        accuracy = f"| {mean} | {kept} " if tasks else ""
         lines.append(
             f"| {row['recipe']} | {row['status']} | {fmt(row.get('perplexity'), '.2f')} "
-            f"| {fmt(size and size / 2**20, '.1f')} | {fmt(row.get('bits_per_weight'), '.3f')} "
-            f"| {fmt(row.get('quant_seconds'), '.1f')} |"
+            f"{accuracy}| {fmt(size and size / 2**20, '.1f')} "
+            f"| {fmt(row.get('bits_per_weight'), '.3f')} | {fmt(row.get('quant_seconds'), '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def tasks_table(original: dict[str, Any] | None, quantized: dict[str, Any] | None) -> str:
+    """Zero-shot tasks: each metric ± its standard error, original beside quantized."""
+    orig, quant = (original or {}).get("tasks") or {}, (quantized or {}).get("tasks") or {}
+    names = list(dict.fromkeys([*quant, *orig]))
+    if not names:
+        return ""
+    rows = []
+    for name in names:
+        base = quant.get(name) or orig[name]
+        for metric in base["metrics"]:
+            values = [_metric(orig.get(name), metric)] if orig else []
+            rows.append([name, metric, *values, _metric(quant.get(name), metric)])
+    docs = ", ".join(f"{n} {(quant.get(n) or orig[n])['documents']}" for n in names)
+    head = ["task", "metric", "original", "quantized"] if orig else ["task", "metric", "value"]
+    return f"{table(head, rows)}\ndocuments: {docs}"
+
+
+def _metric(task: dict[str, Any] | None, metric: str) -> str:
+    if not task or metric not in task["metrics"]:
+        return "-"
+    value, err = task["metrics"][metric], task["stderr"].get(metric)
+    return f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")

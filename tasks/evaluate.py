@@ -10,6 +10,8 @@ from typing import Any
 from prefect import task
 
 from quantmill import api
+from quantmill.accuracy.models import write_harness_file
+from quantmill.accuracy.recovery import accuracy_recovery
 from quantmill.config import EngineSpec, EvalSpec
 from quantmill.folder import SUMMARY_FILE
 from quantmill.sources import ResolvedModel
@@ -43,10 +45,14 @@ def evaluate_model(
     summary = Path(str(model)) / SUMMARY_FILE
     if update_summary and isinstance(model, str) and summary.is_file():
         data = json.loads(summary.read_text())
-        keys = ("perplexity", "windows", "seq_len", "tokens")
-        data["quantized"] = {k: result[k] for k in keys}
+        keys = ("perplexity", "windows", "seq_len", "tokens", "tasks", "mean_accuracy")
+        data["quantized"] = {k: result[k] for k in keys if k in result}
         if original_eval and original_eval.get("perplexity") is not None:
             data["original"] = {k: original_eval[k] for k in keys if k in original_eval}
+        data["accuracy"] = accuracy_recovery(
+            (data.get("original") or {}).get("tasks", {}), data["quantized"].get("tasks", {})
+        )
+        write_harness_file(Path(str(model)), original_eval, result)
         tmp = summary.with_suffix(".json.partial")
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
         tmp.replace(summary)

@@ -93,6 +93,11 @@ def version_tags(
         "base_commit": str(base.revision),
         DIGEST_TAG: content,
     }
+    accuracy = info.summary.get("accuracy") or {}
+    if accuracy.get("mean_recovery") is not None:
+        tags["accuracy_mean"] = _fmt(accuracy.get("mean_quantized"), 4)
+        tags["accuracy_recovery"] = _fmt(accuracy["mean_recovery"], 4)
+        tags["tasks"] = ",".join(accuracy.get("tasks", {}))
     if hub:
         tags["hub_repo"] = hub["repo_id"]
         tags["hub_commit"] = hub["commit"]

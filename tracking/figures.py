@@ -145,6 +145,39 @@ def run_metrics(
             figures["bits_per_weight"] = float(quantized["bits_per_weight"])
     if "perplexity" in figures and "perplexity_original" in figures:
         figures["perplexity_ratio"] = figures["perplexity"] / figures["perplexity_original"]
+    figures.update(task_metrics(original_eval, quantized_eval))
     for stage, seconds in (timings or {}).items():
         figures[f"time_{stage}_s"] = float(seconds)
+    return figures
+
+
+def task_metrics(
+    original_eval: dict[str, Any] | None, quantized_eval: dict[str, Any] | None
+) -> dict[str, float]:
+    """Zero-shot tasks: ``tasks.<task>.<metric>`` and ``…_stderr`` (``tasks_original.…`` for
+    the original model), ``tasks.<task>.recovery``, ``tasks.<task>.seconds``, and the means
+    ``accuracy_mean``, ``accuracy_mean_original``, ``accuracy_recovery``."""
+    from quantmill.accuracy.recovery import accuracy_recovery, mean_score
+
+    figures: dict[str, float] = {}
+    parts = (("tasks", quantized_eval), ("tasks_original", original_eval))
+    for prefix, result in parts:
+        for name, task in ((result or {}).get("tasks") or {}).items():
+            for metric, value in task["metrics"].items():
+                figures[f"{prefix}.{name}.{metric}"] = float(value)
+                err = task["stderr"].get(metric)
+                if err is not None and math.isfinite(err):
+                    figures[f"{prefix}.{name}.{metric}_stderr"] = float(err)
+            figures[f"{prefix}.{name}.seconds"] = float(task["seconds"])
+    orig = (original_eval or {}).get("tasks") or {}
+    quant = (quantized_eval or {}).get("tasks") or {}
+    for key, tasks in (("accuracy_mean", quant), ("accuracy_mean_original", orig)):
+        if tasks:
+            figures[key] = float(mean_score(tasks))
+    recovery = accuracy_recovery(orig, quant)
+    for name, row in recovery.get("tasks", {}).items():
+        if row["recovery"] is not None:
+            figures[f"tasks.{name}.recovery"] = float(row["recovery"])
+    if recovery.get("mean_recovery") is not None:
+        figures["accuracy_recovery"] = float(recovery["mean_recovery"])
     return figures

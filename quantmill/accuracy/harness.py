@@ -137,7 +137,10 @@ def _run(lm, ref: TaskRef, limit: int | None, progress: bool) -> tuple[TaskResul
     from lm_eval.tasks import TaskManager
 
     start = time.perf_counter()
-    with _quiet_harness(), _environment(DISABLE_MULTIPROC="1", TQDM_DISABLE=None if progress else "1"):
+    with (
+        _quiet_harness(),
+        _environment(DISABLE_MULTIPROC="1", TQDM_DISABLE=None if progress else "1"),
+    ):
         manager = TaskManager(include_defaults=ref.needs_registry)
         try:
             out = simple_evaluate(

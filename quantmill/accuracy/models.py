@@ -46,7 +46,9 @@ def loaded_accuracy(net, tokenizer, refs: list[TaskRef], spec: EvalSpec, progres
     """Task results of a model already in memory (a loaded checkpoint); never cached."""
     if not refs:
         return None
-    return evaluate_tasks(lambda: (net, tokenizer), refs, spec.limit, spec.task_batch_size, progress)
+    return evaluate_tasks(
+        lambda: (net, tokenizer), refs, spec.limit, spec.task_batch_size, progress
+    )
 
 
 def add_tasks(result: dict[str, Any], run: TaskRun | None) -> dict[str, Any]:

@@ -86,9 +86,7 @@ def resolve_tasks(entries: list[str], task_data: str | None = None) -> list[Task
     """``evaluation.tasks`` resolved and checked (files present, parsed, checksums)."""
     check_task_names(entries)
     folder = data_folder(task_data)
-    return [
-        _task_file(Path(e)) if is_task_file(e) else _shipped(e, folder) for e in entries
-    ]
+    return [_task_file(Path(e)) if is_task_file(e) else _shipped(e, folder) for e in entries]
 
 
 def _shipped(name: str, folder: Path | None) -> TaskRef:
