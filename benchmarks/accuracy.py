@@ -176,8 +176,11 @@ def main() -> int:
             "same width",
             mean="mean_acc: mean of acc over the tasks; mean_acc_norm: acc_norm where "
             "reported (ARC, PIQA), acc for LAMBADA; recovery: quantized acc / original acc",
-            machine={"cpu": platform.processor() or platform.machine(), "threads": THREADS,
-                     "cores": os.cpu_count()},  # fmt: skip
+            machine={
+                "cpu": platform.processor() or platform.machine(),
+                "threads": THREADS,
+                "cores": os.cpu_count(),
+            },  # fmt: skip
             rows=[rows[k] for k in all_configs if k in rows],
         )
         data["checks"] = checks(rows)
@@ -187,7 +190,8 @@ def main() -> int:
         tmp.replace(out)
         print(
             f"{label}: mean acc {row['mean_acc']:.4f} (original {data['original']['mean_acc']:.4f})"
-            f", recovery {row['mean_recovery']:.3f}, ppl {row['perplexity']:.2f}", flush=True
+            f", recovery {row['mean_recovery']:.3f}, ppl {row['perplexity']:.2f}",
+            flush=True,
         )
     print(json.dumps(data.get("checks", {}), indent=2))
     print(f"wrote {out}")
