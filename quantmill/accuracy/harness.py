@@ -28,7 +28,6 @@ from quantmill.cache import cache_key, cached_json
 from quantmill.errors import ConfigError
 
 log = logging.getLogger(__name__)
-progress_log = logging.getLogger("quantmill.progress")
 
 BOOTSTRAP_ITERS = 1000
 HARNESS_FILE = "lm_eval_results.json"  # the harness's own results, as an artifact
@@ -99,7 +98,8 @@ def evaluate_tasks(
 
     results, harness = [], {}
     for index, ref in enumerate(refs, start=1):
-        progress_log.info("accuracy: task %d/%d %s (%s)", index, len(refs), ref.name, ref.source)
+        # task lines go to the terminal and the Prefect logs (the harness draws its own bar)
+        log.info("accuracy: task %d/%d %s (%s)", index, len(refs), ref.name, ref.source)
         if cache is None:
             result, raw = _run(lm(), ref, limit, progress)
         else:
@@ -114,7 +114,7 @@ def evaluate_tasks(
             result.cached = hit
         results.append(result)
         _merge(harness, raw)
-        progress_log.info(
+        log.info(
             "accuracy: %s %s %.4f over %d documents (%.0f s%s)", ref.name, result.primary,
             result.score, result.documents, result.seconds, ", cached" if result.cached else "",
         )  # fmt: skip

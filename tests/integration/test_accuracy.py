@@ -1,0 +1,76 @@
+"""Zero-shot accuracy of the real model through the real harness, from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DATA_DIR
+
+pytestmark = pytest.mark.slow
+ZERO_SHOT = DATA_DIR / "zero-shot"
+LIMIT = 24
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+def test_cli_quantize_and_eval_report_the_same_task_figures(tmp_path, wiki_files):
+    env = {**os.environ, "QUANTMILL_CACHE": str(tmp_path / "cache"), "QUANTMILL_TASK_DATA": ""}
+    data = ["--eval-data", str(wiki_files[1]), "--eval-windows", "1", "--eval-seq-len", "512"]
+    tasks = ["--tasks", "arc_easy", "--limit", str(LIMIT), "--task-data", str(ZERO_SHOT)]
+    out = tmp_path / "rtn"
+    done = cli(
+        "quantize", "--model", "smollm2-135m", "--recipe", "rtn-w4g64", "--out", str(out),
+        "--json", "-q", *data, *tasks, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    original = summary["original"]["tasks"]["arc_easy"]
+    quantized = summary["quantized"]["tasks"]["arc_easy"]
+    assert original["documents"] == quantized["documents"] == LIMIT
+    assert not original["cached"]
+    for task in (original, quantized):
+        assert set(task["metrics"]) == {"acc", "acc_norm"} and task["stderr"]["acc"] > 0
+    # SmolLM2-135M answers ARC-Easy well above chance (0.25), even on 24 questions
+    assert original["metrics"]["acc"] > 0.4
+    row = summary["accuracy"]["tasks"]["arc_easy"]
+    assert row["recovery"] == pytest.approx(
+        quantized["metrics"]["acc"] / original["metrics"]["acc"]
+    )
+    assert (out / "lm_eval_results.json").is_file()
+
+    # the original again: served from the cache, the same figures
+    again = cli(
+        "eval", "--model", "smollm2-135m", "--original", "--json", "-q", *data, *tasks, env=env
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    cached = json.loads(again.stdout)["tasks"]["arc_easy"]
+    assert cached["cached"] and cached["metrics"] == original["metrics"]
+    assert "harness" not in json.loads(again.stdout)
+
+    # the checkpoint, loaded by transformers in a new process: what quantize reported
+    loaded = cli("eval", "--model", str(out), "--json", "-q", *data, *tasks, env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout)["tasks"]["arc_easy"]["metrics"] == quantized["metrics"]
+
+
+def test_cli_bad_task_inputs_exit_2_naming_the_fix(tmp_path):
+    env = {**os.environ, "QUANTMILL_CACHE": str(tmp_path / "cache")}
+    unknown = cli("eval", "--model", "smollm2-135m", "--tasks", "arc_easy,hellaswag", env=env)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "unknown task 'hellaswag'" in unknown.stderr
+    assert "arc_challenge, arc_easy, lambada_openai, piqa" in unknown.stderr
+    zero = cli("eval", "--model", "smollm2-135m", "--tasks", "piqa", "--limit", "0", env=env)
+    assert (
+        zero.returncode == 2
+        and "limit = 0: Input should be greater than or equal to 1" in zero.stderr
+    )
+    assert "Traceback" not in zero.stderr
