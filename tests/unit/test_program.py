@@ -47,6 +47,9 @@ def test_options_given_reach_the_job_nested():
         False, False, "mine",
     )  # fmt: skip
     assert job.engine.threads == 1 and job.load().name == "rtn-w4g64"
+    tasks = parse("sweep", "--recipes", "rtn-w4g64", "--tasks", "arc_easy, piqa", "--limit", "5")
+    evaluation = flow_cli._job(tasks).load()[0].evaluation
+    assert (evaluation.tasks, evaluation.limit) == (["arc_easy", "piqa"], 5)
 
 
 def test_help_shows_the_defaults_of_the_models():
@@ -74,6 +77,8 @@ def test_stack_options_come_from_the_stack_settings():
         (["sweep", "--recipes", "rtn-w4g64", "rtn-w4g64"], "two recipes are named"),
         (["run", "--hub-repo", "not a repo"], "publish.hub_repo"),
         (["run", "--eval-seq-len", "4"], "data.eval_seq_len"),
+        (["run", "--limit", "0"], "data.limit"),
+        (["run", "--tasks", "arc_easy,winogrande"], "unknown task 'winogrande'"),
         (["stack", "up", "--crash-after-s", "20"], "--crash-after-s"),
     ],
 )
