@@ -223,6 +223,26 @@ def _published(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _accuracy(result: dict[str, Any]) -> str:
+    """The zero-shot line of a run's summary: each task's acc, the mean and its recovery."""
+    if result.get("accuracy_mean") is None:
+        return ""
+    names = sorted(
+        {k.split(".")[1] for k in result if k.startswith("tasks.") and k.endswith(".acc")}
+    )
+    nan = float("nan")
+    tasks = ", ".join(
+        f"{n} {result[f'tasks.{n}.acc']:.3f} ({result.get(f'tasks_original.{n}.acc', nan):.3f})"
+        for n in names
+    )
+    recovery = result.get("accuracy_recovery", float("nan"))
+    return (
+        f"\nzero-shot acc: mean {result['accuracy_mean']:.4f} "
+        f"(original {result.get('accuracy_mean_original', float('nan')):.4f}, "
+        f"recovery {recovery:.3f}); {tasks}"
+    )
+
+
 def _summary(result: dict[str, Any]) -> str:
     if "table" in result:
         body = result["table"]
@@ -235,6 +255,7 @@ def _summary(result: dict[str, Any]) -> str:
             f"size: {result.get('size_bytes', 0) / 2**20:.1f} MB, "
             f"quantize: {result.get('quant_seconds', float('nan')):.1f} s"
         )
+        body += _accuracy(result)
     if result.get("published"):
         body += "\n" + _published(result["published"])
     return f"{body}\nMLflow: {result['mlflow']}"
