@@ -16,6 +16,7 @@ rows already there with the same settings (``--fresh`` redoes them).
 
     .venv/bin/python benchmarks/accuracy.py                 # ~35 min a configuration
     .venv/bin/python benchmarks/accuracy.py --only gptq-w4g64 rtn-w4g64 --limit 50
+    .venv/bin/python benchmarks/accuracy.py --table           # the README's table
 
 Writes ``benchmarks/results/accuracy.json`` (``accuracy-limit<N>.json`` with --limit).
 """
@@ -127,8 +128,43 @@ def checks(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """The README's table: acc (acc_norm) per task, mean acc, recovery, perplexity, time."""
+    head = "| model | " + " | ".join(TASKS) + " | mean acc | mean acc_norm | recovery | ppl |"
+    lines = [head, "|---" * (len(TASKS) + 5) + "|"]
+
+    def cells(tasks: dict[str, Any]) -> str:
+        out = []
+        for name in TASKS:
+            t = tasks.get(name)
+            if t is None:
+                out.append("-")
+                continue
+            norm = f" ({t['acc_norm']:.4f})" if "acc_norm" in t else ""
+            out.append(f"{t['acc']:.4f}{norm}")
+        return " | ".join(out)
+
+    original = data["original"]
+    lines.append(
+        f"| original | {cells(original['tasks'])} | {original['mean_acc']:.4f} "
+        f"| {original['mean_acc_norm']:.4f} | 1 | {original['perplexity']:.2f} |"
+    )
+    for row in data["rows"]:
+        lines.append(
+            f"| {row['label']} | {cells(row['tasks'])} | {row['mean_acc']:.4f} "
+            f"| {row['mean_acc_norm']:.4f} | {row['mean_recovery']:.3f} | {row['perplexity']:.2f} |"
+        )
+    seconds = {n: t["seconds"] for n, t in original["tasks"].items()}
+    lines.append("")
+    lines.append(
+        "seconds per task (original): " + ", ".join(f"{n} {s:.0f}" for n, s in seconds.items())
+    )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="print the JSON's table and stop")
     parser.add_argument("--only", nargs="+", help="configurations to run (default: all)")
     parser.add_argument("--limit", type=int, help="documents per task (quick check)")
     parser.add_argument("--fresh", action="store_true", help="redo rows already in the JSON")
@@ -140,6 +176,9 @@ def main() -> int:
     name = "accuracy.json" if args.limit is None else f"accuracy-limit{args.limit}.json"
     out = REPO / "benchmarks" / "results" / name
     data = json.loads(out.read_text()) if out.is_file() and not args.fresh else {}
+    if args.table:
+        print(markdown(data))
+        return 0
     rows: dict[str, Any] = {r["label"]: r for r in data.get("rows", [])}
     all_configs = configs()
     wanted = args.only or list(all_configs)
