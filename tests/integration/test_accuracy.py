@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,33 @@ def test_cli_bad_task_inputs_exit_2_naming_the_fix(tmp_path):
         and "limit = 0: Input should be greater than or equal to 1" in zero.stderr
     )
     assert "Traceback" not in zero.stderr
+
+
+def test_without_local_copies_an_offline_hub_task_fails_naming_the_fix(tmp_path):
+    # the shipped names fall back to the harness's own tasks, whose data is on the Hub
+    code = (
+        "from tests.conftest import tiny_config, tiny_tokenizer\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from quantmill.accuracy.harness import evaluate_tasks\n"
+        "from quantmill.accuracy.tasks import resolve_tasks\n"
+        "from quantmill.errors import ConfigError\n"
+        "model = AutoModelForCausalLM.from_config(tiny_config('llama')).eval()\n"
+        "refs = resolve_tasks(['piqa'])\n"
+        "assert refs[0].source == 'hub'\n"
+        "try:\n"
+        "    evaluate_tasks(lambda: (model, tiny_tokenizer()), refs, 2, 4, False)\n"
+        "except ConfigError as exc:\n"
+        "    print('ERR', exc)\n"
+    )
+    env = {
+        **os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "ds"), "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "QUANTMILL_TASK_DATA": "",
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ERR task piqa: lm-evaluation-harness could not load its Hub dataset" in done.stdout
+    assert "--task-data" in done.stdout and "baber/piqa" in done.stdout
