@@ -14,7 +14,7 @@ from tests.conftest import DATA_DIR
 
 pytestmark = pytest.mark.slow
 ZERO_SHOT = DATA_DIR / "zero-shot"
-LIMIT = 24
+LIMIT = 20
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -25,7 +25,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_cli_quantize_and_eval_report_the_same_task_figures(tmp_path, wiki_files):
     env = {**os.environ, "QUANTMILL_CACHE": str(tmp_path / "cache"), "QUANTMILL_TASK_DATA": ""}
-    data = ["--eval-data", str(wiki_files[1]), "--eval-windows", "1", "--eval-seq-len", "512"]
+    data = ["--eval-data", str(wiki_files[1]), "--eval-windows", "1", "--eval-seq-len", "256"]
     tasks = ["--tasks", "arc_easy", "--limit", str(LIMIT), "--task-data", str(ZERO_SHOT)]
     out = tmp_path / "rtn"
     done = cli(

@@ -15,7 +15,7 @@ from flows.quantize import quantize_flow
 from flows.sweep import sweep_flow
 from quantmill import stages
 from quantmill.recipes import SHIPPED_DIR
-from tests.conftest import SHORT_BLOCKS
+from tests.conftest import DATA_DIR, SHORT_BLOCKS
 from tests.pipeline.conftest import small_data
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def counting(monkeypatch, module, name: str) -> list:
 
 
 def test_quantize_flow_tracks_everything_in_mlflow(
-    pipeline_env, short_smollm2, mlflow_client, monkeypatch
+    pipeline_env, short_smollm2, mlflow_client, monkeypatch, caplog
 ):
     import traceback
 
@@ -60,9 +60,9 @@ def test_quantize_flow_tracks_everything_in_mlflow(
         return real(data, **kwargs)
 
     monkeypatch.setattr(Recipe, "model_validate", classmethod(counted))
-    job = QuantizeJob(
-        model=str(short_smollm2), recipe="gptq-w4g64", out_dir="out", data=small_data()
-    )
+    caplog.set_level(logging.INFO, logger="quantmill")  # as `quantmill run` sets it
+    data = small_data(tasks="piqa", limit=16, task_data=str(DATA_DIR / "zero-shot"))
+    job = QuantizeJob(model=str(short_smollm2), recipe="gptq-w4g64", out_dir="out", data=data)
     state = quantize_flow(job, return_state=True)
     assert state.is_completed(), state.message
     assert len(parses) == 1  # the recipe is parsed once, when the job is made
@@ -96,11 +96,43 @@ def test_quantize_flow_tracks_everything_in_mlflow(
     summary = yaml.safe_load((Path("out") / "quantmill_eval.json").read_text())
     assert summary["quantized"]["perplexity"] == pytest.approx(metrics["perplexity"])
 
+    check_accuracy_records(mlflow_client, run, result, flow_run_id)
+
     evaluated = evaluate_flow(EvaluateJob(model="out", data=small_data()), return_state=True)
     assert evaluated.is_completed(), evaluated.message
     (eval_run,) = runs_of(mlflow_client, str(evaluated.state_details.flow_run_id))
     assert eval_run.data.metrics["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-4)
     assert eval_run.data.params["recipe.evaluation.max_windows"] == "1"
+
+
+def check_accuracy_records(client, run, result: dict, flow_run_id: str) -> None:
+    """Zero-shot accuracy of both models in MLflow (figures, the harness's own results),
+    the registry's tags and the Prefect logs, for a run with ``tasks="piqa", limit=16``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    metrics = run.data.metrics
+    for prefix in ("tasks", "tasks_original"):
+        assert 0 <= metrics[f"{prefix}.piqa.acc"] <= 1 and metrics[f"{prefix}.piqa.acc_stderr"] > 0
+        assert f"{prefix}.piqa.acc_norm" in metrics and metrics[f"{prefix}.piqa.seconds"] > 0
+    recovery = metrics["tasks.piqa.acc"] / metrics["tasks_original.piqa.acc"]
+    assert metrics["accuracy_recovery"] == pytest.approx(recovery)
+    assert result["accuracy_recovery"] == pytest.approx(recovery)  # the sweep's row reads it
+    raw = client.download_artifacts(run.info.run_id, "lm_eval_results.json", ".")
+    harness = yaml.safe_load(Path(raw).read_text())
+    assert harness["quantized"]["results"]["piqa"]["acc,none"] == metrics["tasks.piqa.acc"]
+    assert harness["original"]["n-samples"]["piqa"]["effective"] == 16
+    registered = result["published"]["registry"]
+    tags = client.get_model_version(registered["name"], registered["version"]).tags
+    assert float(tags["accuracy_recovery"]) == pytest.approx(recovery, abs=1e-4)
+    assert tags["tasks"] == "piqa"
+    APILogHandler().flush()  # logs are sent in batches
+    with get_client(sync_client=True) as prefect:
+        logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    messages = "\n".join(log.message for log in logs)
+    assert "accuracy: task 1/1 piqa (local)" in messages  # the original's, then the checkpoint's
+    assert messages.count("accuracy: piqa acc") == 2
 
 
 def test_second_run_reuses_prepared_data_and_statistics(
@@ -373,56 +405,3 @@ def test_quantize_flow_trains_peqa_and_logs_the_training_in_mlflow(
         "quantmill_training.json"
     }
     assert not Path("outq.training").exists()
-
-
-def test_quantize_flow_records_zero_shot_accuracy_and_gates_on_it(
-    pipeline_env, short_smollm2, mlflow_client, caplog
-):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler
-
-    from tests.conftest import DATA_DIR
-
-    caplog.set_level(logging.INFO, logger="quantmill")  # as `quantmill run` sets it
-    recipe = yaml.safe_load((SHIPPED_DIR / "rtn-w4g64.yaml").read_text())
-    recipe["gate"]["min_accuracy_recovery"] = 0.9
-    Path("rtn-acc.yaml").write_text(yaml.safe_dump(recipe))
-    data = small_data(tasks="piqa", limit=16, task_data=str(DATA_DIR / "zero-shot"))
-    job = QuantizeJob(
-        model=str(short_smollm2), recipe_file="rtn-acc.yaml", out_dir="acc", data=data
-    )
-    state = quantize_flow(job, return_state=True)
-    assert state.is_completed(), state.message
-    result = state.result()
-    flow_run_id = str(state.state_details.flow_run_id)
-    (run,) = runs_of(mlflow_client, flow_run_id)
-    metrics = run.data.metrics
-    for prefix in ("tasks", "tasks_original"):
-        assert 0 <= metrics[f"{prefix}.piqa.acc"] <= 1 and metrics[f"{prefix}.piqa.acc_stderr"] > 0
-        assert f"{prefix}.piqa.acc_norm" in metrics and metrics[f"{prefix}.piqa.seconds"] > 0
-    recovery = metrics["tasks.piqa.acc"] / metrics["tasks_original.piqa.acc"]
-    assert metrics["accuracy_recovery"] == pytest.approx(recovery)
-    assert result["accuracy_recovery"] == pytest.approx(recovery)  # the sweep's row reads it
-    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
-    assert "lm_eval_results.json" in artifacts
-    raw = mlflow_client.download_artifacts(run.info.run_id, "lm_eval_results.json", ".")
-    harness = yaml.safe_load(Path(raw).read_text())
-    assert harness["quantized"]["results"]["piqa"]["acc,none"] == metrics["tasks.piqa.acc"]
-    assert harness["original"]["n-samples"]["piqa"]["effective"] == 16
-
-    registered = result["published"]["registry"]
-    tags = mlflow_client.get_model_version(registered["name"], registered["version"]).tags
-    assert float(tags["accuracy_recovery"]) == pytest.approx(recovery, abs=1e-4)
-    passed = recovery >= 0.9 and metrics["perplexity_original"] / metrics["perplexity"] >= 0.7
-    assert tags["quality_gate"] == ("passed" if passed else "failed")
-    assert "mean accuracy recovery" in tags["quality_gate_reason"]
-    if recovery < 0.9:
-        assert "lost most: piqa" in tags["quality_gate_reason"]
-
-    APILogHandler().flush()  # logs are sent in batches
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    messages = "\n".join(log.message for log in logs)
-    assert "accuracy: task 1/1 piqa (local)" in messages  # the original's, then the checkpoint's
-    assert messages.count("accuracy: piqa acc") == 2
