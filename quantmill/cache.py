@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 # The modules whose code decides what a cached entry holds: a change to any of
 # them changes the code version and so every key.
-_KEYED_MODULES = ("data", "stats", "driver", "arch", "models", "quant/gptq", "evaluate", "qat/data")
+_KEYED_MODULES = (
+    "data", "stats", "driver", "arch", "models", "quant/gptq", "evaluate", "qat/data",
+    "accuracy/harness",
+)  # fmt: skip
 
 
 def code_version() -> str:

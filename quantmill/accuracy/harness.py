@@ -134,7 +134,7 @@ def _wrap(model, tokenizer, batch_size: int):
 
 def _run(lm, ref: TaskRef, limit: int | None, progress: bool) -> tuple[TaskResult, dict]:
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     start = time.perf_counter()
     with (
@@ -142,13 +142,14 @@ def _run(lm, ref: TaskRef, limit: int | None, progress: bool) -> tuple[TaskResul
         _environment(DISABLE_MULTIPROC="1", TQDM_DISABLE=None if progress else "1"),
     ):
         manager = TaskManager(include_defaults=ref.needs_registry)
-        try:
-            out = simple_evaluate(
-                model=lm, tasks=[ref.spec], task_manager=manager, limit=limit,
-                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
-            )  # fmt: skip
+        try:  # the task and its data, loaded apart so that only their failures are named so
+            loaded = list(get_task_dict([ref.spec], manager).values())
         except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as exc:
             raise ConfigError(_load_failure(ref, exc)) from exc
+        out = simple_evaluate(
+            model=lm, tasks=loaded, task_manager=manager, limit=limit,
+            bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     return _result(ref, out, seconds), _raw(out, ref.name, seconds)
 
