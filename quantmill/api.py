@@ -28,6 +28,7 @@ from quantmill.accuracy.models import (
     loaded_accuracy,
     original_accuracy,
     spec_tasks,
+    without_harness,
     write_harness_file,
 )
 from quantmill.accuracy.recovery import accuracy_recovery
@@ -172,7 +173,7 @@ def quantize(
                 staged, recipe.evaluation, windows, progress, device, lazy.dtype, refs
             )
         write_harness_file(stage.folder, original, quantized)
-        summary = _summary(run, written, _brief(original), _brief(quantized))
+        summary = _summary(run, written, without_harness(original), without_harness(quantized))
         _write_run_files(stage.folder, recipe, summary)
     if workdir is not None:  # the checkpoint is complete: nothing left to resume
         shutil.rmtree(workdir.parent, ignore_errors=True)
@@ -232,11 +233,6 @@ def _train_in_memory(run: _Run, calib: torch.Tensor | None, stats: StatisticsFil
         run.engine.shard_bytes(),
     )  # fmt: skip
     return outcome, None
-
-
-def _brief(result: dict | None) -> dict | None:
-    """An evaluation's figures without the harness's own output (a file of its own)."""
-    return None if result is None else {k: v for k, v in result.items() if k != "harness"}
 
 
 def _summary(run: _Run, written: dict, original: dict | None, quantized: dict | None):

@@ -236,8 +236,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.model, evaluation, revision=args.revision, progress=not args.quiet,
         cache=args.original, engine=engine_spec(args),
     )  # fmt: skip
-    shown = {k: v for k, v in result.items() if k != "harness"}
-    print(json.dumps(shown, indent=2) if args.json else report.eval_table(result))
+    from quantmill.accuracy.models import without_harness
+
+    print(json.dumps(without_harness(result), indent=2) if args.json else report.eval_table(result))
     return 0
 
 

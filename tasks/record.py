@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 
 from quantmill import plots, report
-from quantmill.accuracy.models import harness_outputs
+from quantmill.accuracy.models import harness_outputs, without_harness
 from quantmill.folder import ACCURACY_FILE
 from tracking import adapter
 from tracking.adapter import TrackedRun
@@ -70,8 +70,7 @@ def record_run(
             ]
             adapter.log_files(run, [p for p in drawn if p is not None], "plots")
     if quantized_eval and not quantized:
-        brief = {k: v for k, v in quantized_eval.items() if k != "harness"}
-        adapter.log_dict(run, brief, "evaluation.json")
+        adapter.log_dict(run, without_harness(quantized_eval), "evaluation.json")
     harness = harness_outputs(original_eval, quantized_eval)
     if harness:  # lm-evaluation-harness's own results, both models
         adapter.log_dict(run, harness, ACCURACY_FILE)

@@ -63,12 +63,16 @@ def add_tasks(result: dict[str, Any], run: TaskRun | None) -> dict[str, Any]:
 
 def harness_outputs(original: dict | None, quantized: dict | None) -> dict[str, Any]:
     """The harness's results of both models, as ``lm_eval_results.json`` holds them."""
-    found = {
+    return {
         name: part["harness"]
         for name, part in (("original", original), ("quantized", quantized))
         if part and part.get("harness")
     }
-    return found
+
+
+def without_harness(result: dict | None) -> dict | None:
+    """An evaluation's figures without the harness's own output (a file of its own)."""
+    return None if result is None else {k: v for k, v in result.items() if k != "harness"}
 
 
 def write_harness_file(folder: Path, original: dict | None, quantized: dict | None) -> None:
