@@ -12,3 +12,6 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantmill")
 # ...and the library used outside a flow run keeps logging quietly to the terminal.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# With no API URL, Prefect starts a temporary server and gives it 20 s; on a busy
+# two-core machine its start took longer, and the run failed before any work.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
