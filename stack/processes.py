@@ -26,7 +26,8 @@ class StackError(RuntimeError):
 
 
 def up(settings: StackSettings, timeout: float = 180) -> dict[str, Any]:
-    """Start every service in order, each once the one before answers."""
+    """Start the servers (S3, Prefect, MLflow) at once, wait until each answers, then the
+    workers at once (they need the Prefect server and the pool) and wait for them."""
     home = settings.home.resolve()
     if running(home):
         raise StackError(f"a stack already runs from {home}; `quantmill stack down` first")
@@ -38,16 +39,20 @@ def up(settings: StackSettings, timeout: float = 180) -> dict[str, Any]:
         "env": client_env(settings),
         "services": {},
     }
+    every = services(settings)
+    servers = [s for s in every if not s.name.startswith("worker")]
+    workers = [s for s in every if s.name.startswith("worker")]
     try:
-        for service in services(settings):
-            if service.name.startswith("worker") and "pool" not in state:
+        for wave in (servers, workers):
+            if wave is workers:
+                ensure_bucket(settings)
                 ensure_pool(settings)
                 state["pool"] = settings.pool
-            state["services"][service.name] = start(service, home)
+            for service in wave:
+                state["services"][service.name] = start(service, home)
             _write(home, state)
-            wait_ready(service, state["services"][service.name], settings, timeout)
-            if service.name == "s3":
-                ensure_bucket(settings)
+            for service in wave:
+                wait_ready(service, state["services"][service.name], settings, timeout)
     except BaseException:
         down(home)
         raise

@@ -65,6 +65,11 @@ class StackSettings:
         return f"postgresql+{driver}://{base}/{self.db_prefix}_{name}"
 
 
+# MLflow 3's server starts about eight job-queue consumers (GenAI evaluation jobs, which
+# quantmill never submits): ~270 MB each, polling all the time. Not started.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -89,7 +94,7 @@ def client_env(s: StackSettings) -> dict[str, str]:
 
 
 def services(s: StackSettings) -> list[Service]:
-    """In start order: object storage, Prefect server, MLflow server, workers."""
+    """The servers (object storage, Prefect, MLflow), then the workers on the pool."""
     py = sys.executable
     home = s.home.resolve()
     aws = {k: v for k, v in client_env(s).items() if k.startswith(("AWS_", "MLFLOW_S3"))}
@@ -124,7 +129,7 @@ def services(s: StackSettings) -> list[Service]:
             + ["--host", s.host, "--port", str(s.mlflow_port), "--workers", "1"],
             s.mlflow_url,
             f"{s.mlflow_url}/health",
-            aws,
+            {**aws, **MLFLOW_SERVER_ENV},
         ),
     ]
     for index in range(s.workers):

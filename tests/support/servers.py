@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from stack.services import MLFLOW_SERVER_ENV
+
 PG = {"host": os.environ.get("QUANTMILL_PG_HOST", "127.0.0.1"), "user": "postgres"}
 
 
@@ -83,7 +85,7 @@ def start_mlflow(
     cmd += ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     log = folder / f"mlflow-{port}.log"
-    proc = start(cmd, log, env)
+    proc = start(cmd, log, {**(env or os.environ), **MLFLOW_SERVER_ENV})
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, log)
     except BaseException:
