@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except QuantmillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # what was being written is left as partial folders, never as finished output
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
+from flows.reach import check_services
 from quantmill.cli import add_engine_args, engine_spec
 
 COMMANDS = ("run", "sweep", "publish", "deploy")
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # pydantic's ValidationError and ConfigError are ValueErrors
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    check_services(os.environ)  # a dead server fails here, in seconds, naming its variable
     if args.command == "publish":
         from flows.publish import publish_flow
 
