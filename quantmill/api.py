@@ -388,6 +388,11 @@ def evaluate_checkpoint(
     device = resolve_device(engine.device)
     refs = spec_tasks(evaluation)  # task files and data checked before any work
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
+    if (resolved.path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolved.path)
+        check_positions(config, evaluation=evaluation)
     tokenizer = load_tokenizer(resolved)
     windows = eval_ids(tokenizer, evaluation)
     has_config = (resolved.path / "config.json").is_file()
@@ -418,6 +423,8 @@ def check_recipe(
     (packed grids that no serving engine loads, unless ``export.servable`` is false).
     Returns the steps' methods, built and checked (a run uses these)."""
     spec = arch_for(net)
+    calibration = recipe.calibration if recipe.needs_calibration() else None
+    check_positions(net.config, calibration=calibration, evaluation=recipe.evaluation)
     methods = build_methods(net, recipe.steps)
     if recipe.evaluation.kv_cache is not None:
         check_kv_supported(net)
@@ -435,6 +442,22 @@ def check_recipe(
             "grid)"
         )
     return methods
+
+
+def check_positions(config: Any, **specs: Any) -> None:
+    """Each spec's ``seq_len`` within the model's positions (``max_position_embeddings``,
+    GPT-2's ``n_positions``): beyond them learned positions index out of range and RoPE
+    models compute on positions they were never trained on. A ``ConfigError`` naming
+    the field and the limit, before any work."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return
+    for section, spec in specs.items():
+        if spec is not None and spec.seq_len > limit:
+            raise ConfigError(
+                f"{section}.seq_len = {spec.seq_len}: {config.model_type} has "
+                f"{limit} positions (max_position_embeddings); give at most {limit}"
+            )
 
 
 def check_recipe_source(

@@ -25,11 +25,22 @@ def load_rows(dataset: str, config: str | None, split: str) -> list[str]:
     """The text rows of a local file (its lines) or of a ``datasets`` split."""
     path = Path(dataset).expanduser()
     if path.exists() or dataset.startswith((".", "/", "~")) or path.suffix in {".txt", ".raw"}:
+        if path.is_dir():
+            raise CalibrationDataError(
+                f"data file {path} is a folder: give a UTF-8 text file in it, e.g. "
+                f"{path / 'wiki.valid.tokens'}"
+            )
         if not path.is_file():
             raise CalibrationDataError(f"data file {path} does not exist")
         # Rows as the Hub's wikitext has them: each line with its "\n", blank lines as "".
         # (This is what reproduces the published perplexities from the raw file.)
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except UnicodeDecodeError as exc:
+            raise CalibrationDataError(
+                f"data file {path} is not UTF-8 text (byte {exc.start} is "
+                f"{exc.object[exc.start]:#04x}): give a plain text file, a line of text per line"
+            ) from None
         return [line if line.strip() else "" for line in lines]
     try:
         import datasets

@@ -72,3 +72,60 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
         proc.kill()
     assert proc.returncode == 130
     assert err.strip() == "interrupted"
+
+
+def main(capsys, *argv: str) -> tuple[int, str]:
+    """``quantmill ARGV`` in this process: (exit code, stderr)."""
+    import logging
+
+    from app.main import main as program
+
+    logging.root.handlers.clear()  # a handler an earlier call bound to an earlier stderr
+    code = program(list(argv))
+    return code, capsys.readouterr().err
+
+
+def quantize_args(model, out, calib, evaluation, *extra: str, recipe="rtn-w4g64") -> list[str]:
+    return [
+        "quantize", "--model", str(model), "--recipe", recipe, "--out", str(out),
+        "--calib-data", str(calib), "--eval-data", str(evaluation), "-q", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda p: p.write_bytes(bytes(range(256)) * 64), "is not UTF-8 text (byte 128 is 0x80)"),
+        (lambda p: p.mkdir(), "is a folder: give a UTF-8 text file in it"),
+    ],
+    ids=["binary", "folder"],
+)
+def test_calibration_data_that_is_not_text_is_named(
+    make, expected, capsys, tiny_checkpoint, text_files, tmp_path
+):
+    bad = tmp_path / "calib.bin"
+    make(bad)
+    out = tmp_path / "out"
+    args = quantize_args(tiny_checkpoint(), out, bad, text_files[1], recipe="gptq-w4g64")
+    code, err = main(capsys, *args)
+    assert code == 2 and f"error: data file {bad} {expected}" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("model_type, limit", [("gpt2", 128), ("llama", 2048)])
+def test_seq_len_beyond_the_models_positions_is_refused_before_work(
+    model_type, limit, capsys, tiny_checkpoint, text_files, tmp_path
+):
+    folder = tiny_checkpoint(model_type)
+    out = tmp_path / "out"
+    too_long = str(limit * 2)
+    code, err = main(
+        capsys,
+        *quantize_args(folder, out, *text_files, "--eval-seq-len", too_long, "--format", "fake"),
+    )
+    assert code == 2, err
+    assert f"evaluation.seq_len = {too_long}: {model_type} has {limit} positions" in err
+    assert not out.exists()
+    code, err = main(capsys, "eval", "--model", str(folder), "--eval-data", str(text_files[1]),
+                     "--eval-seq-len", too_long, "-q")  # fmt: skip
+    assert code == 2 and f"evaluation.seq_len = {too_long}" in err, err
