@@ -18,7 +18,9 @@ WIKI_TEST = DATA_DIR / "wikitext-2" / "wiki.test.raw"
 def pytest_collection_modifyitems(items) -> None:
     """With pytest-xdist (``make test`` runs two workers), each module's tests run on one
     worker, so module fixtures are built once; the service stack's tests share one
-    worker and one stack, in file order (the killed-worker test last)."""
+    worker and one stack, in file order (the killed-worker test last). (pytest-xdist 3.8
+    groups by rewriting node ids, which pytest 9 no longer reads: pyproject holds pytest
+    below 9.)"""
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         group = "stack" if module.startswith("tests/stack/") else module
