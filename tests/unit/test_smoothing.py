@@ -235,6 +235,6 @@ def test_pipeline_check_reads_only_the_config(tiny_checkpoint):
     }
     with pytest.raises(ConfigError, match=r"steps\.1\.mappings\.0: .* no module 'ln'"):
         check_recipe_source(str(folder), parse_recipe(bad))
-    kv = {"steps": [{"method": "rtn"}], "evaluation": {"kv_cache": {"bits": 4}}}
+    kv = {"steps": [{"method": "rtn"}], "evaluation": {"seq_len": 64, "kv_cache": {"bits": 4}}}
     with pytest.raises(ConfigError, match="kv_cache"):
         check_recipe_source(str(tiny_checkpoint("gpt2", "g")), parse_recipe(kv))
