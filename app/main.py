@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 import flows.cli
 import quantmill.cli
 import stack.cli
+from app.reaper import MARK as REAPER_MARK
 from quantmill.errors import QuantmillError
 
 # glibc raises its mmap threshold each time a large block is freed, after which
@@ -69,9 +72,37 @@ def deploy_on(settings) -> None:
     deploy_all(settings.pool, api_url=settings.prefect_api, crash_after_s=settings.crash_after_s)
 
 
+# The commands that may start servers (Prefect's temporary one, a local Dask cluster).
+REAPED = ("run", "sweep", "publish")
+_REAPER_PIPE: list[int] = []
+
+
+def start_reaper() -> bool:
+    """Mark this process's environment and start ``app/reaper.py``: whatever this
+    command starts is stopped when it exits, even by ``kill -9``. False off Linux."""
+    import subprocess
+    import uuid
+
+    if not os.path.isdir("/proc/self"):
+        return False
+    token = uuid.uuid4().hex
+    os.environ[REAPER_MARK] = token
+    read, write = os.pipe()  # not inheritable: this process holds the only write end
+    script = Path(__file__).with_name("reaper.py")
+    subprocess.Popen([sys.executable, "-I", str(script), token], stdin=read,
+                     stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    os.close(read)
+    _REAPER_PIPE.append(write)  # open until this process ends
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in REAPED:  # the program, not a caller in-process
+        start_reaper()
     pin_mmap_threshold()  # an application setting: the program's, never the library's
+    if getattr(args, "quiet", False):  # the libraries' bars too (tqdm reads it on import)
+        os.environ["TQDM_DISABLE"] = "1"
     setup_logging(args.command)
     try:
         if args.command in flows.cli.COMMANDS:

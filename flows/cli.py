@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from flows.reach import check_services
 from quantmill.cli import add_engine_args, engine_spec
 
-COMMANDS = ("run", "sweep", "publish", "deploy")
+COMMANDS = ("run", "sweep", "publish", "deploy", "runs")
 JOB = "job."  # the prefix of the options that are job fields: "job.data.calib_data"
 
 
@@ -55,6 +56,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _field(p, PublishJob, "experiment")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _publish_args(p)
+
+    c = sub.add_parser("runs", help="tidy the MLflow runs: 'clean' ends runs of killed processes")
+    c.add_argument("action", choices=["clean"], help="clean: RUNNING runs whose process is gone "
+                   "(on this host) end as FAILED, with the reason")  # fmt: skip
+    c.add_argument("--experiment", help="only this experiment (default: every experiment)")
 
     d = sub.add_parser("deploy", help="create the deployments (quantize, sweep, evaluate)")
     from quantmill import defaults
@@ -143,11 +149,14 @@ def run(args: argparse.Namespace) -> int:
     """Run one of ``COMMANDS``: the job is validated (its recipes parsed) before any flow."""
     if args.command == "deploy":
         return _deploy_command(args)
+    if args.command == "runs":
+        return _clean_runs(args)
     try:
         job = _job(args)
     except ValueError as exc:  # pydantic's ValidationError and ConfigError are ValueErrors
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    _check_outputs(job)  # before any download: an --out that cannot be written fails now
     check_services(os.environ)  # a dead server fails here, in seconds, naming its variable
     if args.command == "publish":
         from flows.publish import publish_flow
@@ -165,6 +174,29 @@ def run(args: argparse.Namespace) -> int:
         result = sweep_flow(job)
     print(json.dumps(result, indent=2, default=str) if args.json else _summary(result))
     return 0
+
+
+def _clean_runs(args: argparse.Namespace) -> int:
+    from tracking.adapter import end_dead_runs_everywhere, tracking_uri
+
+    check_services(os.environ)
+    ended = end_dead_runs_everywhere(args.experiment)
+    for experiment, run_id in ended:
+        print(f"{experiment}: run {run_id} ended as FAILED (its process is gone)")
+    print(f"{len(ended)} run(s) of killed processes ended in {tracking_uri()}")
+    return 0
+
+
+def _check_outputs(job: Any) -> None:
+    """What the flow reads and writes, checked before it starts (a bad folder is one
+    line, not a failed flow run's traceback)."""
+    from quantmill.card import CheckpointInfo
+    from quantmill.journal import check_output
+
+    if hasattr(job, "checkpoint"):
+        CheckpointInfo.load(job.checkpoint)
+    for out in job.outputs() if hasattr(job, "outputs") else []:
+        check_output(Path(out), job.overwrite)
 
 
 def _job(args: argparse.Namespace) -> Any:

@@ -146,6 +146,10 @@ class QuantizeJob(ModelSettings):
         name = f"{slug(self.model)}-{slug(recipe.name)}"
         return self.out_dir or str(Path(defaults.OUTPUT_ROOT) / name)
 
+    def outputs(self) -> list[str]:
+        """The folders the run writes."""
+        return [self.output_dir(self._recipe)]
+
 
 class SweepJob(ModelSettings):
     recipes: list[RecipeName] = Field(  # type: ignore[valid-type]
@@ -191,6 +195,10 @@ class SweepJob(ModelSettings):
 
     def load(self) -> list[Recipe]:
         return self._recipes
+
+    def outputs(self) -> list[str]:
+        """The folders the sweep writes, one per recipe."""
+        return [str(Path(self.out_root) / slug(r.name)) for r in self._recipes]
 
 
 class AnalyzeJob(ModelSettings):

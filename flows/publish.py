@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import PublishJob, PublishSettings, slug
 from tasks.publish import (
+    check_hub_access,
     hub_artifact,
     publish_to_hub,
     verify_hub_upload,
@@ -75,6 +76,8 @@ def publish_checkpoint(
 def publish_flow(job: PublishJob) -> dict[str, Any]:
     """Publish an existing checkpoint folder to the Hub and the MLflow registry."""
     settings = job.publish
+    if settings.hub_repo:  # a bad token fails here, before the card is written
+        check_hub_access(settings.hub_repo, settings.token_secret)
     with mlflow_run(
         f"publish {slug(job.checkpoint)}", job.experiment, tags={"quantmill.flow": "publish"}
     ) as run:

@@ -14,7 +14,7 @@ from tasks.calibrate import collect_statistics, prepare_calibration
 from tasks.download import download_model
 from tasks.evaluate import evaluate_model
 from tasks.publish import check_hub_access
-from tasks.quantize import check_recipe, quantize_model
+from tasks.quantize import check_outputs, check_recipe, quantize_model
 from tasks.record import record_params, record_run
 from tracking.adapter import TrackedRun, mlflow_run
 
@@ -73,6 +73,7 @@ def quantize_flow(job: QuantizeJob = QuantizeJob()) -> dict[str, Any]:  # noqa: 
     logger = get_run_logger()
     recipe = job.load()  # parsed once, when the job was made
     engine = job.engine.model_dump()
+    check_outputs(job.outputs(), job.overwrite)  # before the download
     if job.publish.hub_repo:  # a bad token fails here, before any work
         check_hub_access(job.publish.hub_repo, job.publish.token_secret)
     with mlflow_run(recipe.name, job.experiment, tags={"quantmill.flow": "quantize"}) as run:

@@ -28,7 +28,7 @@ from quantmill.recipe import Recipe
 from tasks.calibrate import collect_statistics, prepare_calibration
 from tasks.download import download_model
 from tasks.evaluate import evaluate_model
-from tasks.quantize import check_recipe
+from tasks.quantize import check_outputs, check_recipe
 from tasks.record import record_comparison, record_params
 from tracking.adapter import TrackedRun, error_message, mlflow_run
 
@@ -65,6 +65,7 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
     logger = get_run_logger()
     recipes = job.load()  # parsed once, when the job was made
     name = f"sweep-{slug(job.model)}"
+    check_outputs(job.outputs(), job.overwrite)  # before the download
     with mlflow_run(name, job.experiment, tags={"quantmill.flow": "sweep"}) as parent:
         record_params(parent, None, None)
         if job.fan_out:

@@ -45,7 +45,7 @@ from quantmill.export.checkpoint import ExportFormat, save_quantized, write_conf
 from quantmill.folder import LAYERS_FILE, RECIPE_FILE, SOURCE_FILE, SUMMARY_FILE, TRAINING_FILE
 from quantmill.journal import Stage, check_output, code_version, staged_run
 from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
-from quantmill.lazy import LazyModel, empty_model, open_model
+from quantmill.lazy import LazyModel, empty_model, open_model, read_config
 from quantmill.methods.base import Method
 from quantmill.models import load_model, load_tokenizer
 from quantmill.qat.loop import TrainContext
@@ -389,10 +389,7 @@ def evaluate_checkpoint(
     refs = spec_tasks(evaluation)  # task files and data checked before any work
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     if (resolved.path / "config.json").is_file():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolved.path)
-        check_positions(config, evaluation=evaluation)
+        check_positions(read_config(resolved.path), evaluation=evaluation)
     tokenizer = load_tokenizer(resolved)
     windows = eval_ids(tokenizer, evaluation)
     has_config = (resolved.path / "config.json").is_file()

@@ -103,14 +103,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 def arch_for(model: nn.Module) -> ArchSpec:
     """The entry for ``model.config.model_type``; an error lists the supported ones."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    try:
-        return ARCHITECTURES[model_type]  # type: ignore[index]
-    except KeyError:
+    check_supported(model_type)
+    return ARCHITECTURES[model_type]  # type: ignore[index]
+
+
+def check_supported(model_type: str | None) -> None:
+    """An error listing the supported ``model_type`` values unless ``model_type`` is one."""
+    if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported; supported model_type values: "
             f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchSpec entry to "
             "quantmill/arch.py to support it."
-        ) from None
+        )
 
 
 def decoder_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:

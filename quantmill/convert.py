@@ -50,6 +50,18 @@ def convert_gguf(
         return _convert(gguf, target, lineage, progress)
 
 
+def _unreadable(gguf: Path, exc: Exception) -> str:
+    """Why a GGUF file cannot be read, in the user's terms."""
+    nbytes = gguf.stat().st_size if gguf.exists() else 0
+    size = f"{nbytes / 1e6:.1f} MB" if nbytes >= 10**6 else f"{nbytes} bytes"
+    if "cannot reshape array" in str(exc) or isinstance(exc, IndexError):
+        # its header names tensors whose data lies past the end of the file
+        return (f"{gguf} is truncated: it ends ({size}) before the data its header "
+                "describes; download it again (compare its size or SHA-256 "
+                "with the source's)")  # fmt: skip
+    return f"{gguf} is not a readable GGUF file ({exc}); it may be corrupted: download it again"
+
+
 def _convert(gguf: Path, target: Path, lineage: dict[str, str] | None, progress: bool) -> Path:
     from gguf import GGUFReader, dequantize
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -59,10 +71,7 @@ def _convert(gguf: Path, target: Path, lineage: dict[str, str] | None, progress:
         reader = GGUFReader(str(gguf))
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, OSError, IndexError) as exc:
-        raise CheckpointError(
-            f"{gguf} is not a readable GGUF file ({exc}); it may be truncated or corrupted: "
-            "download it again"
-        ) from None
+        raise CheckpointError(_unreadable(gguf, exc)) from None
     names, processor, parsed, architectures = _name_map(gguf, config, reader)
     tmp = target.with_name(f".{target.name}.converting")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -77,7 +77,8 @@ def eval_ids(tokenizer, spec: EvalSpec) -> Tensor:
     if windows == 0:
         raise CalibrationDataError(
             f"evaluation data {spec.dataset!r} has {ids.numel()} tokens, fewer than one "
-            f"window of evaluation.seq_len = {spec.seq_len}"
+            f"window of evaluation.seq_len = {spec.seq_len}; use more text or a shorter "
+            "--eval-seq-len"
         )
     if spec.max_windows is not None:
         windows = min(windows, spec.max_windows)

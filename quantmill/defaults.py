@@ -8,6 +8,7 @@ OUTPUT_ROOT = "outputs"  # a run's checkpoint goes to OUTPUT_ROOT/<model>-<recip
 SWEEP_ROOT = "outputs/sweep"
 MAX_CONCURRENCY = 2  # recipes of a sweep quantized at once
 EXPERIMENT = "quantmill"  # the MLflow experiment
+MAX_RUNS_SEARCHED = 1000  # RUNNING runs looked at per experiment when ending dead ones
 TOKEN_SECRET = "hf-token"  # the Prefect Secret block holding the Hub token
 POOL = "quantmill"  # the Prefect work pool of the deployments
 BUCKET = "quantmill"  # the S3 bucket of artifacts and the shared cache

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Any
 
 from quantmill import __version__
 from quantmill.errors import ExportError, RunLockedError
-from quantmill.folder import JOURNAL_FILE, LOCK_FILE, RunFolders
+from quantmill.folder import JOURNAL_FILE, LOCK_FILE, RECIPE_FILE, RunFolders
 
 log = logging.getLogger(__name__)
 JOURNAL_FORMAT = 1
@@ -120,14 +121,40 @@ def staged_run(
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """``out`` must be a folder that is absent, empty or (with ``overwrite``) replaceable."""
+    """``out`` must be a folder that is absent, empty or (with ``overwrite``) replaceable,
+    somewhere this process can write (tried, not guessed from permission bits)."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(
+                f"output folder {out} already exists and is not empty; "
+                "choose another --out or pass --overwrite"
+            )
+        if not (out / RECIPE_FILE).is_file():
+            raise ExportError(
+                f"output folder {out} was not written by quantmill (it has no {RECIPE_FILE}); "
+                "--overwrite replaces only quantmill's checkpoints: choose another --out or "
+                "empty it yourself"
+            )
+    check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """Create and remove a folder beside ``out``: a read-only disk, a missing permission or
+    a path under a file fails here, before any work, naming the place."""
+    where = next((p for p in [out.parent, *out.parents] if p.exists()), Path("."))
+    if not where.is_dir():
+        raise ExportError(f"--out {out} is inside {where}, which is a file; choose another --out")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".quantmill-probe-", dir=where))
+    except OSError as exc:
         raise ExportError(
-            f"output folder {out} already exists and is not empty; "
-            "choose another --out or pass --overwrite"
-        )
+            f"--out {out}: cannot write in {where} ({exc.strerror}); choose an --out where "
+            "you can write"
+        ) from None
+    probe.rmdir()
 
 
 def _previous_state(folders: RunFolders, fingerprint: dict, resume: bool) -> dict | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantmill.arch import ArchSpec, arch_for, decoder_blocks
+from quantmill.arch import ArchSpec, arch_for, check_supported, decoder_blocks
 from quantmill.errors import CheckpointError, ModelSourceError
 from quantmill.quant.grid import all_finite
 from quantmill.weights import WeightFiles
@@ -199,18 +199,24 @@ def open_model(
 
 def empty_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The architecture of ``folder``'s config with empty (meta) parameters, real buffers."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise loading_error(str(folder), exc, "its config cannot be read") from exc
+    config = read_config(folder, trust_remote_code)
     if getattr(config, "quantization_config", None):
         raise CheckpointError(
             f"model {folder} is already quantized (quantization_config in config.json); "
             "quantize the original model instead"
         )
     return empty_model_from_config(config, dtype, trust_remote_code)
+
+
+def read_config(folder: Path, trust_remote_code: bool = False):
+    """``folder``'s config; a broken ``config.json`` is named, with the fix."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as exc:
+        what = "its config.json cannot be read (fix it, or download the model again)"
+        raise loading_error(str(folder), exc, what) from exc
 
 
 def loading_error(source: str, exc: ValueError, what: str) -> Exception:
@@ -229,6 +235,7 @@ def empty_model_from_config(
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    check_supported(getattr(config, "model_type", None))  # not transformers' 230 class names
     with LOAD_LOCK, init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code

@@ -60,7 +60,17 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
-    return AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise loading_error(resolved.source, exc, "its tokenizer cannot be loaded") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(
+            f"model {resolved.source!r} has no usable tokenizer in {resolved.path} ({first}); "
+            "a checkpoint folder needs its tokenizer files (tokenizer.json, "
+            "tokenizer_config.json): copy them from the original model"
+        ) from None
 
 
 def _from_pretrained(resolved: ResolvedModel, dtype: torch.dtype, kwargs: dict) -> nn.Module:

@@ -135,9 +135,13 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
             ],
         )
     except LocalEntryNotFoundError as exc:
+        from huggingface_hub import constants
+
         raise ModelSourceError(
-            f"model {repo_id!r} could not be downloaded and is not in the local Hub cache "
-            f"({exc}). Check the network or HF_ENDPOINT, or pass a local folder.",
+            f"model {repo_id!r} is neither a local folder (no {Path(repo_id).absolute()}) "
+            f"nor a Hub repo we could reach: the Hub at {constants.ENDPOINT} did not answer "
+            f"({_first_cause(exc)}) and the local Hub cache does not hold it. Check the path, "
+            "or the network and HF_ENDPOINT.",
             transient=True,
         ) from exc
     except HfHubHTTPError as exc:
@@ -200,3 +204,12 @@ def _pip_install(requirement: str) -> None:
             f"Install it by hand with: pip install --no-deps {requirement}"
         )
     importlib.invalidate_caches()
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The innermost error's type and first line (the Hub client's own wording repeats
+    the address and advises retrying after it has given up)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

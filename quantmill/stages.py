@@ -50,10 +50,9 @@ def prepare_calibration(resolved: ResolvedModel, spec: CalibrationSpec) -> Cache
     key = calibration_key(resolved, spec)
 
     def produce(tmp: Path) -> None:
-        from transformers import AutoTokenizer
+        from quantmill.models import load_tokenizer
 
-        kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+        tokenizer = load_tokenizer(resolved)
         save_file({"ids": calibration_ids(tokenizer, spec).contiguous()}, str(tmp))
 
     path, hit = cached_file("calibration", key, "ids.safetensors", produce)

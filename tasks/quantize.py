@@ -27,6 +27,16 @@ def check_recipe(
         api.check_recipe_source(source, recipe, export_format=export_format)
 
 
+@task(name="check-outputs")
+def check_outputs(folders: list[str], overwrite: bool) -> None:
+    """Fail before the download when an output folder cannot be written (a file, not
+    empty without ``overwrite``, a read-only disk)."""
+    from quantmill.journal import check_output
+
+    for folder in folders:
+        check_output(Path(folder), overwrite)
+
+
 @task(name="quantize")
 def quantize_model(
     model: dict[str, Any],

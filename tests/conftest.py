@@ -10,6 +10,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The suite's own homes (set before anything reads them): what it caches and records
+# stays out of the user's ~/.cache/quantmill, ~/.prefect and Hub cache, and what the
+# user has there cannot change what the tests see. A clean clone starts empty.
+TEST_HOME = Path(os.environ.get("QUANTMILL_TEST_HOME", REPO / ".test-home"))
+for _variable, _folder in {"QUANTMILL_CACHE": "cache", "PREFECT_HOME": "prefect",
+                           "HF_HOME": "hf"}.items():  # fmt: skip
+    os.environ[_variable] = str(TEST_HOME / _folder)
 DATA_DIR = Path(os.environ.get("QUANTMILL_DATA_DIR", REPO.parent / "shared" / "data"))
 WIKI_VALID = DATA_DIR / "wikitext-2" / "wiki.valid.tokens"
 WIKI_TEST = DATA_DIR / "wikitext-2" / "wiki.test.raw"

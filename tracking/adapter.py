@@ -23,7 +23,10 @@ from mlflow.tracking import MlflowClient
 
 from quantmill import defaults
 from quantmill.storage import S3Settings, remote_store
+from tracking import owners
 from tracking.figures import Figure
+
+OWNER_TAG = "quantmill.owner"  # host:pid:start of the process that opened the run
 
 
 def local_dir() -> Path:
@@ -135,9 +138,14 @@ def mlflow_run(
     """A run that ends FINISHED, or FAILED with the error when the body raises."""
     client = get_client()
     exp_id = parent.experiment_id if parent else experiment_id(client, experiment)
-    all_tags = {**prefect_tags(), **(tags or {})}
+    all_tags = {**prefect_tags(), **(tags or {}), OWNER_TAG: str(owners.current())}
     if parent is not None:
         all_tags["mlflow.parentRunId"] = parent.run_id
+    else:  # runs a killed process left RUNNING in this experiment end now, as FAILED
+        try:
+            end_dead_runs(client, [exp_id])
+        except MlflowException:  # tidying must never stop a run
+            pass
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     tracked = TrackedRun(run.info.run_id, exp_id, tracking_uri())
     try:
@@ -151,6 +159,41 @@ def mlflow_run(
             pass
         raise
     client.set_terminated(tracked.run_id, status="FINISHED")
+
+
+def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """End as FAILED the RUNNING runs whose owning process on this host is gone (killed
+    before it could end them), with the reason in their ``error`` tag; their ids."""
+    me = owners.current()
+    running = client.search_runs(
+        experiment_ids, "attributes.status = 'RUNNING'", max_results=defaults.MAX_RUNS_SEARCHED
+    )
+    ended = []
+    for run in running:
+        owner = owners.Owner.parse(run.data.tags.get(OWNER_TAG, ""))
+        if owner is None or not owners.is_gone(owner):
+            continue
+        reason = (f"the process that ran it ({owner.describe()}) ended without closing the "
+                  f"run (killed?); marked FAILED by {me.describe()}")  # fmt: skip
+        client.set_tag(run.info.run_id, "error", reason)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def end_dead_runs_everywhere(experiment: str | None = None) -> list[tuple[str, str]]:
+    """``end_dead_runs`` in one experiment (by name) or all: (experiment, run id) pairs."""
+    client = get_client()
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        experiments = [found] if found is not None else []
+    else:
+        experiments = client.search_experiments()
+    return [
+        (exp.name, run_id)
+        for exp in experiments
+        for run_id in end_dead_runs(client, [exp.experiment_id])
+    ]
 
 
 def _record_failure(client: MlflowClient, run_id: str, exc: BaseException) -> None:

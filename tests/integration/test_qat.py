@@ -114,7 +114,7 @@ def test_a_killed_run_resumes_to_the_same_steps_and_loss(wiki_files, tmp_path, s
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     assert not out.exists()  # nothing half-written
 
     # a learning rate that drives the loss to NaN: a clear error, the good checkpoint kept

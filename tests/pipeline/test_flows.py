@@ -163,7 +163,7 @@ def test_sweep_shares_calibration_runs_concurrently_and_compares(
     real_quantize = api.quantize
 
     def quantize_together(*args, **kwargs):
-        barrier.wait()
+        barrier.wait(timeout=600)
         return real_quantize(*args, **kwargs)
 
     monkeypatch.setattr(api, "quantize", quantize_together)

@@ -258,10 +258,13 @@ def test_a_missing_or_bad_token_fails_before_any_upload(
         monkeypatch.delenv("HF_TOKEN")
     else:
         monkeypatch.setenv("HF_TOKEN", token)
+    card = checkpoint / "README.md"
+    before = card.stat().st_mtime_ns if card.exists() else None
     state = publish(checkpoint, hub_repo=repo_name("refused"), token_secret=secret)
     assert state.is_failed()
     assert expected in state.message
     assert uploads(hub_env) == []
+    assert (card.stat().st_mtime_ns if card.exists() else None) == before  # card untouched
 
 
 def test_a_bad_token_fails_the_quantize_flow_before_any_work(hub_env, smollm2_path, monkeypatch):

@@ -42,7 +42,9 @@ def stack(tmp_path_factory):
         env = dict(line.removeprefix("export ").split("=", 1) for line in env_lines)
         yield {"home": home, "env": env, "prefix": prefix}
     finally:
-        subprocess.run([sys.executable, "-m", "app", "stack", "down", "--home", str(home)])
+        subprocess.run(
+            [sys.executable, "-m", "app", "stack", "down", "--home", str(home)], timeout=300
+        )
         admin = psycopg2.connect(dbname="postgres", **PG)
         admin.autocommit = True
         with admin.cursor() as cur:

@@ -15,6 +15,22 @@ from tests.stack.test_stack import deployment, wait_runs
 pytestmark = pytest.mark.slow
 
 
+def heartbeats(api_url: str, run_id) -> int:
+    """How many heartbeat events of the flow run the server has stored."""
+    import httpx
+
+    body = {
+        "filter": {
+            "event": {"name": ["prefect.flow-run.heartbeat"]},
+            "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+        },
+        "limit": 10,
+    }
+    response = httpx.post(f"{api_url}/events/filter", json=body, timeout=10)
+    response.raise_for_status()
+    return len(response.json()["events"])
+
+
 def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
     stack, client, tmp_path
 ):
@@ -36,7 +52,11 @@ def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
     while client.read_flow_run(run.id).state.type.value != "RUNNING":
         assert time.monotonic() < deadline, "the run never started"
         time.sleep(1)
-    time.sleep(10)  # well into the run: heartbeats are flowing
+    # the crash is detected from missed heartbeats: wait until the server has one
+    api = stack["env"]["PREFECT_API_URL"]
+    while heartbeats(api, run.id) == 0:
+        assert time.monotonic() < deadline, "the run sent no heartbeat"
+        time.sleep(0.5)
 
     # the worker running it dies with everything it started, as when its machine goes down
     flow_process = psutil.Process(

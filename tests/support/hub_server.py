@@ -641,7 +641,7 @@ class RunningHub:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(timeout=30)
         if self.process is not None:
             self.process.stdout.close()
 

@@ -150,8 +150,15 @@ def test_existing_output_is_not_overwritten_by_default(tmp_path, tiny_checkpoint
     with pytest.raises(ExportError, match="--overwrite"):
         quantize(str(tiny_checkpoint()), recipe, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what quantmill wrote: a folder of the user's is kept
+    with pytest.raises(ExportError, match="was not written by quantmill"):
+        quantize(str(tiny_checkpoint()), recipe, out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    quantize(str(tiny_checkpoint()), recipe, out, evaluate=False, progress=False)
+    first = (out / "config.json").stat().st_mtime_ns
     quantize(str(tiny_checkpoint()), recipe, out, overwrite=True, evaluate=False, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").stat().st_mtime_ns != first  # our checkpoint, replaced
 
 
 def test_remote_code_is_refused_without_the_flag(tmp_path, tiny_checkpoint, recipe):
@@ -188,6 +195,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
         ],
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "steps.0.weights.bits = 12" in result.stderr and "Traceback" not in result.stderr

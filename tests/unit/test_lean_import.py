@@ -8,7 +8,9 @@ def test_import_quantmill_leaves_prefect_and_mlflow_out():
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'prefect', 'mlflow'});"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -38,7 +38,10 @@ def test_digests_match_git_and_change_with_content(tmp_path):
     (tmp_path / "sub" / "b.bin").write_bytes(bytes(range(256)) * 10)
     (tmp_path / ".partial").write_text("ignored")
     git = subprocess.run(
-        ["git", "hash-object", str(tmp_path / "a.json")], capture_output=True, text=True
+        ["git", "hash-object", str(tmp_path / "a.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout.strip()
     assert file_digest(tmp_path / "a.json", "a.json").git_sha1 == git
     assert set(folder_digests(tmp_path)) == {"a.json", "sub/b.bin"}

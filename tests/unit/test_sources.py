@@ -32,7 +32,12 @@ def test_hub_repo_resolves_to_its_commit_hash(tmp_path, tiny_checkpoint):
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     resolved = json.loads(result.stdout.strip().splitlines()[-1])
