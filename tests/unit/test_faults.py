@@ -224,6 +224,14 @@ class Workspace:
         self.bad_bits.write_text("steps:\n- method: rtn\n  weights: {bits: 17}\n")
         self.bad_method = root / "method.yaml"
         self.bad_method.write_text("steps:\n- method: gptqq\n")
+        self.a_list = root / "list.yaml"
+        self.a_list.write_text("- method: rtn\n")
+        self.bad_index = variant(
+            "bad-index",
+            lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": 3}'),
+        )
+        self.empty = root / "empty.txt"
+        self.empty.write_text("\n\n")
 
     def quantize(self, *extra: str, model=None, out=None, recipe="rtn-w4g64", calib=None,
                  evaluation=None) -> list[str]:  # fmt: skip
@@ -275,6 +283,10 @@ BAD_INPUTS = [
     ("recipe-bad-yaml", lambda w: w.quantize(recipe=str(w.bad_yaml)), "is not valid YAML/JSON"),
     ("recipe-bits-17", lambda w: w.quantize(recipe=str(w.bad_bits)), "steps.0.weights.bits = 17"),
     ("recipe-unknown-method", lambda w: w.quantize(recipe=str(w.bad_method)), "gptqq"),
+    ("recipe-not-a-mapping", lambda w: w.quantize(recipe=str(w.a_list)), "must hold a mapping with a 'steps' list"),
+    ("kv-cache-5-bits", lambda w: w.quantize("--kv-cache", "5"), "kv_cache = '5': expected BITS[:GRANULARITY]"),
+    ("shard-index-broken", lambda w: w.quantize(model=w.bad_index), "model.safetensors.index.json is not a valid shard index"),
+    ("calib-data-empty", lambda w: w.quantize(recipe="gptq-w4g64", calib=w.empty), "holds no text"),
     ("calib-samples-0", lambda w: w.quantize("--calib-samples", "0", recipe="gptq-w4g64"), "calibration.num_samples = 0"),
     ("eval-seq-len-4", lambda w: w.quantize("--eval-seq-len", "4"), "evaluation.seq_len = 4"),
     ("device-cuda", lambda w: w.quantize("--device", "cuda"), "no CUDA device is visible on this machine"),
