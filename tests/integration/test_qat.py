@@ -79,7 +79,7 @@ def test_l4q_exports_a_packed_checkpoint_without_adapters(wiki_files, tmp_path):
     assert summary.quantized["perplexity"] < 1e3
 
 
-def test_llm_qat_trains_w4a8kv8_on_generated_text(wiki_files, tmp_path):
+def test_llm_qat_runs_w4a8kv8_on_generated_text_and_is_evaluated_as_trained(wiki_files, tmp_path):
     steps = [{"method": "llm_qat", "generated_samples": 4, "kv_cache": {"bits": 8}}]
     summary, out, trained = run(wiki_files, tmp_path, steps, lr=2e-5)
     assert summary.quantized["kv_cache"] == "kv8t"  # evaluated the way it was trained

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from quantmill.arch import ARCHITECTURES, arch_for, block_linears, decoder_blocks
-from quantmill.blocks import capture_block_inputs, run_block
 from quantmill.driver import quantize_model
 from quantmill.errors import CalibrationDataError, UnsupportedArchitectureError
 from quantmill.layers import get_weight
@@ -55,18 +54,33 @@ def test_gptq_beats_rtn_on_model_outputs(tiny_model, model_type):
     assert errors["gptq"] < errors["rtn"]
 
 
-def test_later_blocks_see_quantized_outputs(tiny_model):
-    """Block 1's Hessian comes from block 0's *quantized* outputs (sequential driver)."""
-    model = tiny_model("llama")
+def test_block_1_is_calibrated_on_block_0s_quantized_outputs(tiny_model):
+    """The sequential driver feeds block 1 what the *quantized* block 0 computes: against
+    statistics of the float model (``sequential: false``), block 0 (same inputs either
+    way) quantizes the same, block 1 does not."""
+    from quantmill.stats import collect_statistics
+
     ids = calib()
-    quantize_model(model, steps("gptq", bits=2, group_size=16), ids, 4, False)
-    blocks = decoder_blocks(model, arch_for(model))
-    # re-run the quantized block 0 from captured inputs; feeding block 1 with it is what
-    # the driver did, so recomputing gives the same block-1 input as the hooks saw
-    inputs = capture_block_inputs(model, blocks[0], ids, 4)
-    before = [h.clone() for h in inputs.hidden]
-    run_block(blocks[0], inputs, keep_outputs=True)
-    assert not torch.allclose(before[0], inputs.hidden[0])
+
+    def gptq(sequential: bool):
+        return parse_recipe(
+            {"steps": [{"method": "gptq", "sequential": sequential,
+                        "weights": {"bits": 2, "group_size": 16}}]}
+        ).steps  # fmt: skip
+
+    chained = tiny_model("llama")
+    quantize_model(chained, gptq(True), ids, 4, False)
+    floats = tiny_model("llama")
+    statistics = collect_statistics(floats, ids, 4, progress=False)
+    quantize_model(floats, gptq(False), None, 4, False, statistics=statistics)
+
+    def differing(block: int) -> float:
+        a = chained.model.layers[block].mlp.down_proj.weight
+        b = floats.model.layers[block].mlp.down_proj.weight
+        return (a != b).float().mean().item()
+
+    assert differing(0) < 0.01  # the same inputs: the same grid points (float noise aside)
+    assert differing(1) > 0.05  # inputs from the quantized block 0 moved its choices
 
 
 def test_targets_and_ignore_limit_what_is_quantized(tiny_model):

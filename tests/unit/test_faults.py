@@ -463,3 +463,12 @@ def test_a_killed_sweep_leaves_no_server_and_its_runs_end_failed(ws, tmp_path):
     ]  # fmt: skip
     started = kill_when_running(cmd, env, tmp_path, uri, runs=2)  # the sweep and a recipe
     after_a_kill(started, env, tmp_path, uri, runs=len(_runs(uri, "RUNNING")))
+
+
+def test_quiet_silences_every_progress_bar(ws, tmp_path):
+    env, _ = _cli_env(tmp_path)
+    args = ws.quantize(out=tmp_path / "out", recipe="gptq-w4g64")
+    done = app(*args, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "it/s" not in done.stderr and "%|" not in done.stderr, done.stderr[-2000:]
+    assert (tmp_path / "out" / "config.json").is_file()
