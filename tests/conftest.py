@@ -22,6 +22,7 @@ WIKI_VALID = DATA_DIR / "wikitext-2" / "wiki.valid.tokens"
 WIKI_TEST = DATA_DIR / "wikitext-2" / "wiki.test.raw"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the marks
 def pytest_collection_modifyitems(items) -> None:
     """With pytest-xdist (``make test`` runs two workers), each module's tests run on one
     worker, so module fixtures are built once; the service stack's tests share one

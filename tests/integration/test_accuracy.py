@@ -23,13 +23,15 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_quantize_and_eval_report_the_same_task_figures(tmp_path, wiki_files):
+def test_cli_quantize_and_eval_report_the_same_task_figures(tmp_path, wiki_files, smollm2_path):
+    # the converted preset's folder: a fresh cache (so nothing of the task results is
+    # cached yet) would otherwise convert the GGUF file again
     env = {**os.environ, "QUANTMILL_CACHE": str(tmp_path / "cache"), "QUANTMILL_TASK_DATA": ""}
     data = ["--eval-data", str(wiki_files[1]), "--eval-windows", "1", "--eval-seq-len", "256"]
     tasks = ["--tasks", "arc_easy", "--limit", str(LIMIT), "--task-data", str(ZERO_SHOT)]
     out = tmp_path / "rtn"
     done = cli(
-        "quantize", "--model", "smollm2-135m", "--recipe", "rtn-w4g64", "--out", str(out),
+        "quantize", "--model", str(smollm2_path), "--recipe", "rtn-w4g64", "--out", str(out),
         "--json", "-q", *data, *tasks, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,7 +52,7 @@ def test_cli_quantize_and_eval_report_the_same_task_figures(tmp_path, wiki_files
 
     # the original again: served from the cache, the same figures
     again = cli(
-        "eval", "--model", "smollm2-135m", "--original", "--json", "-q", *data, *tasks, env=env
+        "eval", "--model", str(smollm2_path), "--original", "--json", "-q", *data, *tasks, env=env
     )
     assert again.returncode == 0, again.stderr[-3000:]
     cached = json.loads(again.stdout)["tasks"]["arc_easy"]
@@ -61,20 +63,6 @@ def test_cli_quantize_and_eval_report_the_same_task_figures(tmp_path, wiki_files
     loaded = cli("eval", "--model", str(out), "--json", "-q", *data, *tasks, env=env)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert json.loads(loaded.stdout)["tasks"]["arc_easy"]["metrics"] == quantized["metrics"]
-
-
-def test_cli_bad_task_inputs_exit_2_naming_the_fix(tmp_path):
-    env = {**os.environ, "QUANTMILL_CACHE": str(tmp_path / "cache")}
-    unknown = cli("eval", "--model", "smollm2-135m", "--tasks", "arc_easy,hellaswag", env=env)
-    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
-    assert "unknown task 'hellaswag'" in unknown.stderr
-    assert "arc_challenge, arc_easy, lambada_openai, piqa" in unknown.stderr
-    zero = cli("eval", "--model", "smollm2-135m", "--tasks", "piqa", "--limit", "0", env=env)
-    assert (
-        zero.returncode == 2
-        and "limit = 0: Input should be greater than or equal to 1" in zero.stderr
-    )
-    assert "Traceback" not in zero.stderr
 
 
 def test_without_local_copies_an_offline_hub_task_fails_naming_the_fix(tmp_path):

@@ -71,6 +71,7 @@ def test_sigkill_then_rerun_resumes_and_writes_the_same_bytes(short_smollm2, wik
                            capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert f"resuming at block {done + 1}/{BLOCKS}" in again.stderr
+    assert "it/s" not in again.stderr and "%|" not in again.stderr  # -q: no library's bars
     summary = json.loads(again.stdout)
     assert summary["engine"]["resumed_at_block"] == done + 1
     names = [f.name for f in weight_files(whole)] + ["config.json"]

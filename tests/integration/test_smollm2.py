@@ -124,7 +124,7 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     summary = cli(
         "quantize", "--model", "smollm2-135m", "--recipe", "gptq-w4g64",
         "--out", str(out), "--calib-data", calib, "--calib-samples", "8",
-        "--eval-data", test, "--eval-windows", "1",
+        "--eval-data", test, "--eval-windows", "1", "--eval-seq-len", "512",
     )  # fmt: skip
     original, quantized = summary["original"]["perplexity"], summary["quantized"]["perplexity"]
     assert original < quantized < 1.5 * original
@@ -135,7 +135,10 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     assert len(layers) == 30 * 7 and all(layer["loss"] > 0 for layer in layers)
 
     # `quantmill eval` on the written checkpoint agrees with the summary
-    evaluated = cli("eval", "--model", str(out), "--eval-data", test, "--eval-windows", "1")
+    evaluated = cli(
+        "eval", "--model", str(out), "--eval-data", test, "--eval-windows", "1",
+        "--eval-seq-len", "512",
+    )  # fmt: skip
     assert evaluated["perplexity"] == pytest.approx(quantized, rel=1e-5)
     assert evaluated["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
 
