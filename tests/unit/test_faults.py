@@ -240,6 +240,13 @@ class Workspace:
             "bad-index",
             lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": 3}'),
         )
+        self.zeroquant = root / "zeroquant.yaml"
+        self.zeroquant.write_text(
+            "steps:\n- method: zeroquant\n  lkd_steps: 2\n"
+            "calibration: {num_samples: 4, seq_len: 32}\n"
+        )
+        self.llm_qat = root / "llm-qat.yaml"
+        self.llm_qat.write_text("steps:\n- method: llm_qat\ncalibration: {seq_len: 32}\n")
         self.empty = root / "empty.txt"
         self.empty.write_text("\n\n")
 
@@ -270,6 +277,8 @@ BAD_INPUTS = [
     ("model-path-typo", lambda w: w.quantize(model="m/does-not-exist"), "is neither a local folder"),
     ("model-missing", lambda w: w.quantize(model="./does-not-exist"), "not an existing local folder or .gguf file"),
     ("model-t5", lambda w: w.quantize(model=w.t5), "'t5' is not supported; supported model_type values: gpt2"),
+    ("zeroquant-distills-conv1d", lambda w: w.quantize("--format", "fake", model=w.gpt2, recipe=str(w.zeroquant)), "uses Conv1D. Set lkd_steps: 0"),
+    ("llm-qat-trains-conv1d", lambda w: w.quantize("--format", "fake", model=w.gpt2, recipe=str(w.llm_qat)), "uses Conv1D. Use a post-training method"),
     ("model-gpt2-packed", lambda w: w.quantize(model=w.gpt2), "Conv1D modules, which the packed compressed-tensors format cannot hold; pass --format fake"),
     ("gguf-truncated", lambda w: w.quantize(model=w.gguf_cut), "cut.gguf is truncated: it ends (20.0 MB) before the data its header describes; download it again"),
     ("gguf-junk", lambda w: w.quantize(model=w.gguf_junk), "is not a readable GGUF file"),
