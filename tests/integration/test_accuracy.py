@@ -62,7 +62,10 @@ def test_cli_quantize_and_eval_report_the_same_task_figures(tmp_path, wiki_files
     # the checkpoint, loaded by transformers in a new process: what quantize reported
     loaded = cli("eval", "--model", str(out), "--json", "-q", *data, *tasks, env=env)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert json.loads(loaded.stdout)["tasks"]["arc_easy"]["metrics"] == quantized["metrics"]
+    evaluated = json.loads(loaded.stdout)
+    assert evaluated["tasks"]["arc_easy"]["metrics"] == quantized["metrics"]
+    assert evaluated["perplexity"] == pytest.approx(summary["quantized"]["perplexity"], rel=1e-5)
+    assert evaluated["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
 
 
 def test_without_local_copies_an_offline_hub_task_fails_naming_the_fix(tmp_path):

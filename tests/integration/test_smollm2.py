@@ -134,13 +134,8 @@ def test_cli_gptq_end_to_end(tmp_path, wiki_files):
     layers = json.loads((out / "quantmill_layers.json").read_text())
     assert len(layers) == 30 * 7 and all(layer["loss"] > 0 for layer in layers)
 
-    # `quantmill eval` on the written checkpoint agrees with the summary
-    evaluated = cli(
-        "eval", "--model", str(out), "--eval-data", test, "--eval-windows", "1",
-        "--eval-seq-len", "512",
-    )  # fmt: skip
-    assert evaluated["perplexity"] == pytest.approx(quantized, rel=1e-5)
-    assert evaluated["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
+    # (`quantmill eval` on a written checkpoint agrees with quantize's summary:
+    # tests/integration/test_accuracy.py, perplexity and task figures in one process)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -408,6 +408,20 @@ def _runs(uri: str, status: str | None = None) -> list:
     return client.search_runs(experiments, where) if experiments else []
 
 
+def _running(db: Path) -> int:
+    """RUNNING runs in the SQLite store, read without MLflow: an MlflowClient here would
+    create or migrate the tables while the command does the same (they collide)."""
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or being migrated
+        return 0
+
+
 def kill_when_running(cmd: list[str], env: dict, cwd: Path, uri: str, runs: int) -> list:
     """Start ``cmd``; SIGKILL it once ``runs`` MLflow runs are RUNNING. Returns the
     processes it had started (Prefect's temporary server among them)."""
@@ -417,11 +431,7 @@ def kill_when_running(cmd: list[str], env: dict, cwd: Path, uri: str, runs: int)
     try:
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"it ended before it was killed: {proc.stderr.read()}"
-            try:
-                running = len(_runs(uri, "RUNNING")) if (cwd / "mlruns").is_dir() else 0
-            except Exception:  # the store is being created
-                running = 0
-            if running >= runs:
+            if _running(cwd / "mlruns" / "mlflow.db") >= runs:
                 started = _descendants(proc.pid)
                 proc.kill()
                 return started
