@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from flows.reach import check_services
@@ -191,12 +190,12 @@ def _check_outputs(job: Any) -> None:
     """What the flow reads and writes, checked before it starts (a bad folder is one
     line, not a failed flow run's traceback)."""
     from quantmill.card import CheckpointInfo
-    from quantmill.journal import check_output
+    from quantmill.journal import check_outputs
 
     if hasattr(job, "checkpoint"):
         CheckpointInfo.load(job.checkpoint)
-    for out in job.outputs() if hasattr(job, "outputs") else []:
-        check_output(Path(out), job.overwrite)
+    if hasattr(job, "outputs"):
+        check_outputs(job.outputs(), job.overwrite)
 
 
 def _job(args: argparse.Namespace) -> Any:

@@ -141,6 +141,12 @@ def check_output(out: Path, overwrite: bool) -> None:
     check_writable(out)
 
 
+def check_outputs(folders: list[str | Path], overwrite: bool) -> None:
+    """``check_output`` on each folder a run or a sweep writes."""
+    for folder in folders:
+        check_output(Path(folder), overwrite)
+
+
 def check_writable(out: Path) -> None:
     """Create and remove a folder beside ``out``: a read-only disk, a missing permission or
     a path under a file fails here, before any work, naming the place."""

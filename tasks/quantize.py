@@ -31,10 +31,9 @@ def check_recipe(
 def check_outputs(folders: list[str], overwrite: bool) -> None:
     """Fail before the download when an output folder cannot be written (a file, not
     empty without ``overwrite``, a read-only disk)."""
-    from quantmill.journal import check_output
+    from quantmill.journal import check_outputs as check
 
-    for folder in folders:
-        check_output(Path(folder), overwrite)
+    check(folders, overwrite)
 
 
 @task(name="quantize")
