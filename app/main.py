@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pin_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold for this process; False where there is no glibc."""
+    """Fix glibc's mmap threshold for this process; False where there is no glibc, or
+    where the environment decides: glibc's own ``MALLOC_MMAP_THRESHOLD_`` (kept as set)
+    or ``QUANTMILL_MMAP_PIN=0`` (glibc's dynamic default, e.g. to compare allocators)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("QUANTMILL_MMAP_PIN") == "0":
+        return False
     import ctypes
     import ctypes.util
     import platform

@@ -1,26 +1,48 @@
-"""GPTQ vs RTN vs the peer toolkit (llmcompressor) on the real SmolLM2-135M.
+"""GPTQ vs RTN vs the peer toolkit (llmcompressor) on SmolLM2-135M, on equal terms.
 
-For each setting, in one run on one machine: our GPTQ and RTN through the
-``quantmill`` CLI, and llmcompressor's GPTQ (its own virtual environment,
-``benchmarks/peer/setup.sh``) on the same model folder and the *same
-calibration token ids* (saved once to a ``.pt`` file). Every quantization
-runs in its own process, measured from outside: wall time, peak resident
-memory (``ru_maxrss`` from ``wait4``) and the tool's own quantization time.
-Every checkpoint is then evaluated by the same code (``quantmill eval``):
-perplexity over the first windows of WikiText-2 test.
+Both sides of every row get, in one run on one machine:
 
-    .venv/bin/python benchmarks/gptq_vs_peer.py                 # all six settings (~1.5 h)
-    .venv/bin/python benchmarks/gptq_vs_peer.py --settings w4g64s --samples 16
+* the same weight observer (each pairing, ``--observers minmax,mse``, runs on
+  both sides: llmcompressor's ``minmax``/``mse`` observers, quantmill's);
+* the same allocator setting (``--allocators``): ``pinned`` gives both processes
+  glibc's ``MALLOC_MMAP_THRESHOLD_=1048576`` (what quantmill's CLI sets for itself
+  with mallopt; switched off on its side so that one mechanism acts on both), and
+  ``default`` gives both glibc's dynamic threshold;
+* the same threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` and ``--threads``);
+* the same calibration token ids: computed once by quantmill's loader and saved for
+  the peer; the digest quantmill reports for the ids it used is checked against the
+  digest of that file;
+* the same GPTQ settings (dampening 0.01, 128-column blocks, activation order with
+  group parameters from the original weights: the peer's ``actorder: static``);
+* the same evaluation path: every checkpoint is loaded by transformers' dequantizing
+  path (``benchmarks/eval_dequantized.py``) and scored on the same windows; the
+  default path of ``quantmill eval`` is reported beside it (it differs for the
+  peer's asymmetric checkpoints, which the compressed path cannot load).
 
-Prints a table and writes ``benchmarks/results/gptq_vs_peer.json``.
+No setting of ours is chosen on these figures: the observer is the pairing's, the
+rest are the peer's defaults. Each side's GPTQ calibration loss (quantmill's: the sum
+over layers of GPTQ's own error proxy) is reported, the criterion a user without test
+data would pick an observer by. Each GPTQ quantization runs ``--repeats`` times, the
+two sides interleaved, every run in its own process measured from outside (wall time,
+peak resident memory from ``wait4``); the load average before and after the run is
+recorded as a witness that nothing else ran.
+
+    .venv/bin/python benchmarks/gptq_vs_peer.py                        # everything (hours)
+    .venv/bin/python benchmarks/gptq_vs_peer.py --settings w4g64s,w4g64a --observers minmax
+    .venv/bin/python benchmarks/gptq_vs_peer.py --table benchmarks/results/gptq_vs_peer.json
+
+Rows are keyed by setting, observer and allocator; a rerun with ``--resume`` keeps the
+rows already in ``--out``. Writes ``benchmarks/results/gptq_vs_peer.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +54,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("QUANTMILL_DATA_DIR", REPO.parent / "shared" / "data")) / "wikitext-2"
 SETTINGS = {  # label: (bits, group_size or None for per-channel, symmetric)
     "w4g64s": (4, 64, True),
@@ -41,13 +64,27 @@ SETTINGS = {  # label: (bits, group_size or None for per-channel, symmetric)
     "w3g64s": (3, 64, True),
     "w3g64a": (3, 64, False),
 }
+MMAP_THRESHOLD = "1048576"  # app/main.py's pin, as glibc's environment variable
+RUN_LIMIT_S = 3600
 
 
-def measured(cmd: list[str], log: Path) -> dict[str, Any]:
-    """Run ``cmd``; return its parsed last stdout line, wall seconds and peak RSS."""
+def environment(allocator: str, threads: int, ours: bool) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if allocator == "pinned":
+        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+    if ours:
+        env["QUANTMILL_MMAP_PIN"] = "0"  # the environment's setting (or none) acts alone
+    return env
+
+
+def measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``cmd``; its parsed last stdout line, wall seconds and peak RSS."""
     start = time.perf_counter()
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env
+        )
         out = proc.stdout.read() if proc.stdout else ""
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -61,44 +98,26 @@ def measured(cmd: list[str], log: Path) -> dict[str, Any]:
     return {"result": result, "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def measured_once(cmd: list[str], out: Path, log: Path) -> dict[str, Any]:
-    """``measured(cmd)``, or its saved figures when ``out`` was already produced (``--resume``)."""
-    sidecar = out.with_name(out.name + ".run.json")
-    if out.is_dir() and sidecar.is_file():
-        return json.loads(sidecar.read_text())
-    run = measured(cmd, log)
-    sidecar.write_text(json.dumps(run))
-    return run
+def weights_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def observer_for(method: str, group: int | None, symmetric: bool, choice: str) -> str:
-    """``auto``: GPTQ with the MSE search, except asymmetric per-channel; RTN min-max.
-
-    Measured on SmolLM2 (GPTQ perplexity, min-max → mse): w4 g64 asym 22.29 → 21.96,
-    w4 per-channel sym 28.12 → 25.10, but w4 per-channel asym 25.55 → 27.00; for RTN
-    the search lowers the weight error but raises perplexity (w4 g64 asym 25.47 → 27.94).
-    """
-    if choice != "auto":
-        return choice
-    if method != "gptq" or (group is None and not symmetric):
-        return "minmax"
-    return "mse"
-
-
-def recipe_file(folder: Path, method: str, bits: int, group: int | None, sym: bool, args) -> Path:
+def recipe_file(folder: Path, method: str, label: str, observer: str, args) -> Path:
+    bits, group, sym = SETTINGS[label]
+    step: dict[str, Any] = {
+        "method": method,
+        "weights": {"bits": bits, "group_size": group, "symmetric": sym, "observer": observer},
+    }
+    if method == "gptq":
+        # the peer's actorder "static": activation order, group parameters from the
+        # original weights (our actorder + static_groups); its dampening and block size
+        step.update(actorder=True, static_groups=group is not None, dampening=0.01, block_size=128)
     recipe = {
         "name": f"{method}-bench",
-        "steps": [
-            {
-                "method": method,
-                "weights": {
-                    "bits": bits,
-                    "group_size": group,
-                    "symmetric": sym,
-                    "observer": observer_for(method, group, sym, args.observer),
-                },
-            }
-        ],
+        "steps": [step],
         "calibration": {
             "dataset": str(DATA / "wiki.valid.tokens"),
             "num_samples": args.samples,
@@ -107,32 +126,287 @@ def recipe_file(folder: Path, method: str, bits: int, group: int | None, sym: bo
         },
         "evaluation": {"dataset": str(DATA / "wiki.test.raw"), "max_windows": args.windows},
     }
-    if method == "gptq":
-        # The peer runs with actorder "static": activation order with group parameters
-        # fixed from the original weights, i.e. our actorder + static_groups.
-        recipe["steps"][0]["actorder"] = True
-        recipe["steps"][0]["static_groups"] = group is not None
-    path = folder / f"{method}-{bits}-{group}-{sym}.yaml"
+    path = folder / f"{method}-{label}-{observer}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-def evaluate(model_dir: Path, args, log: Path) -> float:
-    cmd = [
-        sys.executable,
-        "-m",
-        "app",
-        "eval",
-        "--model",
-        str(model_dir),
-        "--json",
-        "-q",
-        "--eval-data",
-        str(DATA / "wiki.test.raw"),
-        "--eval-windows",
-        str(args.windows),
-    ]
-    return measured(cmd, log)["result"]["perplexity"]
+def ours_cmd(method: str, label: str, observer: str, out: Path, work: Path, args) -> list[str]:
+    recipe = recipe_file(work, method, label, observer, args)
+    return [
+        sys.executable, "-m", "app", "quantize", "--model", str(args.model_dir),
+        "--recipe", str(recipe), "--out", str(out), "--no-eval", "--json", "-q",
+        "--overwrite", "--threads", str(args.threads), "--dtype", args.dtype,
+    ]  # fmt: skip
+
+
+def peer_cmd(label: str, observer: str, out: Path, args) -> list[str]:
+    bits, group, sym = SETTINGS[label]
+    return [
+        args.peer_py, str(REPO / "benchmarks/peer/run_llmcompressor.py"),
+        "--model-dir", str(args.model_dir), "--calib", str(args.calib), "--method", "gptq",
+        "--bits", str(bits), "--group-size", str(group or -1),
+        "--symmetric" if sym else "--asymmetric", "--actorder", "static",
+        "--observer", observer, "--dtype", args.peer_dtype, "--out", str(out),
+    ]  # fmt: skip
+
+
+def perplexities(folder: Path, args, work: Path, env: dict[str, str]) -> dict[str, float]:
+    """The checkpoint on the dequantizing path (both sides alike) and on quantmill eval's."""
+    tag = folder.name
+    common = ["--windows", str(args.windows)]
+    equal = measured(
+        [sys.executable, str(REPO / "benchmarks/eval_dequantized.py"), "--model", str(folder),
+         "--data", str(DATA / "wiki.test.raw"), *common],
+        work / f"eval-dq-{tag}.log", env,
+    )  # fmt: skip
+    default = measured(
+        [sys.executable, "-m", "app", "eval", "--model", str(folder), "--json", "-q",
+         "--eval-data", str(DATA / "wiki.test.raw"), "--eval-windows", str(args.windows)],
+        work / f"eval-{tag}.log", env,
+    )  # fmt: skip
+    return {
+        "dequantizing_path": equal["result"]["perplexity"],
+        "quantmill_eval_path": default["result"]["perplexity"],
+    }
+
+
+def spread(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    values = [r[key] for r in runs]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def calibration_loss(folder: Path) -> float | None:
+    layers = folder / "quantmill_layers.json"
+    if not layers.is_file():
+        return None
+    return sum(layer["loss"] for layer in json.loads(layers.read_text()))
+
+
+def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict[str, Any]:
+    bits, group, sym = SETTINGS[label]
+    ours_env = environment(allocator, args.threads, ours=True)
+    peer_env = environment(allocator, args.threads, ours=False)
+    tag = f"{label}-{observer}-{allocator}"
+    row: dict[str, Any] = {
+        "setting": label, "bits": bits, "group_size": group, "symmetric": sym,
+        "observer": observer, "allocator": allocator,
+    }  # fmt: skip
+    rtn_out = work / f"ours-rtn-{tag}"
+    rtn = measured(
+        ours_cmd("rtn", label, observer, rtn_out, work, args), work / f"rtn-{tag}.log", ours_env
+    )
+    row["ours_rtn"] = {
+        "wall_seconds": rtn["wall_seconds"],
+        "peak_rss_mb": rtn["peak_rss_mb"],
+        "perplexity": perplexities(rtn_out, args, work, ours_env),
+    }
+    ours_out, peer_out = work / f"ours-gptq-{tag}", work / f"peer-gptq-{tag}"
+    ours_runs, peer_runs, ours_hashes, peer_hashes = [], [], [], []
+    for repeat in range(args.repeats):  # interleaved: drift of the machine hits both sides
+        run = measured(ours_cmd("gptq", label, observer, ours_out, work, args),
+                       work / f"ours-{tag}-{repeat}.log", ours_env)  # fmt: skip
+        ours_runs.append({k: run[k] for k in ("wall_seconds", "peak_rss_mb")}
+                         | {"quant_seconds": run["result"]["quant_seconds"]})  # fmt: skip
+        ours_hashes.append(weights_sha256(ours_out))
+        summary = run["result"]
+        if args.peer_py:
+            run = measured(peer_cmd(label, observer, peer_out, args),
+                           work / f"peer-{tag}-{repeat}.log", peer_env)  # fmt: skip
+            peer_runs.append({k: run[k] for k in ("wall_seconds", "peak_rss_mb")}
+                             | {"quant_seconds": run["result"].get("quant_seconds"),
+                                "threads": run["result"].get("threads")})  # fmt: skip
+            peer_hashes.append(weights_sha256(peer_out))
+        print(
+            f"  {tag} repeat {repeat + 1}: ours {ours_runs[-1]['wall_seconds']:.0f} s"
+            + (f", peer {peer_runs[-1]['wall_seconds']:.0f} s" if peer_runs else ""),
+            flush=True,
+        )
+    digest = summary["engine"].get("calibration_sha256")
+    row["ours_gptq"] = {
+        "runs": ours_runs,
+        "wall_seconds": spread(ours_runs, "wall_seconds"),
+        "peak_rss_mb": spread(ours_runs, "peak_rss_mb"),
+        "same_weights_every_repeat": len(set(ours_hashes)) == 1,
+        "dtype": summary["engine"]["dtype"],
+        "bits_per_weight": summary["bits_per_weight"],
+        "calibration_sha256": digest,
+        "calibration_loss": calibration_loss(ours_out),
+        "perplexity": perplexities(ours_out, args, work, ours_env),
+    }
+    if digest != args.calib_digest:
+        raise RuntimeError(
+            f"calibration ids differ: ours {digest}, the peer's file {args.calib_digest}"
+        )
+    if args.peer_py:
+        row["peer_gptq"] = {
+            "runs": peer_runs,
+            "wall_seconds": spread(peer_runs, "wall_seconds"),
+            "peak_rss_mb": spread(peer_runs, "peak_rss_mb"),
+            "same_weights_every_repeat": len(set(peer_hashes)) == 1,
+            "dtype": args.peer_dtype,
+            "calibration_sha256": args.calib_digest,
+            "perplexity": perplexities(peer_out, args, work, ours_env),
+        }
+        row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
+    return row
+
+
+def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of medians, and whether a difference lies beyond the run-to-run spread."""
+    t, p = ours["wall_seconds"], peer["wall_seconds"]
+    return {
+        "time_ratio_median": t["median"] / p["median"],
+        "faster_beyond_spread": t["max"] < p["min"],
+        "slower_beyond_spread": t["min"] > p["max"],
+        "peak_rss_ratio_median": ours["peak_rss_mb"]["median"] / peer["peak_rss_mb"]["median"],
+        "perplexity_ours_minus_peer": ours["perplexity"]["dequantizing_path"]
+        - peer["perplexity"]["dequantizing_path"],
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    head = (
+        "| setting | observer | allocator | RTN ppl | GPTQ ppl | peer GPTQ ppl "
+        "| GPTQ s (median [min–max]) | peer s | time ratio | GPTQ MB | peer MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head, f"| original | | | {report['original_perplexity']:.2f} | | | | | | | |"]
+
+    def secs(side: dict[str, Any]) -> str:
+        w = side["wall_seconds"]
+        return f"{w['median']:.0f} [{w['min']:.0f}–{w['max']:.0f}]"
+
+    for r in report["rows"]:
+        ours, peer = r["ours_gptq"], r.get("peer_gptq")
+        ppl = lambda side: f"{side['perplexity']['dequantizing_path']:.2f}"  # noqa: E731
+        cmp_ = r.get("comparison", {})
+        ratio = f"{cmp_['time_ratio_median']:.2f}" if cmp_ else "-"
+        if cmp_.get("faster_beyond_spread"):
+            ratio = f"**{ratio}**"
+        lines.append(
+            f"| {r['setting']} | {r['observer']} | {r['allocator']} | {ppl(r['ours_rtn'])} "
+            f"| {ppl(ours)} | {ppl(peer) if peer else '-'} | {secs(ours)} "
+            f"| {secs(peer) if peer else '-'} | {ratio} | {ours['peak_rss_mb']['median']:.0f} "
+            f"| {peer['peak_rss_mb']['median'] if peer else float('nan'):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated labels")
+    parser.add_argument("--observers", default="minmax,mse", help="pairings, each on both sides")
+    parser.add_argument("--allocators", default="pinned", help="pinned, default or both")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each GPTQ")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", default="auto", help="quantmill's --dtype (auto: its default)")
+    parser.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/gptq_vs_peer.json"))
+    parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
+    parser.add_argument("--work", help="work folder; default: a new temporary one")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    allocators = ["pinned", "default"] if args.allocators == "both" else args.allocators.split(",")
+
+    from quantmill.data import ids_digest
+    from quantmill.sources import resolve_model
+
+    args.model_dir = resolve_model("smollm2-135m").path
+    args.peer_py = None
+    if not args.skip_peer:
+        setup = subprocess.run(
+            ["bash", str(REPO / "benchmarks/peer/setup.sh")],
+            capture_output=True, text=True, check=True, timeout=RUN_LIMIT_S,
+        )  # fmt: skip
+        args.peer_py = setup.stdout.strip().splitlines()[-1]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quantmill-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    args.calib = calibration_file(args.model_dir, work, args)
+    args.calib_digest = ids_digest(torch.load(args.calib))
+    print(f"work folder: {work}", flush=True)
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    rows: list[dict[str, Any]] = [r for r in previous.get("rows", []) if "observer" in r]
+    done = {(r["setting"], r["observer"], r["allocator"]) for r in rows}
+    env = environment("pinned", args.threads, ours=True)
+    original = previous.get("original_perplexity") or measured(
+        [sys.executable, "-m", "app", "eval", "--model", str(args.model_dir), "--json", "-q",
+         "--eval-data", str(DATA / "wiki.test.raw"), "--eval-windows", str(args.windows)],
+        work / "eval-original.log", env,
+    )["result"]["perplexity"]  # fmt: skip
+    report: dict[str, Any] = {
+        "benchmark": "gptq_vs_peer",
+        "command": "python benchmarks/gptq_vs_peer.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpu": cpu_model(),
+            "platform": platform.platform(),
+            "cores": os.cpu_count(),
+            "threads_both_sides": args.threads,
+            "load_average_before": previous.get("machine", {}).get("load_average_before")
+            or os.getloadavg(),
+        },  # fmt: skip
+        "model": "SmolLM2-135M-Instruct (smollm2-135m preset, float32 safetensors)",
+        "calibration": {
+            "file": "wiki.valid.tokens",
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "sha256": args.calib_digest,
+            "how": "quantmill's loader, once; saved for the peer; quantmill's reported digest "
+            "of the ids it used is checked equal on every row",
+        },  # fmt: skip
+        "equal_terms": {
+            "observer": "the row's, on both sides (quantmill's and llmcompressor's observer of "
+            "that name: min-max, or the MSE search over shrunk ranges)",
+            "allocator": "the row's, on both processes: pinned = MALLOC_MMAP_THRESHOLD_="
+            f"{MMAP_THRESHOLD} (quantmill's own mallopt pin switched off), default = glibc's "
+            "dynamic threshold",
+            "threads": f"OMP_NUM_THREADS=MKL_NUM_THREADS={args.threads}, quantmill --threads",
+            "gptq": "dampening 0.01, block 128, activation order with static groups on both",
+            "evaluation": "perplexity.dequantizing_path: every checkpoint loaded by "
+            "transformers with CompressedTensorsConfig(dequantize=True), float32; "
+            "perplexity.quantmill_eval_path: `quantmill eval` (transformers' default path)",
+            "dtype": f"quantmill --dtype {args.dtype} (the row says what it resolved to); "
+            f"peer {args.peer_dtype}",
+            "timing": f"{args.repeats} runs per side, interleaved, each its own process; "
+            "wall time and peak RSS from outside (wait4)",
+        },
+        "selection": "no setting of ours chosen on these figures: observer = the pairing, "
+        "the rest the peer's defaults; calibration_loss (quantmill's GPTQ error proxy, summed "
+        "over layers) is the calibration-data criterion for choosing an observer",
+        "evaluation": {"file": "wiki.test.raw", "windows": args.windows, "seq_len": 2048},
+        "original_perplexity": original,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for label in args.settings.split(","):
+        for observer in args.observers.split(","):
+            for allocator in allocators:
+                if (label, observer, allocator) in done:
+                    continue
+                rows.append(run_row(label, observer, allocator, work, args))
+                report["machine"]["load_average_after"] = os.getloadavg()
+                tmp = out.with_suffix(".json.partial")  # whole, after every row
+                tmp.write_text(json.dumps(report, indent=2) + "\n")
+                tmp.replace(out)
+    print(table(report))
+    print(f"wrote {out}")
 
 
 def calibration_file(model_dir: Path, folder: Path, args) -> Path:
@@ -151,175 +425,6 @@ def calibration_file(model_dir: Path, folder: Path, args) -> Path:
     path = folder / f"calib-{args.samples}x{args.seq_len}.pt"
     torch.save(calibration_ids(AutoTokenizer.from_pretrained(model_dir), spec), path)
     return path
-
-
-def run_setting(label: str, model_dir: Path, calib: Path, peer_py: str | None, work: Path, args):
-    bits, group, sym = SETTINGS[label]
-    row: dict[str, Any] = {"setting": label, "bits": bits, "group_size": group, "symmetric": sym}
-    for method in ("rtn", "gptq"):
-        out = work / f"ours-{method}-{label}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "app",
-            "quantize",
-            "--model",
-            str(model_dir),
-            "--recipe",
-            str(recipe_file(work, method, bits, group, sym, args)),
-            "--out",
-            str(out),
-            "--no-eval",
-            "--json",
-            "-q",
-            "--overwrite",
-        ]
-        run = measured_once(cmd, out, work / f"ours-{method}-{label}.log")
-        row[f"ours_{method}"] = {
-            "quant_seconds": run["result"]["quant_seconds"],
-            "wall_seconds": run["wall_seconds"],
-            "peak_rss_mb": run["peak_rss_mb"],
-            "bits_per_weight": run["result"]["bits_per_weight"],
-            "perplexity": evaluate(out, args, work / f"eval-ours-{method}-{label}.log"),
-        }
-        print(f"  ours {method:4s} {label}: {row[f'ours_{method}']}", flush=True)
-    if peer_py:
-        out = work / f"peer-gptq-{label}"
-        cmd = [
-            peer_py,
-            str(REPO / "benchmarks/peer/run_llmcompressor.py"),
-            "--model-dir",
-            str(model_dir),
-            "--calib",
-            str(calib),
-            "--method",
-            "gptq",
-            "--bits",
-            str(bits),
-            "--group-size",
-            str(group or -1),
-            "--symmetric" if sym else "--asymmetric",
-            "--actorder",
-            "static",
-            "--out",
-            str(out),
-        ]
-        run = measured_once(cmd, out, work / f"peer-{label}.log")
-        row["peer_gptq"] = {
-            "quant_seconds": run["result"].get("quant_seconds"),
-            "wall_seconds": run["wall_seconds"],
-            "peak_rss_mb": run["peak_rss_mb"],
-            "perplexity": evaluate(out, args, work / f"eval-peer-{label}.log"),
-        }
-        print(f"  peer gptq {label}: {row['peer_gptq']}", flush=True)
-    return row
-
-
-def table(rows: list[dict[str, Any]], original: float) -> str:
-    head = (
-        "| setting | RTN ppl | GPTQ ppl | peer GPTQ ppl | GPTQ time (s) | peer time (s) "
-        "| GPTQ peak RSS (MB) | peer peak RSS (MB) |\n|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head, f"| original | {original:.2f} | | | | | | |"]
-    for r in rows:
-        peer = r.get("peer_gptq", {})
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(
-            f"| {r['setting']} | {r['ours_rtn']['perplexity']:.2f} "
-            f"| {r['ours_gptq']['perplexity']:.2f} "
-            f"| {fmt(peer.get('perplexity'), '.2f')} | {r['ours_gptq']['wall_seconds']:.0f} "
-            f"| {fmt(peer.get('wall_seconds'), '.0f')} | {r['ours_gptq']['peak_rss_mb']:.0f} "
-            f"| {fmt(peer.get('peak_rss_mb'), '.0f')} |"
-        )
-    return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated labels")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument(
-        "--observer",
-        choices=["auto", "minmax", "mse"],
-        default="auto",
-        help="quantmill's weight observer: auto is mse for GPTQ (minmax when asymmetric "
-        "per-channel) and minmax for RTN; the peer keeps its minmax default",
-    )
-    parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/gptq_vs_peer.json"))
-    parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
-    parser.add_argument("--work", help="work folder to (re)use; default: a new temporary one")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the settings already in --out and reuse measured runs in --work",
-    )
-    args = parser.parse_args()
-    if args.table:
-        saved = json.loads(Path(args.table).read_text())
-        print(table(saved["rows"], saved["original_perplexity"]))
-        return
-
-    from quantmill.sources import resolve_model
-
-    model_dir = resolve_model("smollm2-135m").path
-    peer_py = None
-    if not args.skip_peer:
-        setup = subprocess.run(
-            ["bash", str(REPO / "benchmarks/peer/setup.sh")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        peer_py = setup.stdout.strip().splitlines()[-1]
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quantmill-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    calib = calibration_file(model_dir, work, args)
-    print(f"work folder: {work}", flush=True)
-    previous = (
-        json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).is_file() else {}
-    )
-    rows: list[dict[str, Any]] = previous.get("rows", [])
-    done = {row["setting"] for row in rows}
-    original = previous.get("original_perplexity") or evaluate(
-        model_dir, args, work / "eval-original.log"
-    )
-    report: dict[str, Any] = {
-        "benchmark": "gptq_vs_peer",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "model": "SmolLM2-135M-Instruct (smollm2-135m preset)",
-        "calibration": {
-            "file": "wiki.valid.tokens",
-            "samples": args.samples,
-            "seq_len": args.seq_len,
-        },
-        "observer": {
-            "quantmill": {
-                f"{m} {label}": observer_for(m, v[1], v[2], args.observer)
-                for label, v in SETTINGS.items()
-                for m in ("rtn", "gptq")
-            },
-            "peer": "minmax",
-        },
-        "evaluation": {"file": "wiki.test.raw", "windows": args.windows, "seq_len": 2048},
-        "original_perplexity": original,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for label in [s for s in args.settings.split(",") if s not in done]:
-        rows.append(run_setting(label, model_dir, calib, peer_py, work, args))
-        # written after every setting, so an interrupted run keeps what it measured
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(table(rows, original))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

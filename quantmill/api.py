@@ -35,7 +35,7 @@ from quantmill.accuracy.recovery import accuracy_recovery
 from quantmill.arch import arch_for
 from quantmill.cache import cache_key, cached_json
 from quantmill.config import EngineSpec, EvalSpec
-from quantmill.data import calibration_ids, eval_ids
+from quantmill.data import calibration_ids, eval_ids, ids_digest
 from quantmill.devices import dtype_name, resolve_device, resolve_dtype, uses_engine_threads
 from quantmill.driver import QuantizeOutcome, build_methods, quantize_model
 from quantmill.engine import StreamingStore
@@ -160,10 +160,11 @@ def quantize(
             calib = _calibration(tokenizer, recipe, calibration)
             stats = StatisticsFile(statistics) if statistics is not None else None
             outcome, resumed_at = (_train_in_memory if trains else _stream)(run, calib, stats)
+            calib_digest = None if calib is None else ids_digest(calib)
             del calib
             tokenizer.save_pretrained(stage.folder)
             _copy_lineage(resolved, stage.folder)
-            written = _journal_written(stage, outcome, resumed_at)
+            written = _journal_written(stage, outcome, resumed_at, calib_digest)
         gc.collect()
         quantized = None
         if windows is not None:
@@ -256,14 +257,19 @@ def _summary(run: _Run, written: dict, original: dict | None, quantized: dict | 
             "device": str(run.lazy.device),
             "dtype": dtype_name(run.lazy.dtype),
             "resumed_at_block": written["resumed_at"],
+            # the token ids the statistics came from (benchmarks compare it across tools)
+            "calibration_sha256": written.get("calibration_sha256"),
         },
         serving={"format": run.fmt, "servable": not run.unservable, "reasons": run.unservable},
     )
 
 
-def _journal_written(stage: Stage, outcome: QuantizeOutcome, resumed_at: int | None) -> dict:
+def _journal_written(
+    stage: Stage, outcome: QuantizeOutcome, resumed_at: int | None, calibration: str | None
+) -> dict:
     """Record that the checkpoint's weights are complete (a crash now resumes at evaluation)."""
     written = {
+        "calibration_sha256": calibration,
         "quant_seconds": outcome.seconds,
         "reports": [asdict(r) for r in outcome.reports],
         "training": [t.to_dict() for t in outcome.training],

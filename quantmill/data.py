@@ -68,6 +68,17 @@ def calibration_ids(tokenizer, spec: CalibrationSpec) -> Tensor:
     return torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
 
 
+def ids_digest(ids: Tensor) -> str:
+    """``sha256:<hex>`` of token ids ``[N, L]`` as int64, row-major, shape included: two
+    tools given the same calibration rows report the same digest."""
+    import hashlib
+
+    data = ids.to(torch.int64).contiguous()
+    digest = hashlib.sha256(repr(tuple(data.shape)).encode())
+    digest.update(data.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
 def eval_ids(tokenizer, spec: EvalSpec) -> Tensor:
     """``[windows, seq_len]``: non-overlapping windows of the joined test text, capped."""
     rows = load_rows(spec.dataset, spec.dataset_config, spec.split)

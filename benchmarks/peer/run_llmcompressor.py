@@ -4,8 +4,8 @@ The other side of the quantmill benchmark: the same model, the same
 calibration rows (an int64 ``[N, L]`` tensor of token ids saved with
 ``torch.save``) and the same weight-only scheme, run through llmcompressor's
 ``oneshot`` (GPTQModifier for ``gptq``, AWQModifier for ``awq``,
-QuantizationModifier for ``rtn``) on
-CPU in fp32, saved as a compressed-tensors ``pack-quantized`` checkpoint.
+QuantizationModifier for ``rtn``) on CPU (float32 unless ``--dtype bfloat16``),
+saved as a compressed-tensors ``pack-quantized`` checkpoint.
 
 Run it with the peer environment's python (``benchmarks/peer/setup.sh``)::
 
@@ -69,13 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # llmcompressor 0.14 keeps only "static" (alias of "weight") and none;
     # "group" is offered for parity and is refused by the peer's own validator.
     p.add_argument("--actorder", choices=["static", "group", "none"], default="static")
+    # the weight observer by its llmcompressor name: min-max, or the MSE search
+    p.add_argument("--observer", choices=["minmax", "mse"], default="minmax")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--dampening-frac", type=float, default=0.01)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
 
-def build_scheme(bits: int, group_size: int, symmetric: bool) -> QuantizationScheme:
+def build_scheme(
+    bits: int, group_size: int, symmetric: bool, observer: str = "minmax"
+) -> QuantizationScheme:
     """Weight-only int scheme on every Linear: group-wise, or per output channel."""
     per_channel = group_size in (0, -1)
     weights = QuantizationArgs(
@@ -84,14 +89,14 @@ def build_scheme(bits: int, group_size: int, symmetric: bool) -> QuantizationSch
         symmetric=symmetric,
         strategy="channel" if per_channel else "group",
         group_size=None if per_channel else group_size,
-        observer="minmax",
+        observer=observer,
     )
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
 def build_recipe(args: argparse.Namespace) -> Any:
     """One modifier; built before the model loads so a bad config fails fast."""
-    groups = {"group_0": build_scheme(args.bits, args.group_size, args.symmetric)}
+    groups = {"group_0": build_scheme(args.bits, args.group_size, args.symmetric, args.observer)}
     if args.method == "rtn":
         return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
     if args.method == "awq":
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     calib = load_calibration(args.calib)
     num_samples, seq_len = len(calib), len(calib[0]["input_ids"])
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
 
     t_quant = time.perf_counter()
@@ -144,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bits": args.bits,
         "group_size": -1 if args.group_size in (0, -1) else args.group_size,
         "symmetric": args.symmetric,
+        "observer": args.observer,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
         "quant_seconds": round(quant_seconds, 3),
         "total_seconds": round(time.perf_counter() - _T0, 3),
         "out": args.out,

@@ -186,3 +186,17 @@ def fake_quantize_column(
 ) -> Tensor:
     """One column ``[rows]`` with its group's ``scale``/``zero`` ``[rows]``."""
     return _fake(w, scale, zero, scheme)
+
+
+def fake_quantize_column_into(
+    out: Tensor, w: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme
+) -> Tensor:
+    """``fake_quantize_column`` written into ``out`` (no new tensor: GPTQ's column loop
+    calls it once per column, where each allocation and operation shows)."""
+    torch.div(w, scale, out=out).round_()
+    if zero is not None:
+        out.add_(zero)
+    out.clamp_(scheme.q_min, scheme.q_max)
+    if zero is not None:
+        out.sub_(zero)
+    return out.mul_(scale)

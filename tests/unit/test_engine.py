@@ -16,7 +16,7 @@ import quantmill.engine as engine
 from quantmill.api import quantize
 from quantmill.cli import main
 from quantmill.config import EngineSpec
-from quantmill.data import calibration_ids
+from quantmill.data import calibration_ids, ids_digest
 from quantmill.driver import quantize_model
 from quantmill.errors import CheckpointError, OutOfSpaceError
 from quantmill.export.checkpoint import save_quantized
@@ -91,7 +91,7 @@ def test_at_most_one_block_is_in_memory_at_any_time(bf16_source, recipe, monkeyp
 
 def test_sharded_bf16_source_gives_sharded_checkpoint_with_in_memory_logits(bf16_source, recipe):
     out = bf16_source.parent / "out"
-    run(bf16_source, recipe, out, evaluate=False)
+    summary = run(bf16_source, recipe, out, evaluate=False)
     files = weight_files(out)
     assert len(files) > 1 and (out / INDEX_FILE).is_file()
     stored = WeightFiles(out)
@@ -102,6 +102,9 @@ def test_sharded_bf16_source_gives_sharded_checkpoint_with_in_memory_logits(bf16
     memory = AutoModelForCausalLM.from_pretrained(bf16_source, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(resolve_model(str(bf16_source)))
     ids = calibration_ids(tokenizer, recipe.calibration)
+    # the summary names the ids it was calibrated on (benchmarks check the peer got them)
+    assert summary.engine["calibration_sha256"] == ids_digest(ids)
+    assert ids_digest(ids[:, :-1]) != ids_digest(ids) != ids_digest(ids.flip(0))
     outcome = quantize_model(memory, recipe.steps, ids, recipe.calibration.batch_size, False)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -87,6 +87,28 @@ def test_hessian_accumulator_matches_direct_formula():
     assert torch.allclose(acc.hessian(), 2 * flat.t() @ flat / 30, atol=1e-5)
 
 
+def test_bfloat16_inputs_give_a_float32_hessian_close_to_the_exact_one():
+    torch.manual_seed(0)
+    X = (torch.randn(4, 512, 64) * torch.linspace(0.1, 20, 64)).bfloat16()
+    acc = HessianAccumulator(64)
+    for part in X:
+        acc.add(part)
+    H = acc.hessian()
+    flat = X.reshape(-1, 64).double()
+    exact = 2 * flat.t() @ flat / flat.shape[0]
+    assert H.dtype == torch.float32
+    rel = ((H.double() - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 1e-3  # rounded once per batch (not exact), far below the dampening
+
+
+def test_float16_inputs_are_widened_before_their_squares_are_summed():
+    X = torch.full((4096, 8), 200.0, dtype=torch.float16)  # Σx² = 1.6e8 > float16's max
+    acc = HessianAccumulator(8)
+    acc.add(X)
+    assert torch.isfinite(acc.hessian()).all()
+    assert torch.allclose(acc.hessian(), torch.full((8, 8), 2 * 200.0**2))
+
+
 def test_dead_inputs_are_zeroed_and_the_rest_still_quantized():
     X = correlated_inputs(256, 32)
     X[:, 5] = 0  # a feature that never fires
