@@ -10,7 +10,7 @@ test:  ## the whole test suite (installs what it needs)
 test-fast:  ## the unit tests only, for the edit-test loop (about 2 minutes)
 	bash scripts/test.sh tests/unit
 
-bench:  ## GPTQ vs RTN vs the peer toolkit on the real model (long: about an hour)
+bench:  ## GPTQ vs RTN vs the peer toolkit on the real model, equal terms (long: hours)
 	bash scripts/bootstrap.sh && .venv/bin/python benchmarks/gptq_vs_peer.py
 
 lint:
