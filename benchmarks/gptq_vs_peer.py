@@ -191,6 +191,7 @@ def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict
     row: dict[str, Any] = {
         "setting": label, "bits": bits, "group_size": group, "symmetric": sym,
         "observer": observer, "allocator": allocator,
+        "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
     }  # fmt: skip
     rtn_out = work / f"ours-rtn-{tag}"
     rtn = measured(
@@ -265,13 +266,19 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def row_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """What makes two rows the same measurement: setting, observer, allocator, dtypes."""
+    dtypes = row["dtypes"]
+    return (row["setting"], row["observer"], row["allocator"], dtypes["ours"], dtypes.get("peer"))
+
+
 def table(report: dict[str, Any]) -> str:
     head = (
-        "| setting | observer | allocator | RTN ppl | GPTQ ppl | peer GPTQ ppl "
-        "| GPTQ s (median [min–max]) | peer s | time ratio | GPTQ MB | peer MB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| setting | observer | allocator | dtype (ours / peer) | RTN ppl | GPTQ ppl "
+        "| peer GPTQ ppl | GPTQ s (median [min–max]) | peer s | time ratio | GPTQ MB | peer MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    lines = [head, f"| original | | | {report['original_perplexity']:.2f} | | | | | | | |"]
+    lines = [head, f"| original | | | | {report['original_perplexity']:.2f} | | | | | | | |"]
 
     def secs(side: dict[str, Any]) -> str:
         w = side["wall_seconds"]
@@ -285,7 +292,8 @@ def table(report: dict[str, Any]) -> str:
         if cmp_.get("faster_beyond_spread"):
             ratio = f"**{ratio}**"
         lines.append(
-            f"| {r['setting']} | {r['observer']} | {r['allocator']} | {ppl(r['ours_rtn'])} "
+            f"| {r['setting']} | {r['observer']} | {r['allocator']} "
+            f"| {ours['dtype']} / {peer['dtype'] if peer else '-'} | {ppl(r['ours_rtn'])} "
             f"| {ppl(ours)} | {ppl(peer) if peer else '-'} | {secs(ours)} "
             f"| {secs(peer) if peer else '-'} | {ratio} | {ours['peak_rss_mb']['median']:.0f} "
             f"| {peer['peak_rss_mb']['median'] if peer else float('nan'):.0f} |"
@@ -344,7 +352,12 @@ def main() -> None:
     out = Path(args.out)
     previous = json.loads(out.read_text()) if args.resume and out.is_file() else {}
     rows: list[dict[str, Any]] = [r for r in previous.get("rows", []) if "observer" in r]
-    done = {(r["setting"], r["observer"], r["allocator"]) for r in rows}
+    for row in rows:  # rows of an earlier command keep that command's name
+        row.setdefault("command", previous.get("command"))
+        row.setdefault("cpu", previous.get("machine", {}).get("cpu"))
+        sides = ("ours_gptq", "peer_gptq")
+        row.setdefault("dtypes", {s.split("_")[0]: row[s]["dtype"] for s in sides if s in row})
+    done = {row_key(r) for r in rows}
     env = environment("pinned", args.threads, ours=True)
     original = previous.get("original_perplexity") or measured(
         [sys.executable, "-m", "app", "eval", "--model", str(args.model_dir), "--json", "-q",
@@ -359,8 +372,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cores": os.cpu_count(),
             "threads_both_sides": args.threads,
-            "load_average_before": previous.get("machine", {}).get("load_average_before")
-            or os.getloadavg(),
+            "load_average_before": os.getloadavg(),
         },  # fmt: skip
         "model": "SmolLM2-135M-Instruct (smollm2-135m preset, float32 safetensors)",
         "calibration": {
@@ -382,8 +394,8 @@ def main() -> None:
             "evaluation": "perplexity.dequantizing_path: every checkpoint loaded by "
             "transformers with CompressedTensorsConfig(dequantize=True), float32; "
             "perplexity.quantmill_eval_path: `quantmill eval` (transformers' default path)",
-            "dtype": f"quantmill --dtype {args.dtype} (the row says what it resolved to); "
-            f"peer {args.peer_dtype}",
+            "dtype": "per row: `dtypes` is what each side was asked for (quantmill --dtype, "
+            "the peer's load dtype), each side's `dtype` what it ran in",
             "timing": f"{args.repeats} runs per side, interleaved, each its own process; "
             "wall time and peak RSS from outside (wait4)",
         },
@@ -398,9 +410,14 @@ def main() -> None:
     for label in args.settings.split(","):
         for observer in args.observers.split(","):
             for allocator in allocators:
-                if (label, observer, allocator) in done:
+                if (label, observer, allocator, args.dtype, args.peer_dtype) in done:
                     continue
-                rows.append(run_row(label, observer, allocator, work, args))
+                before = os.getloadavg()
+                row = run_row(label, observer, allocator, work, args)
+                row["command"] = report["command"]
+                row["cpu"] = report["machine"]["cpu"]
+                row["load_average"] = {"before": before, "after": os.getloadavg()}
+                rows.append(row)
                 report["machine"]["load_average_after"] = os.getloadavg()
                 tmp = out.with_suffix(".json.partial")  # whole, after every row
                 tmp.write_text(json.dumps(report, indent=2) + "\n")
