@@ -123,13 +123,7 @@ def _squared_error(
     G: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme, work: Tensor
 ) -> Tensor:
     """Σ over the last dim of ``(fake_quantize(G) - G)²``, computed in ``work``."""
-    torch.div(G, scale, out=work).round_()
-    if zero is not None:
-        work.add_(zero)
-    work.clamp_(scheme.q_min, scheme.q_max)
-    if zero is not None:
-        work.sub_(zero)
-    return work.mul_(scale).sub_(G).pow_(2).sum(dim=2)
+    return fake_quantize_column_into(work, G, scale, zero, scheme).sub_(G).pow_(2).sum(dim=2)
 
 
 def _z(zero: Tensor | None) -> Tensor | None:
