@@ -418,7 +418,7 @@ def main() -> None:
                 row["cpu"] = report["machine"]["cpu"]
                 row["load_average"] = {"before": before, "after": os.getloadavg()}
                 rows.append(row)
-                report["machine"]["load_average_after"] = os.getloadavg()
+                report["machine"]["load_average_after"] = row["load_average"]["after"]
                 tmp = out.with_suffix(".json.partial")  # whole, after every row
                 tmp.write_text(json.dumps(report, indent=2) + "\n")
                 tmp.replace(out)
