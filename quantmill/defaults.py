@@ -15,6 +15,11 @@ BUCKET = "quantmill"  # the S3 bucket of artifacts and the shared cache
 HEARTBEAT_S = 30  # how often a worker's flow runs send a heartbeat (Prefect's least)
 CRASH_AFTER_S = 90  # a run without a heartbeat for this long is marked Crashed
 VLLM_VENV = ".venv-vllm"  # vLLM's own virtual environment (scripts/vllm-venv.sh makes it)
+# what the vLLM verifier sets unless the caller's environment already does: vLLM 0.32
+# on CPUs with AMX runs 4-bit weight-only checkpoints as W4A8 (its activations cut to
+# int8, not the scheme the checkpoint declares), and that path's repacking refuses
+# per-channel weights whose input size is not a multiple of 128 (SmolLM2's 576)
+VLLM_ENV = {"VLLM_CPU_INT4_W4A8": "0"}
 VERIFY_PROMPT = "The capital of France is"  # what the verifiers generate from
 VERIFY_TOKENS = 8  # greedy tokens compared between an engine and transformers
 # the most an engine's greedy token may trail transformers' choice, in log-probability

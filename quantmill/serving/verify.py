@@ -4,7 +4,10 @@ the first tokens with what ``transformers`` generates from the same folder.
 vLLM lives in a virtual environment of its own (``scripts/vllm-venv.sh``; its
 torch, transformers and compressed-tensors differ from ours) and runs out of
 process: ``vllm_probe.py`` under that environment's Python. The environment is
-``$QUANTMILL_VLLM_PYTHON`` or ``.venv-vllm`` in the working directory.
+``$QUANTMILL_VLLM_PYTHON`` or ``.venv-vllm`` in the working directory. The
+process gets ``defaults.VLLM_ENV`` where the caller's environment is silent:
+4-bit weight-only checkpoints run as written (16-bit activations), not as vLLM's
+W4A8 default on CPUs with AMX.
 """
 
 from __future__ import annotations
@@ -60,7 +63,10 @@ def probe_vllm(
     command += ["--dtype", dtype]
     paths = [str(Path(f).resolve()) for f in folders]
     command += paths
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env = {
+        **defaults.VLLM_ENV,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+    }
     start = time.perf_counter()
     try:
         done = subprocess.run(

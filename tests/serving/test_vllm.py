@@ -45,26 +45,7 @@ def verdicts(short_smollm2, tmp_path_factory):
     return {kind: result for kind, result in zip(folders, results, strict=True)}, folders
 
 
-def _avx512() -> bool:
-    try:
-        return "avx512f" in open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-
-
-# vLLM 0.32's CPU build on a CPU without AVX-512 failed to load the per-channel
-# checkpoint in two CI runs here ("RuntimeError: shape '[30, 32, 4, 128]' is invalid
-# for input of size 552960": the 960 x 576 fused qkv weight, 576 not a multiple of
-# 128); it loads and agrees on AVX-512 machines. Not ours to fix: marked, not hidden.
-CHANNEL = pytest.param(
-    "channel",
-    marks=pytest.mark.xfail(
-        not _avx512(), reason="vLLM's AVX2 CPU kernel, per-channel, K=576", strict=False
-    ),
-)
-
-
-@pytest.mark.parametrize("kind", ["sym-group", "asym-group", CHANNEL, "w8a8"])
+@pytest.mark.parametrize("kind", ["sym-group", "asym-group", "channel", "w8a8"])
 def test_vllm_serves_each_scheme_we_write_and_chooses_what_transformers_does(verdicts, kind):
     result = verdicts[0][kind]
     assert result["loaded"], result["reason"]

@@ -79,3 +79,34 @@ def test_a_float_export_asked_for_is_not_called_unservable(tiny_checkpoint, text
     )
     assert summary.serving == {"format": "fake", "servable": True, "reasons": []}
     assert "Not servable" not in render_card(CheckpointInfo.load(out))
+
+
+@pytest.mark.parametrize("given", [None, "1"])
+def test_the_vllm_probe_runs_weight_only_checkpoints_as_written_unless_told(
+    given, tmp_path, monkeypatch
+):
+    """vLLM on AMX CPUs would run a W4A16 checkpoint as W4A8 (and refuse per-channel
+    weights of 576 inputs there); the probe turns that off unless the caller set it."""
+    import subprocess
+
+    from quantmill.serving import verify
+
+    python = tmp_path / "python"
+    python.write_text("")
+    monkeypatch.setenv("QUANTMILL_VLLM_PYTHON", str(python))
+    if given is None:
+        monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_CPU_INT4_W4A8", given)
+    seen = {}
+
+    def run(command, env, **kwargs):
+        seen.update(env)
+        folder = command[-1]
+        line = verify.MARK + json.dumps({"folder": folder, "loaded": False, "reason": "x"})
+        return subprocess.CompletedProcess(command, 0, stdout=line + "\n", stderr="")
+
+    monkeypatch.setattr(verify.subprocess, "run", run)
+    (result,) = verify.probe_vllm([tmp_path])
+    assert result["reason"] == "x"
+    assert seen["VLLM_CPU_INT4_W4A8"] == (given or "0")
