@@ -22,6 +22,9 @@ class Mapping:
 
     smooth: str
     balance: tuple[str, ...]
+    # A norm that scales by ``norm_offset + weight`` (Gemma's: 1 + weight); a linear
+    # ``smooth`` ignores it.
+    norm_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class ArchSpec:
     # Attention goes through transformers' attention interface with keys and values
     # as [batch, heads, tokens, head_dim]: what KV-cache quantization hooks into.
     kv_cache: bool = False
+    # The block norms scale by ``norm_offset + weight`` (Gemma: 1): what a recipe's own
+    # mappings get when they name a norm.
+    norm_offset: float = 0.0
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -60,8 +66,48 @@ _LLAMA = ArchSpec(
     kv_cache=True,
 )
 
+# Phi-3 fuses q/k/v into one linear and gate/up into another. Scales cannot move
+# along v → o or up → down: v and up are row slices of a fused layer.
+_PHI3 = ArchSpec(
+    blocks="model.layers",
+    linear_groups=(
+        ("self_attn.qkv_proj",),
+        ("self_attn.o_proj",),
+        ("mlp.gate_up_proj",),
+        ("mlp.down_proj",),
+    ),
+    mappings=(
+        Mapping("input_layernorm", ("self_attn.qkv_proj",)),
+        Mapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ),
+    kv_cache=True,
+)
+
+# Gemma 2 and 3: four norms a block (the ones after attention and after the MLP act
+# on outputs, so no scale moves through them), norms that scale by 1 + weight,
+# sliding and full attention by block (``config.layer_types``: quantmill.blocks).
+_GEMMA = ArchSpec(
+    blocks="model.layers",
+    linear_groups=_LLAMA.linear_groups,
+    mappings=(
+        Mapping(
+            "input_layernorm",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            norm_offset=1.0,
+        ),
+        Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        Mapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), norm_offset=1.0),
+        Mapping("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    kv_cache=True,
+    norm_offset=1.0,
+)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
+    "phi3": _PHI3,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,

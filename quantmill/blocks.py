@@ -1,5 +1,6 @@
 """Running decoder blocks on calibration data: capture what the first block is
-called with, run a block over every batch, keep its outputs.
+called with (and, where blocks differ in kind, what the first block of each kind
+is called with), run a block over every batch, keep its outputs.
 
 Hidden states live on ``BlockInputs.storage`` (the compute device, or CPU
 memory when they are offloaded) and each batch is moved to the block's device
@@ -31,6 +32,16 @@ class BlockInputs:
     device: torch.device | None = None  # where blocks run; None: wherever hidden is
     storage: torch.device | None = None  # where hidden states wait; None: ``device``
     returns_tuple: bool = False  # the block's output is a tuple (older architectures)
+    # Models whose blocks differ in kind (Gemma's sliding and full attention: another
+    # mask, other rotary embeddings) call each kind with its own arguments:
+    # ``config.layer_types`` by block, and each kind's arguments per batch.
+    layer_types: tuple[str, ...] = ()
+    by_type: dict[str, list[dict]] = field(default_factory=dict)
+
+    def enter(self, index: int) -> None:
+        """Block ``index`` runs next: ``kwargs`` become its kind's call arguments."""
+        if self.layer_types:
+            self.kwargs = self.by_type[self.layer_types[index]]
 
     def batch(self, b: int) -> Tensor:
         """Batch ``b``'s hidden states on the compute device."""
@@ -69,12 +80,12 @@ def capture_block_inputs(
     kept on ``storage`` (default: ``device``).
     """
     inputs = BlockInputs(hidden=[], device=device, storage=storage)
+    types = tuple(getattr(model.config, "layer_types", None) or ())
+    if len(set(types)) > 1:
+        return _capture_each_kind(model, first_block, ids, batch_size, inputs, types)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
+        hidden, rest = _split(args, kwargs)
         inputs.hidden.append(inputs.stored(hidden))
         inputs.args.append(rest)
         inputs.kwargs.append(kwargs)
@@ -82,13 +93,76 @@ def capture_block_inputs(
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     with hooks_removed([handle]):
-        for batch in ids.split(batch_size):
-            if device is not None:
-                batch = batch.to(device)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except StopForward:
-                pass
+        _run_batches(model, ids, batch_size, device)
+    return inputs
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[Tensor, tuple]:
+    """The hidden states a block is called with, and its other positional arguments
+    (``kwargs`` loses ``hidden_states`` where it was passed by name)."""
+    if args:
+        return args[0], args[1:]
+    return kwargs.pop("hidden_states"), ()
+
+
+def _run_batches(model: nn.Module, ids: Tensor, batch_size: int, device) -> None:
+    for batch in ids.split(batch_size):
+        if device is not None:
+            batch = batch.to(device)
+        try:
+            model(input_ids=batch, use_cache=False)
+        except StopForward:
+            pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder block while its call arguments are captured: records
+    them, passes the hidden states on unchanged, and stops the forward at ``last``."""
+
+    def __init__(self, index: int, last: int, record) -> None:
+        super().__init__()
+        self.index, self.last, self.record = index, last, record
+
+    def forward(self, *args, **kwargs):
+        hidden, rest = _split(args, kwargs)
+        self.record(self.index, hidden, rest, kwargs)
+        if self.index == self.last:
+            raise StopForward
+        return hidden
+
+
+def _capture_each_kind(
+    model: nn.Module, first_block: nn.Module, ids: Tensor, batch_size: int,
+    inputs: BlockInputs, types: tuple[str, ...],
+) -> BlockInputs:  # fmt: skip
+    """The first block's hidden states and the call arguments of the first block of
+    each kind, from one pass in which stand-ins replace the blocks (no block runs)."""
+    blocks = next(
+        m for m in model.modules()
+        if isinstance(m, nn.ModuleList) and any(b is first_block for b in m)
+    )  # fmt: skip
+    first_of = {kind: types.index(kind) for kind in dict.fromkeys(types)}
+    wanted = set(first_of.values())
+    inputs.layer_types = types
+    inputs.by_type = {kind: [] for kind in first_of}
+
+    def record(index: int, hidden: Tensor, rest: tuple, kwargs: dict) -> None:
+        if index == 0:
+            inputs.hidden.append(inputs.stored(hidden))
+            inputs.args.append(rest)
+        if index in wanted:
+            inputs.by_type[types[index]].append(kwargs)
+
+    originals = list(blocks)
+    last = max(wanted)
+    try:
+        for index in range(len(originals)):
+            blocks[index] = _Catcher(index, last, record)
+        _run_batches(model, ids, batch_size, inputs.device)
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block
+    inputs.enter(0)
     return inputs
 
 

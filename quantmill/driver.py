@@ -91,6 +91,8 @@ def quantize_model(
         for index in bar:
             block = blocks[index]
             store.load(index, block)
+            if inputs is not None:
+                inputs.enter(index)
             prefix = f"{spec.blocks}.{index}."
             targets = None
             if inputs is not None and any(m.needs.targets for m in methods):

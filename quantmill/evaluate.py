@@ -86,6 +86,7 @@ def streamed_perplexity(lazy: LazyModel, windows: Tensor, progress: bool = True)
         inputs = capture_block_inputs(model, blocks[0], windows, 1, lazy.device)
     for index in tqdm(range(len(blocks)), desc="perplexity blocks", disable=not progress):
         block = lazy.load_block(index)
+        inputs.enter(index)
         run_block(block, inputs, keep_outputs=True)
         lazy.release_block(index)
         progress_log.info("perplexity: block %d/%d", index + 1, len(blocks))

@@ -191,6 +191,7 @@ def collect_outliers(
     )
     for index, block in enumerate(tqdm(blocks, desc="outliers", disable=not progress)):
         store.load(index, block)
+        inputs.enter(index)
         linears = block_linears(block, spec)
         seen = {name: _Activations() for name in linears}
         handles = [

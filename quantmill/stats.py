@@ -64,6 +64,7 @@ def collect_statistics(
     stats = Statistics(samples=int(calib_ids.shape[0]))
     for index, block in enumerate(tqdm(blocks, desc="statistics", disable=not progress)):
         store.load(index, block)
+        inputs.enter(index)
         prefix = f"{spec.blocks}.{index}."
         linears = block_linears(block, spec)
         accumulators: dict[str, HessianAccumulator] = {}

@@ -40,6 +40,9 @@ def tiny_config(model_type: str, vocab_size: int = 320):
     from transformers import AutoConfig
 
     common = dict(vocab_size=vocab_size, num_attention_heads=4)
+    decoder = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
+    )
     sizes = {
         "llama": dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
@@ -53,6 +56,16 @@ def tiny_config(model_type: str, vocab_size: int = 320):
         "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
         "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
+        "qwen3": dict(**decoder, head_dim=16),
+        "phi3": dict(**decoder, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        # a window shorter than the tests' sequences, so the two kinds of block differ
+        "gemma2": dict(**decoder, head_dim=16, sliding_window=8),
+        "gemma3_text": dict(
+            **decoder,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),  # fmt: skip
     }[model_type]
     if model_type == "gpt2":
         common.pop("num_attention_heads")

@@ -26,7 +26,7 @@ class MappingConfig(StrictModel):
 def resolve_mappings(custom: list[MappingConfig] | None, spec: ArchSpec) -> list[Mapping]:
     if custom is None:
         return list(spec.mappings)
-    return [Mapping(m.smooth, tuple(m.balance)) for m in custom]
+    return [Mapping(m.smooth, tuple(m.balance), spec.norm_offset) for m in custom]
 
 
 def check_mappings(

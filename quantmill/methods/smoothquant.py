@@ -148,7 +148,7 @@ def _max_median(channel_max: Tensor) -> float:
 
 def fold(block: nn.Module, mapping: Mapping, s: Tensor) -> None:
     """Divide ``smooth``'s outputs by ``s`` and multiply the balanced inputs by ``s`` (exact)."""
-    divide_output_channels(block.get_submodule(mapping.smooth), s)
+    divide_output_channels(block.get_submodule(mapping.smooth), s, mapping.norm_offset)
     for name in mapping.balance:
         multiply_input_columns(block.get_submodule(name), s)
 

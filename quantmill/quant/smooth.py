@@ -44,15 +44,19 @@ def column_max(weights: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def divide_output_channels(layer: nn.Module, s: Tensor) -> None:
+def divide_output_channels(layer: nn.Module, s: Tensor, norm_offset: float = 0.0) -> None:
     """Divide the producing layer's output channel ``j`` by ``s_j``.
 
-    Works for norms (``weight`` and optional ``bias`` of shape ``[channels]``)
+    Works for norms (``weight`` and optional ``bias`` of shape ``[channels]``; a norm
+    that scales by ``norm_offset + weight`` gets ``(norm_offset + weight) / s - norm_offset``)
     and for ``nn.Linear`` (rows of ``weight ``[out, in]`` and ``bias``).
     """
     weight = layer.weight
     if weight.dim() == 1:
-        weight.div_(s.to(weight.dtype))
+        if norm_offset:
+            weight.add_(norm_offset).div_(s.to(weight.dtype)).sub_(norm_offset)
+        else:
+            weight.div_(s.to(weight.dtype))
     else:
         weight.div_(s.to(weight.dtype)[:, None])
     bias = getattr(layer, "bias", None)

@@ -11,7 +11,8 @@ from quantmill.layers import get_weight
 from quantmill.quant.grid import fake_quantize
 from quantmill.recipe import parse_recipe
 
-ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", "phi3", "gemma2",
+         "gemma3_text"]  # fmt: skip
 
 
 def steps(method: str, **weights):
