@@ -7,7 +7,8 @@ statistic such as a Hessian is collected once per group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from torch import nn
 
@@ -41,6 +42,15 @@ class ArchSpec:
     # The block norms scale by ``norm_offset + weight`` (Gemma: 1): what a recipe's own
     # mappings get when they name a norm.
     norm_offset: float = 0.0
+    # Mixture of experts: where a block's experts module is and the config field with
+    # their number. ``arch_for`` adds each expert's gate/up and down layers to
+    # ``linear_groups`` (quantmill.moe makes them nn.Linear layers of those names).
+    experts: str | None = None
+    expert_count: str = "num_experts"
+    expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # How checkpoints name what transformers' modules name otherwise (substring
+    # replacements, model → files): Mixtral's files say block_sparse_moe for mlp.
+    stored_as: tuple[tuple[str, str], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -103,8 +113,35 @@ _GEMMA = ArchSpec(
     norm_offset=1.0,
 )
 
+# Mixtral, Qwen2-MoE, Qwen3-MoE: attention as Llama's, then a router (``mlp.gate``,
+# left in float) and experts; Qwen2-MoE adds an always-on shared expert. No scale
+# moves from post_attention_layernorm: the router reads it too and is not a linear.
+_MOE_ATTENTION = _LLAMA.linear_groups[:2]
+_MOE = ArchSpec(
+    blocks="model.layers",
+    linear_groups=_MOE_ATTENTION,
+    mappings=_LLAMA.mappings[:2],
+    kv_cache=True,
+    experts="mlp.experts",
+)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
+    "mixtral": replace(
+        _MOE,
+        expert_count="num_local_experts",
+        expert_linears=("w1", "w3", "w2"),
+        stored_as=((".mlp.", ".block_sparse_moe."),),
+    ),
+    "qwen3_moe": _MOE,
+    "qwen2_moe": replace(
+        _MOE,
+        linear_groups=_MOE_ATTENTION
+        + (
+            ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+            ("mlp.shared_expert.down_proj",),
+        ),
+    ),  # fmt: skip
     "phi3": _PHI3,
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
@@ -147,10 +184,39 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def arch_for(model: nn.Module) -> ArchSpec:
-    """The entry for ``model.config.model_type``; an error lists the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """The entry for ``model.config.model_type``; an error lists the supported ones.
+    A mixture-of-experts entry comes with the model's experts among its layers."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     check_supported(model_type)
-    return ARCHITECTURES[model_type]  # type: ignore[index]
+    spec = ARCHITECTURES[model_type]  # type: ignore[index]
+    if spec.experts is None:
+        return spec
+    dense = getattr(config, "mlp_only_layers", None) or []
+    if dense or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise UnsupportedArchitectureError(
+            f"{model_type}: blocks without experts (mlp_only_layers = {dense}, "
+            f"decoder_sparse_step = {getattr(config, 'decoder_sparse_step', 1)}) are not "
+            "supported; every block must be a mixture-of-experts block"
+        )
+    return with_experts(spec, int(getattr(config, spec.expert_count)))
+
+
+@lru_cache(maxsize=32)
+def with_experts(spec: ArchSpec, count: int) -> ArchSpec:
+    """``spec`` with each of ``count`` experts' layers: gate and up share an input."""
+    gate, up, down = (f"{spec.experts}.{{}}.{name}" for name in spec.expert_linears)
+    groups = tuple(
+        group for e in range(count) for group in ((gate.format(e), up.format(e)), (down.format(e),))
+    )
+    return replace(spec, linear_groups=spec.linear_groups + groups)
+
+
+def stored_name(spec: ArchSpec, name: str) -> str:
+    """The name checkpoint files give the model's tensor or module ``name``."""
+    for ours, theirs in spec.stored_as:
+        name = name.replace(ours, theirs)
+    return name
 
 
 def check_supported(model_type: str | None) -> None:

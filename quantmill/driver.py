@@ -26,6 +26,7 @@ from quantmill.errors import CalibrationDataError, ConfigError
 from quantmill.layers import LayerQuant, LayerReport
 from quantmill.methods import get_method
 from quantmill.methods.base import Method
+from quantmill.moe import block_experts, calibrating_all_experts, expert_tokens, unfuse_experts
 from quantmill.qat.loop import TrainContext, TrainResult
 from quantmill.runtime import activation_hooks, runtime_spec
 from quantmill.stats import Statistics, StatisticsFile, collect_statistics, save_statistics
@@ -53,6 +54,7 @@ def quantize_model(
     training: TrainContext | None = None,
     store: BlockStore | None = None,
     methods: list[Method] | None = None,
+    all_experts: bool = True,
 ) -> QuantizeOutcome:
     """Apply ``steps`` in order to every decoder block of ``model`` in place.
 
@@ -62,10 +64,13 @@ def quantize_model(
     ``store`` says where block weights come from and where finished blocks go
     (default: the whole model in memory, written by the caller afterwards).
     ``methods``: the steps' methods, already built and checked (``build_methods``).
+    ``all_experts``: in mixture-of-experts blocks every expert is calibrated on every
+    token (False: on the tokens its router sends it).
     """
     start = time.perf_counter()
     store = store or BlockStore(model)
     spec = arch_for(model)
+    unfuse_experts(model, spec)
     blocks = decoder_blocks(model, spec)
     everything = methods if methods is not None else build_methods(model, steps)
     trainers = [m for m in everything if m.needs.trains]
@@ -84,7 +89,9 @@ def quantize_model(
     todo = range(store.start, len(blocks)) if methods else range(0)  # training steps only
     with ExitStack() as stack:
         if shared and statistics is None and todo:
-            statistics = _statistics_file(stack, model, calib_ids, batch_size, progress, store)
+            statistics = _statistics_file(
+                stack, model, calib_ids, batch_size, progress, store, all_experts
+            )
         inputs = store.capture(model, blocks[0], calib_ids, batch_size) if live and todo else None
         bar = tqdm(todo, desc=f"{label} blocks", disable=not progress, total=len(blocks))
         bar.update(store.start)
@@ -103,6 +110,7 @@ def quantize_model(
                 _quantize_block(
                     method, block, spec, prefix, inputs, statistics,
                     {**layers, **block_layers}, block_layers, block_reports, targets,
+                    all_experts,
                 )  # fmt: skip
             if inputs is not None and index + 1 < len(blocks):
                 # the next block sees what this one will produce, quantized activations included
@@ -137,10 +145,11 @@ def _statistics_file(
     batch_size: int,
     progress: bool,
     store: BlockStore,
+    all_experts: bool,
 ) -> StatisticsFile:
     """Collect the original model's statistics into a temporary file read layer by layer."""
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantmill-stats-")))
-    stats = collect_statistics(model, calib_ids, batch_size, progress, store)
+    stats = collect_statistics(model, calib_ids, batch_size, progress, store, all_experts)
     save_statistics(stats, folder / "s.st")
     return StatisticsFile(folder / "s.st")
 
@@ -156,9 +165,11 @@ def _quantize_block(
     block_layers: dict[str, LayerQuant],
     reports: list[LayerReport],
     targets: list[Tensor] | None = None,
+    all_experts: bool = True,
 ) -> None:
     """One method on one block; ``seen`` holds the grids found so far (for the runtime
     treatment of inputs), ``block_layers`` and ``reports`` receive this step's results."""
+    tokens: dict[str, dict[str, float | str]] = {}
     selected = {
         name: module
         for name, module in block_linears(block, spec).items()
@@ -174,14 +185,19 @@ def _quantize_block(
             [(prefix + n, selected[n]) for n in group if n in selected]
             for group in spec.linear_groups
         ]
+        for experts in block_experts(block):
+            experts.reset_counts()
         with method.observe([g for g in groups if g], stop_after_last=True):
             with activation_hooks(block, runtime_spec(seen), prefix):
-                run_block(block, inputs, keep_outputs=False)
+                with calibrating_all_experts(block, all_experts):
+                    run_block(block, inputs, keep_outputs=False)
+        tokens = expert_tokens(block, spec, prefix, inputs, all_experts)
     reports += method.prepare_block(block, spec, prefix, inputs)
     step_layers: dict[str, LayerQuant] = {}
     for name, module in selected.items():
         quant, report = method.quantize_layer(prefix + name, module)
         if report is not None:
+            report.extra.update(tokens.get(prefix + name, {}))
             reports.append(report)
         if quant is not None:  # None: the step only rescaled, a later step quantizes
             step_layers[prefix + name] = quant

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quantmill.arch import stored_name
 from quantmill.blocks import BlockInputs, BlockStore, capture_block_inputs
 from quantmill.config import ActScheme, QuantScheme
 from quantmill.devices import offload_to
@@ -126,8 +127,9 @@ class StreamingStore(LazyStore):
     def finish(self, index, block, layers, reports, inputs: BlockInputs | None) -> dict:
         prefix = self.lazy.block_prefix(index)
         conv1d = self.lazy.spec.conv1d
+        spec = self.lazy.spec
         for name, tensor in module_tensors(block, prefix, layers, self.fmt, self.dtype_of, conv1d):
-            self.writer.add(name, tensor)
+            self.writer.add(stored_name(spec, name), tensor)
         for name, quant in layers.items():
             module = self.lazy.model.get_submodule(name)
             width = module.weight.shape[0 if conv1d else 1]

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantmill.arch import ArchSpec, arch_for, check_supported, decoder_blocks
+from quantmill.arch import ArchSpec, arch_for, check_supported, decoder_blocks, stored_name
 from quantmill.errors import CheckpointError, ModelSourceError
+from quantmill.moe import unfuse_experts
 from quantmill.quant.grid import all_finite
 from quantmill.weights import WeightFiles
 
@@ -241,6 +242,7 @@ def empty_model_from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code
         )
     model.tie_weights()
+    unfuse_experts(model, arch_for(model))  # per-expert layers, named as the files name them
     return model.eval()
 
 
@@ -250,9 +252,11 @@ def check_tensors(model: nn.Module, files: WeightFiles, folder: Path) -> dict[st
     Returns the name map (checkpoints saved from the bare base model lack its prefix).
     """
     base = getattr(model, "base_model_prefix", "") or ""
+    spec = arch_for(model)
     names: dict[str, str] = {}
     for name, param in model.named_parameters():
-        stored = name if name in files else name.removeprefix(base + ".")
+        stored = stored_name(spec, name)
+        stored = stored if stored in files else stored.removeprefix(base + ".")
         if stored not in files:
             raise CheckpointError(
                 f"the weights in {folder} have no tensor {name}, which the config's "

@@ -40,6 +40,7 @@ from quantmill.devices import resolve_device
 from quantmill.engine import LazyStore
 from quantmill.hooks import hooks_removed
 from quantmill.lazy import open_model
+from quantmill.moe import unfuse_experts
 
 # LLM.int8()'s rule: an input channel is an outlier when some |x| in it exceeds 6.0.
 ACT_THRESHOLD = 6.0
@@ -184,6 +185,7 @@ def collect_outliers(
     """
     store = store or BlockStore(model)
     spec = arch_for(model)
+    unfuse_experts(model, spec)
     blocks = decoder_blocks(model, spec)
     inputs = store.capture(model, blocks[0], calib_ids, batch_size)
     report = OutlierReport(

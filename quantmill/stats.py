@@ -29,6 +29,7 @@ from quantmill.arch import arch_for, block_linears, decoder_blocks
 from quantmill.blocks import BlockStore, run_block
 from quantmill.hooks import hooks_removed
 from quantmill.layers import in_features
+from quantmill.moe import calibrating_all_experts, unfuse_experts
 from quantmill.quant.gptq import HessianAccumulator
 
 
@@ -51,6 +52,7 @@ def collect_statistics(
     batch_size: int = 8,
     progress: bool = True,
     store: BlockStore | None = None,
+    all_experts: bool = True,
 ) -> Statistics:
     """Run the calibration ids through ``model`` block by block and record statistics.
 
@@ -59,6 +61,7 @@ def collect_statistics(
     """
     store = store or BlockStore(model)
     spec = arch_for(model)
+    unfuse_experts(model, spec)
     blocks = decoder_blocks(model, spec)
     inputs = store.capture(model, blocks[0], calib_ids, batch_size)
     stats = Statistics(samples=int(calib_ids.shape[0]))
@@ -81,11 +84,12 @@ def collect_statistics(
                 stats.groups[prefix + name] = first
         for name, layer in linears.items():
             handles.append(layer.register_forward_pre_hook(_absmax_hook(stats, prefix + name)))
-        with hooks_removed(handles):
+        with hooks_removed(handles), calibrating_all_experts(block, all_experts):
             run_block(block, inputs, keep_outputs=index + 1 < len(blocks))
         store.release(index, block)
         for first, acc in accumulators.items():
-            stats.hessians[first] = acc.hessian().cpu()
+            if acc.count:  # an expert no token reached has none (its layers fall back)
+                stats.hessians[first] = acc.hessian().cpu()
     return stats
 
 

@@ -66,6 +66,21 @@ def tiny_config(model_type: str, vocab_size: int = 320):
             sliding_window=8,
             layer_types=["sliding_attention", "full_attention"],
         ),  # fmt: skip
+        "qwen3_moe": dict(
+            **decoder,
+            head_dim=16,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+        ),  # fmt: skip
+        "mixtral": dict(**decoder, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": dict(
+            **decoder,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+        ),  # fmt: skip
     }[model_type]
     if model_type == "gpt2":
         common.pop("num_attention_heads")

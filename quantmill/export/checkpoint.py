@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from quantmill.arch import arch_for
+from quantmill.arch import arch_for, stored_name
 from quantmill.devices import dtype_name
 from quantmill.errors import ExportError
 from quantmill.export.compressed import build_schemes, compress_layer, quantization_config
@@ -97,7 +97,7 @@ def write_weights(
     for index, block in enumerate(model.get_submodule(spec.blocks)):
         prefix = f"{spec.blocks}.{index}."
         for name, tensor in module_tensors(block, prefix, layers, fmt, dtype_of, spec.conv1d):
-            writer.add(name, tensor)
+            writer.add(stored_name(spec, name), tensor)
     for name in after:
         writer.add(name, _cast(_tensor(model, name), dtype_of(name)))
 
@@ -117,7 +117,10 @@ def write_config(
     saved_dtype = getattr(config, "dtype", None)
     config.dtype = dtype_name(dtype)
     if fmt == "packed" and layers:
-        config.quantization_config = quantization_config(build_schemes(layers, in_features))
+        spec = arch_for(model)
+        stored = {stored_name(spec, n): q for n, q in layers.items()}
+        widths = {stored_name(spec, n): w for n, w in in_features.items()}
+        config.quantization_config = quantization_config(build_schemes(stored, widths))
     try:
         config.save_pretrained(folder)
     finally:

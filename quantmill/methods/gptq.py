@@ -23,6 +23,7 @@ from quantmill.methods.base import Method
 from quantmill.quant.gptq import (
     HessianAccumulator,
     HessianNotPositiveDefinite,
+    NoCalibrationInputs,
     gptq_quantize_weight,
 )
 from quantmill.quant.grid import compute_qparams, fake_quantize
@@ -75,7 +76,7 @@ class GPTQ(Method):
             yield
 
     def use_statistics(self, names: list[str], statistics) -> None:
-        self._hessians = {name: _Given(statistics.hessian(name)) for name in names}
+        self._hessians = {name: _Given(statistics, name) for name in names}
 
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
         start = time.perf_counter()
@@ -85,17 +86,21 @@ class GPTQ(Method):
         # the last layer of a group sharing one Hessian may let GPTQ overwrite it
         last = all(other is not source for other in self._hessians.values())
         try:
+            H = source.take() if last else source.hessian()
             result = gptq_quantize_weight(
-                W, source.take() if last else source.hessian(), cfg.weights, cfg.block_size,
-                cfg.dampening, cfg.actorder, cfg.static_groups, consume=last,
+                W, H, cfg.weights, cfg.block_size, cfg.dampening, cfg.actorder,
+                cfg.static_groups, consume=last,
             )  # fmt: skip
-        except HessianNotPositiveDefinite as exc:
-            # Fall back to round-to-nearest for this layer and say so in its report.
+        except (HessianNotPositiveDefinite, NoCalibrationInputs) as exc:
+            # Fall back to round-to-nearest for this layer and say so in its report
+            # (an expert no calibration token reached has no Hessian at all).
             log.warning("%s: %s; falling back to RTN for this layer", name, exc)
             scale, zero = compute_qparams(W, cfg.weights)
             Q = fake_quantize(W, scale, zero, cfg.weights)
             set_weight(layer, Q, self.conv1d)
-            report = self._timed_report(name, "gptq", float("nan"), start, fallback="rtn")
+            report = self._timed_report(
+                name, "gptq", float("nan"), start, fallback="rtn", fallback_reason=str(exc)
+            )
             return self.layer_quant(scale, zero), report
         set_weight(layer, result.weight, self.conv1d)
         report = self._timed_report(name, "gptq", result.loss, start, dampening=result.dampening)
@@ -103,16 +108,22 @@ class GPTQ(Method):
 
 
 class _Given:
-    """A Hessian read from saved statistics, with the accumulator's interface."""
+    """A Hessian read from saved statistics when needed, with the accumulator's
+    interface (none saved: no calibration input reached the layer)."""
 
-    def __init__(self, H) -> None:
-        self.H = H
+    def __init__(self, statistics, name: str) -> None:
+        self.statistics, self.name, self.H = statistics, name, None
 
     def hessian(self):
+        if self.H is None:
+            try:
+                self.H = self.statistics.hessian(self.name)
+            except KeyError:
+                raise NoCalibrationInputs("no calibration inputs reached this layer") from None
         return self.H
 
     def take(self):
-        H, self.H = self.H, None
+        H, self.H = self.hessian(), None
         return H
 
 

@@ -44,6 +44,10 @@ class GPTQResult:
     dampening: float  # the fraction of mean(diag H) actually added
 
 
+class NoCalibrationInputs(ValueError):
+    """A layer's Hessian was asked for but no calibration input reached the layer."""
+
+
 class HessianAccumulator:
     """Running ``X Xᵀ`` over calibration inputs ``x`` ``[..., cols]``, in float32 on the
     device the inputs come from, whatever their dtype.
@@ -75,7 +79,7 @@ class HessianAccumulator:
     def hessian(self) -> Tensor:
         """``2 X Xᵀ / n``, scaled in the accumulator's own buffer (adding ends here)."""
         if self.H is None or self.count == 0:
-            raise ValueError("no calibration inputs reached this layer")
+            raise NoCalibrationInputs("no calibration inputs reached this layer")
         if not self._scaled:
             self.H.mul_(2.0 / self.count)
             self._scaled = True

@@ -1,0 +1,140 @@
+"""Mixture-of-experts blocks on tiny random models: the fused experts become
+per-expert layers computing the same, every expert is quantized on its own
+Hessian, calibrated on every token by default, and written as vLLM loads it."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from quantmill.arch import arch_for, decoder_blocks
+from quantmill.driver import quantize_model
+from quantmill.export.checkpoint import save_quantized
+from quantmill.layers import get_weight
+from quantmill.moe import Experts, unfuse_experts
+from quantmill.quant.grid import fake_quantize
+from quantmill.recipe import parse_recipe
+
+MOE = ["qwen3_moe", "mixtral", "qwen2_moe"]
+
+
+def ids(n=8, seq=32):
+    return torch.randint(0, 320, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def gptq(**weights):
+    weights = {"bits": 4, "group_size": 16, **weights}
+    return parse_recipe({"steps": [{"method": "gptq", "weights": weights}]}).steps
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_per_expert_layers_compute_what_the_fused_experts_do(tiny_model, model_type):
+    model = tiny_model(model_type)
+    probe = ids(2, 24)
+    with torch.no_grad():
+        fused = model(probe).logits
+    assert unfuse_experts(model, arch_for(model)) == 2
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, Experts) and len(experts) == 4
+    down = experts[3].layers()[2]
+    assert isinstance(down, nn.Linear) and down.out_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe).logits, fused)
+    assert unfuse_experts(model, arch_for(model)) == 0  # already done
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_every_expert_is_quantized_onto_its_grid_and_reloads(tmp_path, tiny_model, model_type):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(model_type)
+    outcome = quantize_model(model, gptq(), ids(), 4, False)
+    spec = arch_for(model)
+    stored = {"mixtral": "block_sparse_moe"}.get(model_type, "mlp")
+    names = [f"model.layers.{b}.mlp.experts.{e}.{p}" for b in range(2) for e in range(4)
+             for p in spec.expert_linears]  # fmt: skip
+    assert set(names) <= set(outcome.layers)
+    assert len(outcome.layers) == 2 * len(spec.linears)
+    assert "model.layers.0.mlp.gate.weight" not in outcome.layers  # the router stays float
+    for name in names:
+        quant = outcome.layers[name]
+        W = get_weight(model.get_submodule(name), False).float()
+        assert torch.allclose(fake_quantize(W, quant.scale, quant.zero, quant.scheme), W, atol=1e-6)
+    # float weights on the grid, named per expert: transformers merges them back
+    save_quantized(model, None, outcome.layers, tmp_path / "fake", "fake")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype=torch.float32)
+    assert reloaded.model.layers[0].mlp.experts.gate_up_proj.dim() == 3  # fused again
+    probe = ids(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(probe).logits, model(probe).logits)
+    # packed: per-expert compressed tensors under the names vLLM looks up
+    save_quantized(model, None, outcome.layers, tmp_path / "packed")
+    index = json.loads((tmp_path / "packed" / "config.json").read_text())
+    targets = {t for g in index["quantization_config"]["config_groups"].values()
+               for t in g["targets"]}  # fmt: skip
+    down = spec.expert_linears[2]
+    assert f"model.layers.1.{stored}.experts.3.{down}" in targets
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert f"model.layers.1.{stored}.experts.3.{down}.weight_packed" in keys
+    assert f"model.layers.1.{stored}.gate.weight" in keys
+
+
+class _Never(nn.Module):
+    """The model's router, except that it never chooses expert ``banned``."""
+
+    def __init__(self, router: nn.Module, banned: int) -> None:
+        super().__init__()
+        self.router, self.banned = router, banned
+
+    def forward(self, hidden):
+        hidden = hidden.reshape(-1, self.router.weight.shape[1])
+        logits = nn.functional.linear(hidden, self.router.weight)
+        logits[:, self.banned] = float("-inf")
+        probs = logits.softmax(-1, dtype=torch.float)
+        top, index = probs.topk(self.router.top_k, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        return logits, top.to(logits.dtype), index
+
+
+@pytest.mark.parametrize("all_experts", [True, False])
+def test_an_expert_no_token_is_routed_to(tiny_model, all_experts, caplog):
+    model = tiny_model("qwen3_moe")
+    for block in decoder_blocks(model, arch_for(model)):
+        block.mlp.gate = _Never(block.mlp.gate, banned=3)
+    outcome = quantize_model(model, gptq(), ids(), 4, False, all_experts=all_experts)
+    reports = {r.name: r for r in outcome.reports}
+    silent = reports["model.layers.0.mlp.experts.3.gate_proj"]
+    busy = reports["model.layers.0.mlp.experts.0.gate_proj"]
+    assert silent.extra["routed_tokens"] == 0 and busy.extra["routed_tokens"] > 0
+    if all_experts:  # calibrated on all 8 x 32 tokens like every other expert
+        assert silent.extra["calibrated_tokens"] == busy.extra["calibrated_tokens"] == 256
+        assert "fallback" not in silent.extra and silent.loss == silent.loss
+    else:
+        assert silent.extra["calibrated_tokens"] == 0
+        assert silent.extra["fallback"] == "rtn"
+        assert "round-to-nearest" in silent.extra["warning"]
+        assert "mlp.experts.3" in caplog.text and "fewer than" in caplog.text
+    W = model.model.layers[0].mlp.experts[3].gate_proj.weight
+    quant = outcome.layers["model.layers.0.mlp.experts.3.gate_proj"]
+    assert torch.allclose(fake_quantize(W, quant.scale, quant.zero, quant.scheme), W, atol=1e-6)
+
+
+def test_all_expert_calibration_keeps_the_routed_output(tiny_model):
+    """Every expert sees every token, but the block returns what the router chose."""
+    from quantmill.moe import calibrating_all_experts
+
+    model = tiny_model("mixtral")
+    unfuse_experts(model, arch_for(model))
+    probe = ids(2, 16)
+    with torch.no_grad():
+        routed = model(probe).logits
+        with (
+            calibrating_all_experts(model.model.layers[0]),
+            calibrating_all_experts(model.model.layers[1]),
+        ):
+            everything = model(probe).logits
+    torch.testing.assert_close(everything, routed)
