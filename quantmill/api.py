@@ -210,6 +210,7 @@ def _stream(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None)
     outcome = quantize_model(
         lazy.model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
         statistics=stats, store=store, methods=run.methods,
+        all_experts=run.recipe.calibration.all_experts,
     )  # fmt: skip
     store.finish_weights()
     dtype = lazy.files.main_dtype()
@@ -228,6 +229,7 @@ def _train_in_memory(run: _Run, calib: torch.Tensor | None, stats: StatisticsFil
     outcome = quantize_model(
         model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
         statistics=stats, training=context, methods=run.methods,
+        all_experts=run.recipe.calibration.all_experts,
     )  # fmt: skip
     save_quantized(
         model, None, outcome.layers, run.stage.folder, run.fmt, run.lazy.stored_dtype,

@@ -219,8 +219,9 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         engine=engine_spec(args),
     )
-    data = {k: v for k, v in summary.to_dict().items() if k != "layers"}
-    print(json.dumps(data, indent=2) if args.json else report.summary_table(data))
+    data = summary.to_dict()
+    shown = {k: v for k, v in data.items() if k != "layers"}  # quantmill_layers.json has them
+    print(json.dumps(shown, indent=2) if args.json else report.summary_table(data))
     return 0
 
 

@@ -114,6 +114,9 @@ class CalibrationSpec(StrictModel):
     seq_len: int = Field(512, ge=8, le=32_768)
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="samples per forward pass")
+    # Mixture-of-experts models: every expert is calibrated on every token (its router
+    # still decides the block's output); false: each on the tokens routed to it.
+    all_experts: bool = True
 
 
 class QualityGate(StrictModel):

@@ -29,6 +29,7 @@ RUNTIME_FILE = "quantmill_runtime.json"
 SOURCE_FILE = "quantmill_source.json"  # lineage kept beside a converted preset or GGUF
 SERVING_FILE = "quantmill_serving.json"  # what the serving engines did with it (verify)
 ACCURACY_FILE = "lm_eval_results.json"  # lm-evaluation-harness's own results, both models
+EXPERT_TOKENS_FILE = "expert_tokens.json"  # MLflow table: tokens per expert layer (MoE models)
 CARD_FILE = "README.md"
 JOURNAL_FILE = "journal.json"
 LOCK_FILE = "lock"

@@ -179,3 +179,37 @@ def expert_tokens(
             if warned:
                 log.warning("%s%s.%d: %s", prefix, spec.experts, e, warned)
     return figures
+
+
+def token_table(reports: list[dict]) -> dict[str, list]:
+    """One row per expert layer of a run's layer reports (as ``asdict`` gives them):
+    the tokens routed to it and calibrated on, and the fallback it took, if any."""
+    columns: dict[str, list] = {
+        "layer": [], "routed_tokens": [], "calibrated_tokens": [], "fallback": [],
+    }  # fmt: skip
+    for report in reports:
+        extra = report.get("extra") or {}
+        if "routed_tokens" not in extra:
+            continue
+        columns["layer"].append(report["name"])
+        columns["routed_tokens"].append(int(extra["routed_tokens"]))
+        columns["calibrated_tokens"].append(int(extra["calibrated_tokens"]))
+        columns["fallback"].append(str(extra.get("fallback", "")))
+    return columns
+
+
+def token_summary(reports: list[dict]) -> str | None:
+    """A line for the quantize report: how many expert layers, the routed tokens'
+    spread, how many were calibrated on fewer tokens than inputs or fell back."""
+    rows = token_table(reports)
+    if not rows["layer"]:
+        return None
+    routed = sorted(rows["routed_tokens"])
+    low = sum(1 for r in reports if "warning" in (r.get("extra") or {}))
+    fell = sum(1 for f in rows["fallback"] if f)
+    return (
+        f"experts: {len(routed)} expert layers; routed tokens min {routed[0]}, median "
+        f"{routed[len(routed) // 2]}, max {routed[-1]}; calibrated on "
+        f"{min(rows['calibrated_tokens'])}-{max(rows['calibrated_tokens'])} tokens; "
+        f"{low} under-calibrated, {fell} fell back to round-to-nearest"
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantmill.moe import token_summary
+
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MB"
@@ -41,6 +43,9 @@ def summary_table(s: dict[str, Any]) -> str:
         note += f"\n\n{tasks}"
     if recovery is not None:
         note += f"\nmean accuracy recovery {recovery:.3f}"
+    experts = token_summary(s.get("layers") or [])
+    if experts:
+        note += f"\n{experts}"
     return f"{table(head, rows)}{note}\ncheckpoint: {s['out_dir']}"
 
 

@@ -40,7 +40,7 @@ class Cached:
 def calibration_key(resolved: ResolvedModel, spec: CalibrationSpec) -> str:
     return cache_key(
         model=resolved.revision,
-        calibration=spec.model_dump(),
+        calibration=spec.model_dump(exclude={"all_experts"}),  # the ids do not depend on it
         data=data_fingerprint(spec.dataset),
     )
 
@@ -81,13 +81,17 @@ def prepare_statistics(
     device = resolve_device(engine.device)
     source = WeightFiles(resolved.path).main_dtype()
     dtype = resolve_dtype(engine.dtype, device, source)
-    key = cache_key(base=calibration_key(resolved, spec), compute=f"{device.type}/{dtype}")
+    key = cache_key(
+        base=calibration_key(resolved, spec), compute=f"{device.type}/{dtype}",
+        all_experts=spec.all_experts,
+    )  # fmt: skip
 
     def produce(tmp: Path) -> None:
         lazy = LazyModel.open(resolved.path, device, dtype)
         ids = load_calibration(calibration)
+        store = LazyStore(lazy, engine.offload)
         stats = collect_statistics(
-            lazy.model, ids, spec.batch_size, progress, LazyStore(lazy, engine.offload)
+            lazy.model, ids, spec.batch_size, progress, store, spec.all_experts
         )
         save_statistics(stats, tmp)
 

@@ -15,7 +15,8 @@ from prefect import task
 
 from quantmill import plots, report
 from quantmill.accuracy.models import harness_outputs, without_harness
-from quantmill.folder import ACCURACY_FILE
+from quantmill.folder import ACCURACY_FILE, EXPERT_TOKENS_FILE
+from quantmill.moe import token_table
 from tracking import adapter
 from tracking.adapter import TrackedRun
 from tracking.figures import (
@@ -69,6 +70,9 @@ def record_run(
                 plots.outlier_columns(layers, Path(tmp) / "outlier_columns.png"),
             ]
             adapter.log_files(run, [p for p in drawn if p is not None], "plots")
+    experts = token_table(layers or [])
+    if experts["layer"]:  # mixture of experts: tokens routed to and calibrated on each
+        adapter.log_table(run, experts, EXPERT_TOKENS_FILE)
     if quantized_eval and not quantized:
         adapter.log_dict(run, without_harness(quantized_eval), "evaluation.json")
     harness = harness_outputs(original_eval, quantized_eval)

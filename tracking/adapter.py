@@ -235,6 +235,11 @@ def log_dict(run: TrackedRun, data: Any, name: str) -> None:
     get_client().log_dict(run.run_id, data, name)
 
 
+def log_table(run: TrackedRun, columns: dict[str, list], name: str) -> None:
+    """A table artifact (MLflow's, shown as a table in its UI): column → values."""
+    get_client().log_table(run.run_id, data=columns, artifact_file=name)
+
+
 def set_tags(run: TrackedRun, tags: dict[str, Any]) -> None:
     client = get_client()
     for key, value in tags.items():

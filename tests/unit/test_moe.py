@@ -3,6 +3,7 @@ per-expert layers computing the same, every expert is quantized on its own
 Hessian, calibrated on every token by default, and written as vLLM loads it."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,73 @@ def test_all_expert_calibration_keeps_the_routed_output(tiny_model):
         ):
             everything = model(probe).logits
     torch.testing.assert_close(everything, routed)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_the_streaming_engine_quantizes_experts_from_their_files(tmp_path, text_files, model_type):
+    """bfloat16 shards named as the Hub names them (Mixtral's block_sparse_moe/w1..w3
+    included), one block in memory at a time: the checkpoint has the in-memory
+    driver's weights and the summary counts every expert's tokens."""
+    _streamed(tmp_path, text_files, model_type)
+
+
+def _streamed(tmp_path, text_files, model_type):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from quantmill.api import quantize
+    from quantmill.config import EngineSpec
+    from quantmill.data import calibration_ids
+    from quantmill.folder import weight_files
+    from quantmill.models import load_tokenizer
+    from quantmill.report import summary_table
+    from quantmill.sources import resolve_model
+    from tests.conftest import tiny_config, tiny_recipe, tiny_tokenizer
+
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).to(torch.bfloat16)
+    model.save_pretrained(source, max_shard_size="200KB")
+    tiny_tokenizer().save_pretrained(source)
+    recipe = tiny_recipe("gptq", *text_files)
+    out = tmp_path / "out"
+    summary = quantize(str(source), recipe, out, progress=False, evaluate=False,
+                       engine=EngineSpec(max_shard_size="100KB"))  # fmt: skip
+    line = summary_table(summary.to_dict())
+    assert "experts: 24 expert layers" in line and "0 fell back" in line
+    memory = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    calib = calibration_ids(load_tokenizer(resolve_model(str(source))), recipe.calibration)
+    outcome = quantize_model(memory, recipe.steps, calib, recipe.calibration.batch_size, False)
+    spec = arch_for(memory)
+    stored = {"mixtral": "block_sparse_moe"}.get(model_type, "mlp")
+    down = spec.expert_linears[2]
+    name = f"model.layers.1.{stored}.experts.2.{down}.weight_scale"
+    written = {}
+    for file in weight_files(out):
+        with safe_open(str(file), "pt") as f:
+            written.update({k: f.get_tensor(k) for k in f.keys()})
+    ours = outcome.layers[f"model.layers.1.mlp.experts.2.{down}"].scale
+    assert torch.equal(written[name].float(), ours.to(written[name].dtype).float())
+    return out, summary
+
+
+def test_the_token_counts_are_an_mlflow_table(tmp_path, text_files, monkeypatch):
+    import pandas  # noqa: F401  (MLflow's tables need it)
+
+    from quantmill.api import LAYERS_FILE
+    from tasks.record import record_run
+    from tracking.adapter import get_client, mlflow_run
+
+    out, summary = _streamed(tmp_path, text_files, "qwen3_moe")
+    quantized = {**summary.to_dict(), "layers_file": str(out / LAYERS_FILE)}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("QUANTMILL_MLFLOW_DIR", str(tmp_path / "mlruns"))
+    with mlflow_run("moe") as run:
+        record_run.fn(run, None, None, quantized=quantized)
+    client = get_client()
+    path = client.download_artifacts(run.run_id, "expert_tokens.json", str(tmp_path))
+    table = json.loads(Path(path).read_text())
+    assert table["columns"] == ["layer", "routed_tokens", "calibrated_tokens", "fallback"]
+    assert len(table["data"]) == 2 * 4 * 3  # blocks x experts x layers
+    assert {row[2] for row in table["data"]} == {8 * 32}  # every expert saw every token
+    assert sum(row[1] for row in table["data"]) == 2 * 3 * 8 * 32 * 2  # top-2 routing
