@@ -175,8 +175,8 @@ def smollm2(work: Path, before: str) -> dict[str, Any]:
         "engine": _figures(runs["engine"]),
         "tensors": same,
         "time_ratio": runs["engine"]["wall_seconds"] / runs["before"]["wall_seconds"],
-        "met": same["identical"] and runs["engine"]["wall_seconds"]
-        <= runs["before"]["wall_seconds"],
+        "met": same["identical"]
+        and runs["engine"]["wall_seconds"] <= runs["before"]["wall_seconds"],
     }
 
 
@@ -252,8 +252,14 @@ def identical_tensors(a: Path, b: Path) -> dict[str, Any]:
 
     left, right = WeightFiles(a), WeightFiles(b)
     names = sorted(set(left.tensors) | set(right.tensors))
-    differ = [n for n in names if n not in left.tensors or n not in right.tensors
-              or left.dtype(n) != right.dtype(n) or not torch.equal(left.read(n), right.read(n))]
+    differ = [
+        n
+        for n in names
+        if n not in left.tensors
+        or n not in right.tensors
+        or left.dtype(n) != right.dtype(n)
+        or not torch.equal(left.read(n), right.read(n))
+    ]
     return {"tensors": len(names), "differing": differ[:20], "identical": not differ}  # fmt: skip
 
 

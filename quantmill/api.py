@@ -125,6 +125,13 @@ def quantize(
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
     methods = check_recipe(lazy.model, recipe, export_format)  # built once, used by the run
+    if evaluate and export_format != "fake" and lazy.spec.experts is not None:
+        raise ConfigError(
+            f"{lazy.model.config.model_type}: transformers cannot load a packed mixture-of-"
+            "experts checkpoint (its experts are fused parameters, compressed-tensors "
+            "quantizes nn.Linear experts), so it cannot be evaluated after quantizing; pass "
+            "--no-eval (evaluation: none) or --format fake"
+        )
     gguf = export_format == "gguf"  # a packed checkpoint, then its GGUF file beside it
     if gguf:
         export_format = "packed"

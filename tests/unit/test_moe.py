@@ -209,3 +209,26 @@ def test_the_token_counts_are_an_mlflow_table(tmp_path, text_files, monkeypatch)
     assert len(table["data"]) == 2 * 4 * 3  # blocks x experts x layers
     assert {row[2] for row in table["data"]} == {8 * 32}  # every expert saw every token
     assert sum(row[1] for row in table["data"]) == 2 * 3 * 8 * 32 * 2  # top-2 routing
+
+
+def test_a_packed_moe_run_with_evaluation_is_refused_before_work_and_fake_evaluates(
+    tmp_path, text_files
+):
+    from transformers import AutoModelForCausalLM
+
+    from quantmill.api import quantize
+    from quantmill.errors import ConfigError
+    from tests.conftest import tiny_config, tiny_recipe, tiny_tokenizer
+
+    source = tmp_path / "source"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    recipe = tiny_recipe("gptq", *text_files)
+    with pytest.raises(ConfigError, match="--no-eval"):
+        quantize(str(source), recipe, tmp_path / "packed", progress=False)
+    assert not (tmp_path / "packed").exists()
+    summary = quantize(str(source), recipe, tmp_path / "fake", progress=False,
+                       export_format="fake")  # fmt: skip
+    original, quantized = summary.original["perplexity"], summary.quantized["perplexity"]
+    assert original > 1 and abs(quantized - original) < 0.5 * original  # evaluated, near
