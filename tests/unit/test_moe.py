@@ -24,9 +24,9 @@ def ids(n=8, seq=32):
     return torch.randint(0, 320, (n, seq), generator=torch.Generator().manual_seed(0))
 
 
-def gptq(**weights):
+def gptq(method="gptq", **weights):
     weights = {"bits": 4, "group_size": 16, **weights}
-    return parse_recipe({"steps": [{"method": "gptq", "weights": weights}]}).steps
+    return parse_recipe({"steps": [{"method": method, "weights": weights}]}).steps
 
 
 @pytest.mark.parametrize("model_type", MOE)
@@ -45,12 +45,14 @@ def test_per_expert_layers_compute_what_the_fused_experts_do(tiny_model, model_t
     assert unfuse_experts(model, arch_for(model)) == 0  # already done
 
 
-@pytest.mark.parametrize("model_type", MOE)
-def test_every_expert_is_quantized_onto_its_grid_and_reloads(tmp_path, tiny_model, model_type):
+@pytest.mark.parametrize("model_type,method", [(t, "gptq") for t in MOE] + [("qwen3_moe", "awq")])
+def test_every_expert_is_quantized_onto_its_grid_and_reloads(
+    tmp_path, tiny_model, model_type, method
+):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(model_type)
-    outcome = quantize_model(model, gptq(), ids(), 4, False)
+    outcome = quantize_model(model, gptq(method), ids(), 4, False)
     spec = arch_for(model)
     stored = {"mixtral": "block_sparse_moe"}.get(model_type, "mlp")
     names = [f"model.layers.{b}.mlp.experts.{e}.{p}" for b in range(2) for e in range(4)
