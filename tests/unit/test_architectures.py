@@ -20,8 +20,11 @@ def ids(n=8, seq=32):
     return torch.randint(0, 320, (n, seq), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("model_type", DENSE)
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize(
+    "model_type,method",
+    # GPT-NeoX has no mapping table: AWQ refuses it before work, as it does GPT-2
+    [(t, "gptq") for t in DENSE] + [(t, "awq") for t in DENSE if t != "gpt_neox"],
+)
 def test_packed_checkpoint_reloads_with_the_in_memory_logits(
     tmp_path, tiny_model, model_type, method
 ):

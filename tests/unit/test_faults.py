@@ -276,7 +276,7 @@ BAD_INPUTS = [
     # the model
     ("model-path-typo", lambda w: w.quantize(model="m/does-not-exist"), "is neither a local folder"),
     ("model-missing", lambda w: w.quantize(model="./does-not-exist"), "not an existing local folder or .gguf file"),
-    ("model-t5", lambda w: w.quantize(model=w.t5), "'t5' is not supported; supported model_type values: gpt2"),
+    ("model-t5", lambda w: w.quantize(model=w.t5), "'t5' is not supported; supported model_type values: gemma2"),
     ("zeroquant-distills-conv1d", lambda w: w.quantize("--format", "fake", model=w.gpt2, recipe=str(w.zeroquant)), "uses Conv1D. Set lkd_steps: 0"),
     ("llm-qat-trains-conv1d", lambda w: w.quantize("--format", "fake", model=w.gpt2, recipe=str(w.llm_qat)), "uses Conv1D. Use a post-training method"),
     ("model-gpt2-packed", lambda w: w.quantize(model=w.gpt2), "Conv1D modules, which the packed compressed-tensors format cannot hold; pass --format fake"),
