@@ -32,7 +32,7 @@ from quantmill.accuracy.models import (
     write_harness_file,
 )
 from quantmill.accuracy.recovery import accuracy_recovery
-from quantmill.arch import arch_for
+from quantmill.arch import ArchSpec, arch_for
 from quantmill.cache import cache_key, cached_json
 from quantmill.config import EngineSpec, EvalSpec
 from quantmill.data import calibration_ids, eval_ids, ids_digest
@@ -125,13 +125,8 @@ def quantize(
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, revision)
     lazy = open_model(resolved.path, device, engine.dtype, trust_remote_code)
     methods = check_recipe(lazy.model, recipe, export_format)  # built once, used by the run
-    if evaluate and export_format != "fake" and lazy.spec.experts is not None:
-        raise ConfigError(
-            f"{lazy.model.config.model_type}: transformers cannot load a packed mixture-of-"
-            "experts checkpoint (its experts are fused parameters, compressed-tensors "
-            "quantizes nn.Linear experts), so it cannot be evaluated after quantizing; pass "
-            "--no-eval (evaluation: none) or --format fake"
-        )
+    if evaluate and export_format != "fake":
+        check_loadable_packed(lazy.spec, lazy.model.config.model_type)
     gguf = export_format == "gguf"  # a packed checkpoint, then its GGUF file beside it
     if gguf:
         export_format = "packed"
@@ -434,7 +429,7 @@ def check_recipe(
     the architecture, each step's mappings and layers, the KV-cache layout, the export
     (packed grids that no serving engine loads, unless ``export.servable`` is false).
     Returns the steps' methods, built and checked (a run uses these)."""
-    spec = arch_for(net)
+    arch_for(net)  # an unsupported architecture fails first
     calibration = recipe.calibration if recipe.needs_calibration() else None
     check_positions(net.config, calibration=calibration, evaluation=recipe.evaluation)
     methods = build_methods(net, recipe.steps)
@@ -447,13 +442,24 @@ def check_recipe(
         export_format = "packed"
     if export_format == "packed":
         check_servable(net, recipe)
-    if spec.conv1d and export_format == "packed":
-        raise ConfigError(
-            f"{net.config.model_type} stores its weights in Conv1D modules, which the packed "
-            "compressed-tensors format cannot hold; pass --format fake (float weights on the "
-            "grid)"
-        )
     return methods
+
+
+def check_loadable_packed(spec: ArchSpec, model_type: str) -> None:
+    """A ``ConfigError`` for architectures whose packed checkpoints transformers cannot
+    load, so that quantize-then-evaluate fails before work, not after it."""
+    why = None
+    if spec.experts is not None:
+        why = ("its experts are fused parameters in transformers 5; compressed-tensors "
+               "quantizes nn.Linear experts")  # fmt: skip
+    elif spec.conv1d:
+        why = "compressed-tensors refuses its Conv1D modules (vLLM loads the checkpoint)"
+    if why:
+        raise ConfigError(
+            f"{model_type}: transformers cannot load the packed checkpoint ({why}), so it "
+            "cannot be evaluated after quantizing; pass --no-eval (evaluation: none) or "
+            "--format fake"
+        )
 
 
 def check_positions(config: Any, **specs: Any) -> None:

@@ -68,7 +68,7 @@ def module_tensors(
     for name, sub in module.named_modules():
         full = prefix + name
         if full in layers and fmt == "packed":
-            yield from compress_layer(full, sub, layers[full]).items()
+            yield from compress_layer(full, sub, layers[full], conv1d).items()
             done.add(f"{full}.weight")
         elif full in layers:
             quant = layers[full]

@@ -31,7 +31,7 @@ from torch import nn
 
 from quantmill.config import QuantScheme
 from quantmill.errors import ExportError
-from quantmill.layers import LayerQuant
+from quantmill.layers import LayerQuant, get_weight
 from quantmill.quant.grid import SCALE_DTYPE
 
 
@@ -122,16 +122,21 @@ def layer_scheme(quant: LayerQuant, in_features: int) -> QuantizationScheme:
     )
 
 
-def compress_layer(name: str, module: nn.Module, quant: LayerQuant) -> dict[str, torch.Tensor]:
-    """The tensors that replace ``name.weight`` in a packed checkpoint (full names)."""
-    if not isinstance(module, nn.Linear):
+def compress_layer(
+    name: str, module: nn.Module, quant: LayerQuant, conv1d: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tensors that replace ``name.weight`` in a packed checkpoint (full names).
+    ``conv1d``: the module is GPT-2's Conv1D (``[in, out]``); its weight is stored in
+    nn.Linear's ``[out, in]`` layout, as vLLM's GPT-2 reads quantized weights."""
+    if not isinstance(module, nn.Linear) and not conv1d:
         raise ExportError(
             f"{name} is a {type(module).__name__}, not nn.Linear; compressed-tensors stores "
             "only nn.Linear weights. Export this architecture with --format fake."
         )
-    scheme = layer_scheme(quant, module.weight.shape[1])
+    weight = get_weight(module, conv1d)
+    scheme = layer_scheme(quant, weight.shape[1])
     local = {
-        "weight": module.weight.data.float(),
+        "weight": weight.float(),
         "weight_scale": quant.scale.to(module.weight.device, SCALE_DTYPE).contiguous(),
     }
     if quant.zero is not None:

@@ -75,11 +75,22 @@ def _amx() -> bool:
     return bool(torch.cpu._is_amx_tile_supported())
 
 
+def _greedy(model, tokenizer, n=8):
+    import torch
+
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return ids[0, prompt.shape[1] :].tolist()
+
+
 @pytest.fixture(scope="module")
-def moe_verdict(smollm2_path, tmp_path_factory):
-    """A small random Qwen3-MoE (SmolLM2's tokenizer), 4-bit groups of 64, packed,
-    loaded by vLLM; our in-memory quantized model is the reference (transformers
-    cannot load a packed MoE checkpoint)."""
+def other_verdicts(smollm2_path, tmp_path_factory):
+    """Small random models (SmolLM2's tokenizer) in the packed forms transformers cannot
+    load, so our in-memory quantized model is the reference: a Qwen3-MoE, and GPT-2
+    (Conv1D weights stored in nn.Linear's layout). One vLLM process loads both."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -90,38 +101,52 @@ def moe_verdict(smollm2_path, tmp_path_factory):
     except Exception as exc:
         pytest.skip(str(exc))
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=len(tokenizer), hidden_size=256, moe_intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config).eval()
+    configs = {
+        "qwen3_moe": dict(
+            hidden_size=256, moe_intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4,
+            num_experts_per_tok=2, tie_word_embeddings=True,
+        ),
+        "gpt2": dict(n_embd=256, n_layer=2, n_head=4, n_positions=512),
+    }  # fmt: skip
     calib = tokenizer(["The capital of France is Paris. " * 8] * 4, return_tensors="pt").input_ids
     steps = parse_recipe({"steps": [{"method": "rtn", "weights": {"group_size": 64}}]}).steps
-    outcome = quantize_model(model, steps, calib, 4, False)
-    folder = tmp_path_factory.mktemp("vllm-moe") / "qwen3-moe"
-    save_quantized(model, tokenizer, outcome.layers, folder)
-    (result,) = probe_vllm([folder])
-    return result, model, tokenizer
+    root = tmp_path_factory.mktemp("vllm-other")
+    models, folders = {}, {}
+    for kind, sizes in configs.items():
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(kind, vocab_size=len(tokenizer), **sizes)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        outcome = quantize_model(model, steps, calib, 4, False)
+        save_quantized(model, tokenizer, outcome.layers, root / kind)
+        models[kind], folders[kind] = model, root / kind
+    results = probe_vllm(list(folders.values()))
+    verdicts = {kind: result for kind, result in zip(folders, results, strict=True)}
+    return verdicts, models, tokenizer
+
+
+def test_vllm_serves_gpt2_conv1d_weights_written_in_linear_layout(other_verdicts):
+    verdicts, models, tokenizer = other_verdicts
+    result = verdicts["gpt2"]
+    assert result["loaded"], result["reason"]
+    assert "CPUWNA16LinearKernel" in result["kernels"]
+    ours = _greedy(models["gpt2"], tokenizer)
+    assert result["token_ids"][0] == ours[0]
+    assert sum(a == b for a, b in zip(result["token_ids"], ours, strict=True)) >= 6
 
 
 @pytest.mark.xfail(
     _amx(), reason="vLLM's AMX int4 MoE kernel: not run on this project's machines", strict=False
 )
-def test_vllm_reads_our_moe_scheme_and_serves_it_where_it_has_a_kernel(moe_verdict):
+def test_vllm_reads_our_moe_scheme_and_serves_it_where_it_has_a_kernel(other_verdicts):
     """Where vLLM has a CPU int4 MoE kernel (AMX), it serves the checkpoint and its first
     token is our quantized model's choice; elsewhere it reads the per-expert scheme and
     says it has no kernel (a wrong name or target would fail before that, on the weights)."""
-    import torch
-
-    result, model, tokenizer = moe_verdict
+    verdicts, models, tokenizer = other_verdicts
+    result = verdicts["qwen3_moe"]
     if not _amx():
         assert not result["loaded"]
         assert "No WNA16 MoE backend supports the deployment configuration" in result["reason"]
         return
     assert result["loaded"], result["reason"]
-    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        first = int(model(prompt).logits[0, -1].argmax())
-    assert result["token_ids"][0] == first
+    assert result["token_ids"][0] == _greedy(models["qwen3_moe"], tokenizer, 1)[0]

@@ -127,3 +127,28 @@ def test_the_streaming_engine_quantizes_gemma_as_the_in_memory_driver_does(tmp_p
     probe = ids(2, 24)
     with torch.no_grad():
         assert torch.equal(memory(probe).logits, reloaded(probe).logits)
+
+
+def test_gpt2_packed_weights_are_stored_in_linear_layout(tmp_path, tiny_model):
+    """GPT-2's Conv1D holds [in, out]; the packed checkpoint holds [out, in] (what vLLM's
+    GPT-2 reads; tests/serving runs it), values on our grid."""
+    from safetensors import safe_open
+
+    from quantmill.layers import get_weight
+    from quantmill.quant.grid import fake_quantize
+
+    model = tiny_model("gpt2")  # c_attn: 64 inputs, 192 outputs
+    steps = parse_recipe({"steps": [{"method": "rtn", "weights": {"group_size": 16}}]}).steps
+    outcome = quantize_model(model, steps, None, 4, False)
+    save_quantized(model, None, outcome.layers, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        packed = f.get_tensor("transformer.h.0.attn.c_attn.weight_packed")
+        shape = f.get_tensor("transformer.h.0.attn.c_attn.weight_shape")
+        scale = f.get_tensor("transformer.h.0.attn.c_attn.weight_scale")
+    assert shape.tolist() == [192, 64] and list(packed.shape) == [192, 64 // 8]
+    assert list(scale.shape) == [192, 64 // 16]
+    layer = model.transformer.h[0].attn.c_attn
+    quant = outcome.layers["transformer.h.0.attn.c_attn"]
+    W = get_weight(layer, True).float()  # [out, in]
+    assert torch.equal(fake_quantize(W, quant.scale, quant.zero, quant.scheme), W)
+    assert torch.allclose(scale.float(), quant.scale.float(), rtol=1e-3)

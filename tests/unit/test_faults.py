@@ -279,7 +279,7 @@ BAD_INPUTS = [
     ("model-t5", lambda w: w.quantize(model=w.t5), "'t5' is not supported; supported model_type values: gemma2"),
     ("zeroquant-distills-conv1d", lambda w: w.quantize("--format", "fake", model=w.gpt2, recipe=str(w.zeroquant)), "uses Conv1D. Set lkd_steps: 0"),
     ("llm-qat-trains-conv1d", lambda w: w.quantize("--format", "fake", model=w.gpt2, recipe=str(w.llm_qat)), "uses Conv1D. Use a post-training method"),
-    ("model-gpt2-packed", lambda w: w.quantize(model=w.gpt2), "Conv1D modules, which the packed compressed-tensors format cannot hold; pass --format fake"),
+    ("model-gpt2-packed", lambda w: w.quantize(model=w.gpt2), "transformers cannot load the packed checkpoint (compressed-tensors refuses its Conv1D modules (vLLM loads the checkpoint)), so it cannot be evaluated after quantizing; pass --no-eval"),
     ("gguf-truncated", lambda w: w.quantize(model=w.gguf_cut), "cut.gguf is truncated: it ends (20.0 MB) before the data its header describes; download it again"),
     ("gguf-junk", lambda w: w.quantize(model=w.gguf_junk), "is not a readable GGUF file"),
     ("no-config", lambda w: w.quantize(model=w.no_config), "has no config.json; pass a folder written by save_pretrained"),
