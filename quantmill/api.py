@@ -485,11 +485,15 @@ def check_recipe_source(
     export_format: str = "packed",
 ) -> None:
     """``check_recipe`` on an empty model built from the source's config (no weights
-    read): what a pipeline runs right after download, before any expensive step."""
+    read): what a pipeline runs right after download, before any expensive step. The
+    pipeline evaluates what it writes: a packed checkpoint transformers cannot load
+    is refused here."""
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
     spec_tasks(recipe.evaluation)  # task names, files and data
     net = empty_model(resolved.path, torch.float32, trust_remote_code)
     check_recipe(net, recipe, export_format)
+    if export_format != "fake":
+        check_loadable_packed(arch_for(net), net.config.model_type)
 
 
 def _config_dtype(resolved: ResolvedModel) -> torch.dtype:
