@@ -43,6 +43,8 @@ def tiny_config(model_type: str, vocab_size: int = 320):
     decoder = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
     )
+    experts = dict(num_experts=4, num_experts_per_tok=2)
+    two_kinds = ["sliding_attention", "full_attention"]
     sizes = {
         "llama": dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
@@ -60,27 +62,13 @@ def tiny_config(model_type: str, vocab_size: int = 320):
         "phi3": dict(**decoder, bos_token_id=1, eos_token_id=2, pad_token_id=0),
         # a window shorter than the tests' sequences, so the two kinds of block differ
         "gemma2": dict(**decoder, head_dim=16, sliding_window=8),
-        "gemma3_text": dict(
-            **decoder,
-            head_dim=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-        ),  # fmt: skip
-        "qwen3_moe": dict(
-            **decoder,
-            head_dim=16,
-            moe_intermediate_size=32,
-            num_experts=4,
-            num_experts_per_tok=2,
-        ),  # fmt: skip
+        "gemma3_text": dict(**decoder, head_dim=16, sliding_window=8, layer_types=two_kinds),
+        # mixtures of experts: 4 experts, 2 a token
+        "qwen3_moe": dict(**decoder, **experts, head_dim=16, moe_intermediate_size=32),
         "mixtral": dict(**decoder, num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": dict(
-            **decoder,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=64,
-            num_experts=4,
-            num_experts_per_tok=2,
-        ),  # fmt: skip
+            **decoder, **experts, moe_intermediate_size=32, shared_expert_intermediate_size=64
+        ),
     }[model_type]
     if model_type == "gpt2":
         common.pop("num_attention_heads")
