@@ -152,3 +152,21 @@ def test_gpt2_packed_weights_are_stored_in_linear_layout(tmp_path, tiny_model):
     W = get_weight(layer, True).float()  # [out, in]
     assert torch.equal(fake_quantize(W, quant.scale, quant.zero, quant.scheme), W)
     assert torch.allclose(scale.float(), quant.scale.float(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gemma2", "gemma3_text", "qwen3_moe", "mixtral"])
+def test_kv_cache_quantization_reaches_the_new_architectures(tiny_model, model_type):
+    from quantmill.config import KVCacheSpec
+    from quantmill.kv_cache import check_kv_supported, kv_cache_quantized
+
+    model = tiny_model(model_type)
+    check_kv_supported(model)
+    probe = ids(1, 32)
+    with torch.no_grad():
+        plain = model(probe).logits
+        errors = {}
+        for bits in (8, 4):
+            with kv_cache_quantized(model, KVCacheSpec(bits=bits)):
+                errors[bits] = float((model(probe).logits - plain).abs().mean())
+        assert torch.equal(model(probe).logits, plain)  # the wrapper is gone after
+    assert 0 < errors[8] < errors[4]
