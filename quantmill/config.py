@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -30,7 +30,10 @@ class QuantScheme(StrictModel):
     symmetric: bool = Field(True, description="zero point fixed at 0 when true")
     # "mse" searches a shrink factor per group that minimises the rounding error;
     # it matters most at 3 bits and below, where min-max wastes grid points on outliers.
-    observer: Literal["minmax", "mse"] = "minmax"
+    # "imatrix" weights that error by each input column's activation energy (mean x²
+    # over the calibration tokens, llama.cpp's importance matrix): RTN and GPTQ only,
+    # which collect it.
+    observer: Literal["minmax", "mse", "imatrix"] = "minmax"
 
     @field_validator("group_size", mode="before")
     @classmethod
@@ -68,6 +71,10 @@ class ActScheme(StrictModel):
 class MethodConfig(StrictModel):
     """Fields every method step shares: what it quantizes and how."""
 
+    # the methods that measure each input column's activation energy for the
+    # ``imatrix`` observer set this
+    takes_importance: ClassVar[bool] = False
+
     method: str
     weights: QuantScheme = Field(default_factory=QuantScheme)
     # Quantize each selected layer's input per token at run time (W8A8, W4A8);
@@ -87,6 +94,15 @@ class MethodConfig(StrictModel):
                 except re.error as exc:
                     raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
         return value
+
+    @model_validator(mode="after")
+    def _importance(self) -> MethodConfig:
+        if self.weights.observer == "imatrix" and not self.takes_importance:
+            raise ValueError(
+                f"weights.observer: imatrix needs each input column's activation energy, "
+                f"which {self.method} does not collect; use it with rtn or gptq, or use mse"
+            )
+        return self
 
     def selects(self, name: str) -> bool:
         """True when module ``name`` is targeted and not ignored."""

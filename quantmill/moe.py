@@ -206,10 +206,11 @@ def token_summary(reports: list[dict]) -> str | None:
         return None
     routed = sorted(rows["routed_tokens"])
     low = sum(1 for r in reports if "warning" in (r.get("extra") or {}))
-    fell = sum(1 for f in rows["fallback"] if f)
+    fell = [f for f in rows["fallback"] if f]
+    how = f" ({', '.join(sorted(set(fell)))})" if fell else ""
     return (
         f"experts: {len(routed)} expert layers; routed tokens min {routed[0]}, median "
         f"{routed[len(routed) // 2]}, max {routed[-1]}; calibrated on "
         f"{min(rows['calibrated_tokens'])}-{max(rows['calibrated_tokens'])} tokens; "
-        f"{low} under-calibrated, {fell} fell back to round-to-nearest"
+        f"{low} under-calibrated, {len(fell)} fell back{how}"
     )

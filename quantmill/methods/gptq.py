@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class GPTQConfig(MethodConfig):
+    takes_importance = True  # the Hessian's diagonal
     method: Literal["gptq"] = "gptq"
     block_size: int = Field(128, ge=1, le=8192, description="columns per lazy batch update")
     dampening: float = Field(0.01, gt=0, le=1, description="λ as a fraction of mean(diag H)")

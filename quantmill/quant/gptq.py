@@ -164,8 +164,10 @@ def gptq_quantize_weight(
     scale = torch.empty(rows, n_groups, device=device)
     zero = None if scheme.symmetric else torch.empty(rows, n_groups, device=device)
     ready = [False] * n_groups
+    # the imatrix observer's column importance: the Hessian's diagonal, 2·mean(x²)
+    energy = torch.diag(H).clone() if scheme.observer == "imatrix" else None
     if static_groups or scheme.group_size is None:
-        s, z = compute_qparams(Wt.t(), scheme)
+        s, z = compute_qparams(Wt.t(), scheme, energy)
         scale.copy_(s)
         if zero is not None and z is not None:
             zero.copy_(z)
@@ -193,7 +195,8 @@ def gptq_quantize_weight(
         for i in range(i2 - i1):
             g = group_at[i1 + i]
             if not ready[g]:
-                _set_group_params(Wt[members[g]].t(), scheme, scale, zero, g)
+                group_energy = None if energy is None else energy[perm[members[g]]]
+                _set_group_params(Wt[members[g]].t(), scheme, scale, zero, g, group_energy)
                 ready[g] = True
             w, q, err = W1[i], Qt[i1 + i], Err1[i]
             fake_quantize_column_into(
@@ -210,11 +213,13 @@ def gptq_quantize_weight(
 
 
 def _set_group_params(
-    Wg: Tensor, scheme: QuantScheme, scale: Tensor, zero: Tensor | None, g: int
-) -> None:
-    """Parameters of one group from its current columns ``Wg`` ``[rows, ≤group_size]``."""
+    Wg: Tensor, scheme: QuantScheme, scale: Tensor, zero: Tensor | None, g: int,
+    energy: Tensor | None = None,
+) -> None:  # fmt: skip
+    """Parameters of one group from its current columns ``Wg`` ``[rows, ≤group_size]``
+    (``energy``: those columns' importance, for the imatrix observer)."""
     per_group = scheme.model_copy(update={"group_size": None})
-    s, z = compute_qparams(Wg, per_group)
+    s, z = compute_qparams(Wg, per_group, energy)
     scale[:, g] = s[:, 0]
     if zero is not None and z is not None:
         zero[:, g] = z[:, 0]

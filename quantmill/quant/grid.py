@@ -85,19 +85,37 @@ def _storable(scale: Tensor) -> Tensor:
     return stored.float()
 
 
-def compute_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
-    """Per-group scale ``[rows, n_groups]`` and zero point (``None`` when symmetric)."""
+def compute_qparams(
+    W: Tensor, scheme: QuantScheme, importance: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Per-group scale ``[rows, n_groups]`` and zero point (``None`` when symmetric).
+
+    ``importance`` ``[cols]``: each input column's activation energy, which the
+    ``imatrix`` observer weights the rounding error by (the ``mse`` search otherwise)."""
     G = grouped(W.float(), scheme.group_size)
     wmin = G.amin(dim=2).clamp_max(0)
     wmax = G.amax(dim=2).clamp_min(0)
     if scheme.observer == "minmax":
         return minmax_params(wmin, wmax, scheme)
+    weight = None
+    if scheme.observer == "imatrix":
+        if importance is None:
+            raise ValueError("the imatrix observer needs each input column's importance")
+        weight = importance_weights(importance.to(G.device), scheme.group_size)
     work = torch.empty_like(G)  # one buffer for every candidate: no per-step allocations
 
     def error(scale: Tensor, zero: Tensor | None) -> Tensor:
-        return _squared_error(G, scale[..., None], _z(zero), scheme, work)
+        return _squared_error(G, scale[..., None], _z(zero), scheme, work, weight)
 
     return best_shrink(wmin, wmax, scheme, MSE_SHRINK, error)
+
+
+def importance_weights(importance: Tensor, group_size: int | None) -> Tensor:
+    """``[1, n_groups, g]`` weights from per-column activation energies; a floor of
+    1e-6 of the mean keeps columns no token reached in the sum."""
+    energy = importance.float().clamp_min(0)
+    energy = energy + 1e-6 * energy.mean().clamp_min(1e-30)
+    return grouped(energy[None, :], group_size)
 
 
 def best_shrink(
@@ -120,10 +138,12 @@ def best_shrink(
 
 
 def _squared_error(
-    G: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme, work: Tensor
-) -> Tensor:
-    """Σ over the last dim of ``(fake_quantize(G) - G)²``, computed in ``work``."""
-    return fake_quantize_column_into(work, G, scale, zero, scheme).sub_(G).pow_(2).sum(dim=2)
+    G: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme, work: Tensor,
+    weight: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Σ over the last dim of ``(fake_quantize(G) - G)²`` (times ``weight``), in ``work``."""
+    err = fake_quantize_column_into(work, G, scale, zero, scheme).sub_(G).pow_(2)
+    return (err if weight is None else err.mul_(weight)).sum(dim=2)
 
 
 def _z(zero: Tensor | None) -> Tensor | None:
