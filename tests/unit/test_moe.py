@@ -60,6 +60,7 @@ def test_every_expert_is_quantized_onto_its_grid_and_reloads(
     assert set(names) <= set(outcome.layers)
     assert len(outcome.layers) == 2 * len(spec.linears)
     assert "model.layers.0.mlp.gate.weight" not in outcome.layers  # the router stays float
+    assert not [r.name for r in outcome.reports if "fallback" in r.extra]  # all calibrated
     for name in names:
         quant = outcome.layers[name]
         W = get_weight(model.get_submodule(name), False).float()
