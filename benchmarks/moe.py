@@ -80,10 +80,10 @@ def recipe(work: Path, all_experts: bool) -> Path:
     return path
 
 
-def measured(cmd: list[str], log: Path) -> dict[str, Any]:
+def measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
     start = time.perf_counter()
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         out = proc.stdout.read() if proc.stdout else ""
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -152,31 +152,47 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantmill-moe"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/moe.json")
+    parser.add_argument(
+        "--allocators", default="pinned",
+        help="comma-separated: pinned (the CLI's fixed 1 MiB mmap threshold), default "
+        "(glibc's dynamic one: QUANTMILL_MMAP_PIN=0); rows already in --out are kept",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     source = args.work / "qwen3-moe-random"
     if not (source / "config.json").is_file():
         write_model(source)
     ids = held_out_ids()
-    rows = {}
-    for label, all_experts in (("all_experts", True), ("routed_only", False)):
-        out = args.work / f"out-{label}"
-        cmd = [sys.executable, "-m", "app", "quantize", "--model", str(source), "--recipe",
-               str(recipe(args.work, all_experts)), "--out", str(out), "--format", "fake",
-               "--no-eval", "--json", "-q", "--overwrite", "--threads", "2"]  # fmt: skip
-        run = measured(cmd, args.work / f"{label}.log")
-        errors = block_errors(source, out, ids)
-        rows[label] = {
-            "command": " ".join(cmd[1:]), "wall_seconds": run["wall_seconds"],
-            "peak_rss_mb": run["peak_rss_mb"],
-            "quantize_seconds": round(run["summary"]["quant_seconds"], 1),
-            "block_errors": [round(e, 6) for e in errors],
-            "mean_block_error": round(sum(errors) / len(errors), 6), **experts_of(out),
-        }  # fmt: skip
-        print(label, {k: v for k, v in rows[label].items() if k != "per_expert"}, flush=True)
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    rows = dict(old.get("runs", {}))
+    for allocator in args.allocators.split(","):
+        env = dict(os.environ)
+        if allocator == "default":
+            env["QUANTMILL_MMAP_PIN"] = "0"
+        for label, all_experts in (("all_experts", True), ("routed_only", False)):
+            key = label if allocator == "pinned" else f"{label}/{allocator}"
+            out = args.work / f"out-{label}-{allocator}"
+            cmd = [sys.executable, "-m", "app", "quantize", "--model", str(source), "--recipe",
+                   str(recipe(args.work, all_experts)), "--out", str(out), "--format", "fake",
+                   "--no-eval", "--json", "-q", "--overwrite", "--threads", "2"]  # fmt: skip
+            load_before = os.getloadavg()[0]
+            run = measured(cmd, args.work / f"{label}-{allocator}.log", env)
+            errors = block_errors(source, out, ids)
+            rows[key] = {
+                "command": " ".join(cmd[1:]), "allocator": allocator,
+                "wall_seconds": run["wall_seconds"], "peak_rss_mb": run["peak_rss_mb"],
+                "load_average": {"before": round(load_before, 2),
+                                 "after": round(os.getloadavg()[0], 2)},
+                "quantize_seconds": round(run["summary"]["quant_seconds"], 1),
+                "block_errors": [round(e, 6) for e in errors],
+                "mean_block_error": round(sum(errors) / len(errors), 6), **experts_of(out),
+            }  # fmt: skip
+            shown = {k: v for k, v in rows[key].items() if k != "per_expert"}
+            print(key, shown, flush=True)
     a, r = rows["all_experts"], rows["routed_only"]
     report = {
-        "command": "benchmarks/moe.py " + " ".join(argv or sys.argv[1:]),
+        "command": "benchmarks/moe.py --work /work/scratch/moe (pinned rows), then "
+        "--allocators default (the */default rows; load_average says what else ran)",
         "model": {"kind": "random-weight Qwen3-MoE shape, router rows scaled 0.2-2.0",
                   **CONFIG},
         "recipe": "gptq-w4g64 weights (4 bits, groups of 64, MSE observer, act-order); "
