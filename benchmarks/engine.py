@@ -42,6 +42,7 @@ import yaml
 from gptq_vs_peer import DATA, REPO, calibration_file, measured
 from random_models import write_model
 
+from benchmarks.peak_rss import run_measured
 from quantmill.recipes import find_recipe
 
 RESULTS = REPO / "benchmarks" / "results" / "engine.json"
@@ -231,17 +232,13 @@ def killed_at_block(cmd: list[str], out: Path, block: int, log: Path) -> dict[st
 
 
 def measured_in(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> dict[str, Any]:
-    start = time.perf_counter()
-    with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd,
-                                env=env)  # fmt: skip
-        out = proc.stdout.read() if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    # through peak_rss.py: a direct child's peak RSS would include this process's own
+    out, measured_run = run_measured(cmd, log, cwd=cwd, env=env)
+    if measured_run["returncode"] != 0:
         raise RuntimeError(f"{' '.join(cmd[:5])} failed; see {log}")
     result = json.loads(out)
-    run = {"result": result, "wall_seconds": time.perf_counter() - start,
-           "peak_rss_mb": usage.ru_maxrss / 1024}  # fmt: skip
+    run = {"result": result, "wall_seconds": measured_run["wall_seconds"],
+           "peak_rss_mb": measured_run["peak_rss_kb"] / 1024}  # fmt: skip
     log.with_suffix(".run.json").write_text(json.dumps(run))
     (log.parent / f"{Path(result['out_dir']).name}.run.json").write_text(json.dumps(run))
     return run

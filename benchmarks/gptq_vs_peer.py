@@ -46,7 +46,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.peak_rss import run_measured  # noqa: E402
+
 DATA = Path(os.environ.get("QUANTMILL_DATA_DIR", REPO.parent / "shared" / "data")) / "wikitext-2"
 SETTINGS = {  # label: (bits, group_size or None for per-channel, symmetric)
     "w4g64s": (4, 64, True),
@@ -79,23 +80,18 @@ def environment(allocator: str, threads: int, ours: bool) -> dict[str, str]:
 
 
 def measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd``; its parsed last stdout line, wall seconds and peak RSS."""
-    start = time.perf_counter()
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env
-        )
-        out = proc.stdout.read() if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    """Run ``cmd`` (through ``peak_rss.py``: a direct child's peak RSS would include
+    this process's own); its parsed last stdout line, wall seconds and peak RSS."""
+    out, run = run_measured(cmd, log, cwd=REPO, env=env)
+    wall = run["wall_seconds"]
+    if run["returncode"] != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed; see {log}")
     lines = [line for line in out.strip().splitlines() if line.strip()]
     try:
         result = json.loads(out) if out.strip().startswith("{") else json.loads(lines[-1])
     except (json.JSONDecodeError, IndexError):
         result = {}
-    return {"result": result, "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"result": result, "wall_seconds": wall, "peak_rss_mb": run["peak_rss_kb"] / 1024}
 
 
 def weights_sha256(folder: Path) -> str:

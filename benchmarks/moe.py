@@ -12,7 +12,9 @@ means nothing; what is measured is what calibration gives each expert:
 - each block's output error against the float block on held-out tokens (WikiText-2
   test): both blocks get the float model's inputs to that block, error is
   ``|quantized - float|² / |float|²`` over the held-out tokens;
-- wall time and peak RSS of each ``quantmill quantize`` process (``wait4``).
+- wall time and peak RSS of each ``quantmill quantize`` process (``wait4`` in
+  ``peak_rss.py``, a small launcher: a direct child's figure would include this
+  process's own peak).
 
 Both runs use the same recipe (gptq-w4g64's weights: 4 bits, groups of 64, MSE
 observer, act-order) and calibration (32 × 512 tokens of WikiText-2 validation);
@@ -27,9 +29,7 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.peak_rss import run_measured  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 CONFIG = dict(
     hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_hidden_layers=8,
@@ -81,15 +83,12 @@ def recipe(work: Path, all_experts: bool) -> Path:
 
 
 def measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
-    start = time.perf_counter()
-    with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        out = proc.stdout.read() if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    """Through ``peak_rss.py``: this process's own peak would count in a direct child's."""
+    out, run = run_measured(cmd, log, env=env)
+    if run["returncode"] != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} failed; see {log}")
-    return {"summary": json.loads(out), "wall_seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024)}  # fmt: skip
+    return {"summary": json.loads(out), "wall_seconds": round(run["wall_seconds"], 1),
+            "peak_rss_mb": round(run["peak_rss_kb"] / 1024)}  # fmt: skip
 
 
 def held_out_ids() -> torch.Tensor:
