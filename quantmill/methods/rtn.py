@@ -79,7 +79,8 @@ class RTN(Method):
             try:
                 importance = energy.mean() if energy is not None else ColumnEnergy().mean()
             except NoCalibrationInputs:  # an expert no token reached: every column alike
-                importance = torch.ones(get_weight(layer, self.conv1d).shape[1])
+                weight = get_weight(layer, self.conv1d)
+                importance = torch.ones(weight.shape[1], device=weight.device)
                 extra = {"fallback": "mse", "fallback_reason": "no calibration inputs"}
         scale, zero, loss = round_layer(layer, scheme, self.conv1d, importance)
         return self.layer_quant(scale, zero), self._timed_report(name, "rtn", loss, start, **extra)
