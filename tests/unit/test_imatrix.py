@@ -85,3 +85,19 @@ def test_gptq_with_imatrix_runs_static_and_in_activation_order(tiny_model):
         for name, quant in outcome.layers.items():
             W = get_weight(model.get_submodule(name), False).float()
             assert torch.equal(fake_quantize(W, quant.scale, quant.zero, quant.scheme), W)
+
+
+def test_an_expert_no_token_reached_falls_back_to_equal_weights(tiny_model):
+    from tests.unit.test_moe import _Never
+
+    model = tiny_model("qwen3_moe")
+    for block in model.model.layers:
+        block.mlp.gate = _Never(block.mlp.gate, banned=3)
+    steps = parse_recipe(
+        {"steps": [{"method": "rtn", "weights": {"group_size": 16, "observer": "imatrix"}}]}
+    ).steps
+    ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
+    outcome = quantize_model(model, steps, ids, 4, False, all_experts=False)
+    reports = {r.name: r for r in outcome.reports}
+    assert reports["model.layers.0.mlp.experts.3.up_proj"].extra["fallback"] == "mse"
+    assert "fallback" not in reports["model.layers.0.mlp.experts.0.up_proj"].extra
