@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from quantmill.blocks import StopForward
 from quantmill.config import MethodConfig, QuantScheme
+from quantmill.hooks import hooks_removed
 from quantmill.layers import LayerQuant, LayerReport
 from quantmill.registry import METHODS, Needs
 
@@ -83,3 +85,32 @@ class Method:
     @staticmethod
     def _timed_report(name: str, method: str, loss: float, start: float, **extra) -> LayerReport:
         return LayerReport(name, method, loss, time.perf_counter() - start, dict(extra))
+
+
+@contextmanager
+def accumulating(
+    groups: list[list[tuple[str, nn.Module]]], make, stop_after_last: bool, into: dict
+) -> Iterator[None]:
+    """Within: each group of layers sharing an input feeds one accumulator
+    (``make(first layer)``, anything with ``add(x)``) from a hook on its first layer;
+    ``into`` maps every layer's name to its group's. With ``stop_after_last`` the last
+    group's hook ends the forward (nothing after it is needed)."""
+    handles = []
+    for index, group in enumerate(groups):
+        first = group[0][1]
+        acc = make(first)
+        for name, _ in group:
+            into[name] = acc
+        stop = stop_after_last and index == len(groups) - 1
+        handles.append(first.register_forward_pre_hook(_feeding(acc, stop)))
+    with hooks_removed(handles):
+        yield
+
+
+def _feeding(acc, stop: bool):
+    def hook(module: nn.Module, args: tuple) -> None:
+        acc.add(args[0])
+        if stop:
+            raise StopForward
+
+    return hook

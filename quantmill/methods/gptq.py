@@ -15,11 +15,9 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from quantmill.blocks import StopForward
 from quantmill.config import MethodConfig
-from quantmill.hooks import hooks_removed
 from quantmill.layers import LayerQuant, LayerReport, get_weight, set_weight
-from quantmill.methods.base import Method
+from quantmill.methods.base import Method, accumulating
 from quantmill.quant.gptq import (
     HessianAccumulator,
     HessianNotPositiveDefinite,
@@ -64,16 +62,12 @@ class GPTQ(Method):
     def observe(
         self, groups: list[list[tuple[str, nn.Module]]], stop_after_last: bool
     ) -> Iterator[None]:
-        self._hessians = {}
-        handles = []
-        for index, group in enumerate(groups):
-            first = group[0][1]
-            acc = HessianAccumulator(get_weight(first, self.conv1d).shape[1])
-            for name, _ in group:  # layers sharing an input share one Hessian
-                self._hessians[name] = acc
-            stop = stop_after_last and index == len(groups) - 1
-            handles.append(first.register_forward_pre_hook(_accumulate(acc, stop)))
-        with hooks_removed(handles):
+        self._hessians = {}  # layers sharing an input share one Hessian
+
+        def make(first: nn.Module) -> HessianAccumulator:
+            return HessianAccumulator(get_weight(first, self.conv1d).shape[1])
+
+        with accumulating(groups, make, stop_after_last, self._hessians):
             yield
 
     def use_statistics(self, names: list[str], statistics) -> None:
@@ -126,12 +120,3 @@ class _Given:
     def take(self):
         H, self.H = self.hessian(), None
         return H
-
-
-def _accumulate(acc: HessianAccumulator, stop: bool):
-    def hook(module: nn.Module, args: tuple) -> None:
-        acc.add(args[0])
-        if stop:  # nothing after this layer is needed for statistics
-            raise StopForward
-
-    return hook

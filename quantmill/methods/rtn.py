@@ -15,11 +15,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from quantmill.blocks import StopForward
 from quantmill.config import MethodConfig, QuantScheme
-from quantmill.hooks import hooks_removed
 from quantmill.layers import LayerQuant, LayerReport, get_weight, set_weight
-from quantmill.methods.base import Method
+from quantmill.methods.base import Method, accumulating
 from quantmill.quant.gptq import NoCalibrationInputs
 from quantmill.quant.grid import compute_qparams, fake_quantize
 from quantmill.registry import register_method
@@ -58,16 +56,8 @@ class RTN(Method):
     def observe(
         self, groups: list[list[tuple[str, nn.Module]]], stop_after_last: bool
     ) -> Iterator[None]:
-        self._energy = {}
-        handles = []
-        for index, group in enumerate(groups):
-            first = group[0][1]
-            energy = ColumnEnergy()
-            for name, _ in group:  # layers sharing an input share its energies
-                self._energy[name] = energy
-            stop = stop_after_last and index == len(groups) - 1
-            handles.append(first.register_forward_pre_hook(_accumulate(energy, stop)))
-        with hooks_removed(handles):
+        self._energy = {}  # layers sharing an input share its energies
+        with accumulating(groups, lambda first: ColumnEnergy(), stop_after_last, self._energy):
             yield
 
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
@@ -103,12 +93,3 @@ class ColumnEnergy:
         if self.total is None or self.count == 0:
             raise NoCalibrationInputs("no calibration inputs reached this layer")
         return self.total / self.count
-
-
-def _accumulate(energy: ColumnEnergy, stop: bool):
-    def hook(module: nn.Module, args: tuple) -> None:
-        energy.add(args[0])
-        if stop:  # nothing after this layer is needed
-            raise StopForward
-
-    return hook
