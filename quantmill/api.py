@@ -16,7 +16,7 @@ import gc
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,7 @@ from quantmill.methods.base import Method
 from quantmill.models import load_model, load_tokenizer
 from quantmill.qat.loop import TrainContext
 from quantmill.recipe import Recipe, save_recipe
+from quantmill.rotation import write_rotated
 from quantmill.runtime import apply_runtime, runtime_summary
 from quantmill.servable import check_servable, partial_groups
 from quantmill.sources import ResolvedModel, resolve_model
@@ -161,6 +162,8 @@ def quantize(
         if written is None:
             calib = _calibration(tokenizer, recipe, calibration)
             stats = StatisticsFile(statistics) if statistics is not None else None
+            if recipe.rotation() is not None:
+                run = _rotated(run)
             outcome, resumed_at = (_train_in_memory if trains else _stream)(run, calib, stats)
             calib_digest = None if calib is None else ids_digest(calib)
             del calib
@@ -210,7 +213,8 @@ def _stream(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None)
     if store.resumed:
         log.info("resuming at block %d/%d (from %s)", store.start + 1, len(lazy.blocks), stage.work)
     outcome = quantize_model(
-        lazy.model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
+        lazy.model, run.recipe.quantizing_steps(), calib, run.recipe.calibration.batch_size,
+        run.progress,
         statistics=stats, store=store, methods=run.methods,
         all_experts=run.recipe.calibration.all_experts,
     )  # fmt: skip
@@ -221,6 +225,17 @@ def _stream(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None)
     return outcome, (store.start + 1 if store.resumed else None)  # 1-based, as printed
 
 
+def _rotated(run: _Run) -> _Run:
+    """The run reading a rotated copy of its model, written into the journal folder (a
+    resumed run finds it there; it goes when the checkpoint is complete)."""
+    step = run.recipe.rotation()
+    folder = write_rotated(
+        run.lazy, run.stage.work / "rotated", step.kind, step.seed, step.heads, run.progress
+    )
+    lazy = LazyModel.open(folder, run.lazy.device, run.lazy.dtype)
+    return replace(run, lazy=lazy, methods=build_methods(lazy.model, run.recipe.quantizing_steps()))
+
+
 def _train_in_memory(run: _Run, calib: torch.Tensor | None, stats: StatisticsFile | None):
     """Recipes that train hold the whole model on the device; training resumes by itself."""
     model = run.lazy.load_all()
@@ -229,7 +244,8 @@ def _train_in_memory(run: _Run, calib: torch.Tensor | None, stats: StatisticsFil
         model_key=run.resolved.revision, progress=run.progress,
     )  # fmt: skip
     outcome = quantize_model(
-        model, run.recipe.steps, calib, run.recipe.calibration.batch_size, run.progress,
+        model, run.recipe.quantizing_steps(), calib, run.recipe.calibration.batch_size,
+        run.progress,
         statistics=stats, training=context, methods=run.methods,
         all_experts=run.recipe.calibration.all_experts,
     )  # fmt: skip
@@ -326,7 +342,9 @@ def run_fingerprint(
 def estimate_output_bytes(lazy: LazyModel, recipe: Recipe, fmt: str) -> int:
     """The checkpoint's size, from the weight files and the recipe's last quantizing step
     for each layer (packed: its bits plus at most one bit per weight of scales and zeros)."""
-    quantizing = [s for s in recipe.steps if not getattr(s, "smooth_only", False)]
+    quantizing = [
+        s for s in recipe.steps if s.quantizes and not getattr(s, "smooth_only", False)
+    ]
     candidates = {
         f"{lazy.block_prefix(i)}{name}.weight"
         for i in range(len(lazy.blocks))
@@ -344,6 +362,9 @@ def estimate_output_bytes(lazy: LazyModel, recipe: Recipe, fmt: str) -> int:
             continue
         count = nbytes // lazy.source_dtype(name).itemsize
         total += 4 * count if fmt == "fake" else count * (step.weights.bits + 1) // 8
+    if recipe.rotation() is not None:  # the rotated copy (journal folder), an untied head
+        embedding = lazy.model.get_input_embeddings().weight
+        total += lazy.files.nbytes() + embedding.numel() * embedding.dtype.itemsize
     return total
 
 

@@ -29,6 +29,20 @@ class Mapping:
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """Where a rotation of the residual stream (QuaRot) touches the model. Every
+    linear that reads the residual stream reads it through one of ``norms`` (RMS norms,
+    whose weights fold into their readers first); every block's ``writers`` add to it.
+    ``values``: v_proj and o_proj, whose head dimension a second rotation mixes (the
+    attention of a head is linear in its values); ``None`` where v is fused with q, k."""
+
+    norms: tuple[tuple[str, tuple[str, ...]], ...]
+    writers: tuple[str, ...]
+    values: tuple[str, str] | None = ("self_attn.v_proj", "self_attn.o_proj")
+    final_norm: str = "model.norm"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     blocks: str  # dotted path from the model to the ModuleList of decoder blocks
     linear_groups: tuple[tuple[str, ...], ...]  # names inside a block, by shared input
@@ -51,6 +65,8 @@ class ArchSpec:
     # How checkpoints name what transformers' modules name otherwise (substring
     # replacements, model → files): Mixtral's files say block_sparse_moe for mlp.
     stored_as: tuple[tuple[str, str], ...] = ()
+    # Where a rotation applies (``quantmill.rotation``); None: rotations are refused.
+    rotation: RotationSpec | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -74,6 +90,13 @@ _LLAMA = ArchSpec(
         Mapping("mlp.up_proj", ("mlp.down_proj",)),
     ),
     kv_cache=True,
+    rotation=RotationSpec(
+        norms=(
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+    ),
 )
 
 # Phi-3 fuses q/k/v into one linear and gate/up into another. Scales cannot move
@@ -91,6 +114,14 @@ _PHI3 = ArchSpec(
         Mapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
     ),
     kv_cache=True,
+    rotation=RotationSpec(
+        norms=(
+            ("input_layernorm", ("self_attn.qkv_proj",)),
+            ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+        values=None,
+    ),
 )
 
 # Gemma 2 and 3: four norms a block (the ones after attention and after the MLP act

@@ -95,7 +95,7 @@ class CheckpointInfo:
         return base_model_info(self.summary.get("model") or {})
 
     def bits(self) -> list[int]:
-        return sorted({step.weights.bits for step in self.recipe.steps})
+        return sorted({step.weights.bits for step in self.recipe.steps if step.quantizes})
 
     def methods(self) -> list[str]:
         return list(dict.fromkeys(step.method for step in self.recipe.steps))

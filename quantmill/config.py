@@ -74,6 +74,8 @@ class MethodConfig(StrictModel):
     # the methods that measure each input column's activation energy for the
     # ``imatrix`` observer set this
     takes_importance: ClassVar[bool] = False
+    # False for steps that only rewrite weights (a rotation): no grid of theirs is written
+    quantizes: ClassVar[bool] = True
 
     method: str
     weights: QuantScheme = Field(default_factory=QuantScheme)

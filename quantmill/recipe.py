@@ -69,6 +69,22 @@ class Recipe(StrictModel):
         for index, step in enumerate(self.steps):
             needs = needs_of(step)
             earlier = self.steps[:index]
+            if needs.rotates and index > 0:
+                raise ValueError(
+                    f"steps.{index}.method: {step.method} rewrites the whole model and comes "
+                    "first in a recipe (once), before the steps that quantize it"
+                )
+            if needs.rotates and len(self.steps) == 1:
+                raise ValueError(
+                    f"steps.0.method: {step.method} quantizes nothing by itself; add the "
+                    "step that quantizes the rotated weights after it (rtn, gptq, ...)"
+                )
+            shared = needs.calibration and needs.shared_statistics
+            if shared and any(needs_of(s).rotates for s in earlier):
+                raise ValueError(
+                    f"steps.{index}.sequential: false reads the original model's statistics, "
+                    "which a rotation before it changes; set sequential: true"
+                )
             if not needs.trains and any(needs_of(s).trains for s in earlier):
                 raise ValueError(
                     f"steps.{index}.method: {step.method} is a post-training step after a "
@@ -113,6 +129,14 @@ class Recipe(StrictModel):
                     "it was trained: remove evaluation.kv_cache or make them equal"
                 )
         return self
+
+    def rotation(self) -> MethodConfig | None:
+        """The step that rotates the model first, if any."""
+        return next((s for s in self.steps if needs_of(s).rotates), None)
+
+    def quantizing_steps(self) -> list[MethodConfig]:
+        """The steps run block by block (all but a rotation)."""
+        return [s for s in self.steps if not needs_of(s).rotates]
 
     def needs_calibration(self) -> bool:
         return any(needs_of(step).calibration for step in self.steps)

@@ -32,6 +32,9 @@ class Needs:
     shared_statistics: bool = False
     targets: bool = False  # the original block's outputs (block-wise distillation)
     trains: bool = False  # trains the whole model after every post-training step
+    # rewrites the whole checkpoint before the other steps run (rotations): first in a
+    # recipe, not run block by block
+    rotates: bool = False
     # an earlier step of one of these methods must quantize this step's layers
     after: tuple[str, ...] = ()
     # layer-report figures this method reports, as stepped MLflow metrics:

@@ -1,6 +1,17 @@
 """Built-in methods. Each module registers itself; this list is the whole registry."""
 
-from quantmill.methods import awq, gptq, l4q, llm_int8, llm_qat, peqa, rtn, smoothquant, zeroquant
+from quantmill.methods import (
+    awq,
+    gptq,
+    l4q,
+    llm_int8,
+    llm_qat,
+    peqa,
+    rotate,
+    rtn,
+    smoothquant,
+    zeroquant,
+)
 from quantmill.registry import METHODS, MethodEntry
 
 __all__ = [
@@ -12,6 +23,7 @@ __all__ = [
     "llm_qat",
     "method_names",
     "peqa",
+    "rotate",
     "rtn",
     "smoothquant",
     "zeroquant",

@@ -96,7 +96,7 @@ def check_exact(steps) -> None:
 
     for index, step in enumerate(steps):
         w = step.weights
-        if exact_type(w.bits, w.symmetric, w.group_size) is None:
+        if step.quantizes and exact_type(w.bits, w.symmetric, w.group_size) is None:
             raise ConfigError(
                 f"steps.{index}.weights = {w.bits}-bit, group_size {w.group_size}, "
                 f"{'symmetric' if w.symmetric else 'asymmetric'}: GGUF holds exactly only "

@@ -19,7 +19,8 @@ COMPUTE_PATH = [
     *sorted((ROOT / "methods").glob("*.py")),
     *sorted((ROOT / "qat").glob("*.py")),
     *(ROOT / name for name in ("stats.py", "outliers.py", "evaluate.py", "blocks.py",
-                               "engine.py", "driver.py", "kv_cache.py", "runtime.py")),
+                               "engine.py", "driver.py", "kv_cache.py", "runtime.py",
+                               "rotation.py")),
 ]  # fmt: skip
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
              "randperm", "eye", "linspace", "tensor"}  # fmt: skip
