@@ -201,10 +201,11 @@ def _quantize_block(
             reports.append(report)
         if quant is not None:  # None: the step only rescaled, a later step quantizes
             step_layers[prefix + name] = quant
+    if method.needs.targets and inputs is not None and targets is not None:
+        # after every layer of the block is quantized; it may replace their grids
+        reports += method.finish_block(block, prefix, inputs, targets, step_layers)
     block_layers.update(step_layers)
     seen.update(step_layers)
-    if method.needs.targets and inputs is not None and targets is not None:
-        reports += method.finish_block(block, prefix, inputs, targets, step_layers)
 
 
 def _observes(method: Method) -> bool:

@@ -1,6 +1,7 @@
 """Built-in methods. Each module registers itself; this list is the whole registry."""
 
 from quantmill.methods import (
+    autoround,
     awq,
     gptq,
     l4q,
@@ -15,6 +16,7 @@ from quantmill.methods import (
 from quantmill.registry import METHODS, MethodEntry
 
 __all__ = [
+    "autoround",
     "awq",
     "get_method",
     "gptq",

@@ -80,20 +80,21 @@ def distill_block(
         latent.requires_grad_(True)
     optimizer = torch.optim.Adam(latents, lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    batches = _batches(inputs, targets, batch_size)
+    batches = calibration_batches(inputs, targets, batch_size)
     device = inputs.device
     initial = final = float("nan")
     kept = True
     try:
         with torch.enable_grad(), activation_hooks(block, runtime_spec(layers), prefix):
-            initial = _mean_loss(block, batches, device)
+            initial = mean_block_loss(block, batches, device)
             for step in range(steps):
                 hidden, args, kwargs, target = batches[
                     int(torch.randint(len(batches), (1,), generator=generator))
                 ]
-                out = block(_on(hidden, device), *args, **kwargs)
+                out = block(on_device(hidden, device), *args, **kwargs)
                 loss = nn.functional.mse_loss(
-                    (out[0] if isinstance(out, tuple) else out).float(), _on(target, device).float()
+                    (out[0] if isinstance(out, tuple) else out).float(),
+                    on_device(target, device).float(),
                 )
                 if not math.isfinite(loss.item()):
                     raise TrainingDivergedError(
@@ -103,7 +104,7 @@ def distill_block(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            final = _mean_loss(block, batches, device)
+            final = mean_block_loss(block, batches, device)
             if not final < initial:  # never leave a block worse than plain rounding
                 kept = False
                 with torch.no_grad():
@@ -118,24 +119,25 @@ def distill_block(
 
 
 @torch.no_grad()
-def _mean_loss(block: nn.Module, batches, device: torch.device | None) -> float:
+def mean_block_loss(block: nn.Module, batches, device: torch.device | None) -> float:
     total = 0.0
     for hidden, args, kwargs, target in batches:
-        out = block(_on(hidden, device), *args, **kwargs)
+        out = block(on_device(hidden, device), *args, **kwargs)
         total += float(
             nn.functional.mse_loss(
-                (out[0] if isinstance(out, tuple) else out).float(), _on(target, device).float()
+                (out[0] if isinstance(out, tuple) else out).float(),
+                on_device(target, device).float(),
             )
         )
     return total / len(batches)
 
 
-def _on(tensor: Tensor, device: torch.device | None) -> Tensor:
+def on_device(tensor: Tensor, device: torch.device | None) -> Tensor:
     """A batch on the compute device (calibration activations may wait in CPU memory)."""
     return tensor if device is None else tensor.to(device, non_blocking=True)
 
 
-def _batches(inputs, targets: list[Tensor], size: int) -> list[tuple]:
+def calibration_batches(inputs, targets: list[Tensor], size: int) -> list[tuple]:
     """The calibration batches cut to ``size`` samples each, with their call arguments."""
     out = []
     for b, hidden in enumerate(inputs.hidden):

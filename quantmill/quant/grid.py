@@ -69,13 +69,13 @@ def minmax_params(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> tuple[Tens
     if scheme.symmetric:
         # Use the whole signed range: -2^(b-1) on the negative side, 2^(b-1)-1 on the positive.
         scale = torch.maximum(wmax / scheme.q_max, wmin / scheme.q_min)
-        return _storable(scale), None
-    scale = _storable((wmax - wmin) / (scheme.q_max - scheme.q_min))
+        return storable_scale(scale), None
+    scale = storable_scale((wmax - wmin) / (scheme.q_max - scheme.q_min))
     zero = (scheme.q_min - torch.round(wmin / scale)).clamp(scheme.q_min, scheme.q_max)
     return scale, zero
 
 
-def _storable(scale: Tensor) -> Tensor:
+def storable_scale(scale: Tensor) -> Tensor:
     """``scale`` rounded *up* to the storage dtype, so the grid still spans the range."""
     scale = scale.clamp(MIN_SCALE, torch.finfo(SCALE_DTYPE).max)
     stored = scale.to(SCALE_DTYPE)

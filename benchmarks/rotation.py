@@ -1,0 +1,152 @@
+"""Rotations before RTN and GPTQ on SmolLM2-135M: each pair differs only in a first
+``rotate`` step (random Hadamard, seed 0, value heads too: the step's defaults,
+fixed before any figure was seen; nothing is chosen on these figures).
+
+Weight schemes are the shipped recipes' (gptq-w4g64, gptq-w3g64), symmetric and
+asymmetric; RTN takes the same weight scheme. Calibration: 128 × 512 tokens of
+WikiText-2 validation. Perplexity on two domains: the first 8 windows of 2048 tokens
+of WikiText-2 test (the README's protocol) and of LAMBADA's passages (books; the
+zero-shot set's contexts with their last words, joined), the second domain the
+ordering is checked on. Each row runs in its own process through
+``benchmarks/peak_rss.py``: its peak resident memory covers quantizing and both
+evaluations; seconds are the quantization's own and the row's wall time, with the
+machine's load average (other work beside a row inflates its times, not its
+perplexities). Rows are kept as they finish; a rerun does the missing ones.
+
+    .venv/bin/python benchmarks/rotation.py          # writes benchmarks/results/rotation.json
+    .venv/bin/python benchmarks/rotation.py --only gptq-w4g64-sym rotate-gptq-w4g64-sym
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.peak_rss import run_measured  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+WORK = REPO / "benchmarks" / "work" / "rotation"
+OUT = REPO / "benchmarks" / "results" / "rotation.json"
+WINDOWS = {"seq_len": 2048, "max_windows": 8, "tasks": []}
+
+
+def lambada_text() -> Path:
+    """LAMBADA's passages as one text file (context and last word, a blank line between)."""
+    path = WORK / "lambada.txt"
+    if not path.is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
+        rows = [json.loads(line) for line in (DATA / "zero-shot/lambada_openai.jsonl").open()]
+        path.write_text("\n\n".join(f"{r['context']} {r['continuation']}" for r in rows))
+    return path
+
+
+def recipes() -> dict[str, dict[str, Any]]:
+    from quantmill.recipe import find_recipe, load_recipe
+
+    rows = {}
+    for base_name, bits in (("gptq-w4g64", "w4g64"), ("gptq-w3g64", "w3g64")):
+        base = load_recipe(find_recipe(base_name)).to_dict()
+        for symmetric in (True, False):
+            methods = ("rtn", "gptq") if bits == "w4g64" and symmetric else ("gptq",)
+            for method in methods:
+                for rotate in (False, True):
+                    data = json.loads(json.dumps(base))
+                    step = data["steps"][0]
+                    if method == "rtn":
+                        step = {"method": "rtn", "weights": step["weights"]}
+                    step["weights"]["symmetric"] = symmetric
+                    data["steps"] = [{"method": "rotate"}] * rotate + [step]
+                    sym = "sym" if symmetric else "asym"
+                    data["name"] = f"{'rotate-' * rotate}{method}-{bits}-{sym}"
+                    data["calibration"]["dataset"] = str(DATA / "wikitext-2/wiki.valid.tokens")
+                    data["evaluation"].update(dataset=str(DATA / "wikitext-2/wiki.test.raw"),
+                                              **WINDOWS)  # fmt: skip
+                    rows[data["name"]] = data
+    return rows
+
+
+def run_row(name: str) -> None:
+    """One row, in this process: quantize (with the WikiText evaluation), then LAMBADA."""
+    import torch
+
+    from quantmill.api import evaluate_checkpoint, quantize
+    from quantmill.config import EvalSpec
+    from quantmill.recipe import Recipe
+
+    torch.set_num_threads(2)
+    recipe = Recipe.model_validate(recipes()[name])
+    out = WORK / name
+    summary = quantize("smollm2-135m", recipe, out, overwrite=True, progress=False).to_dict()
+    lambada = EvalSpec(dataset=str(lambada_text()), **WINDOWS)
+    second = evaluate_checkpoint(str(out), lambada, progress=False)
+    original = evaluate_checkpoint("smollm2-135m", lambada, progress=False, cache=True)
+    print(json.dumps({
+        "perplexity": summary["quantized"]["perplexity"],
+        "original_perplexity": summary["original"]["perplexity"],
+        "lambada_perplexity": second["perplexity"],
+        "original_lambada_perplexity": original["perplexity"],
+        "bits_per_weight": summary["quantized"].get("bits_per_weight"),
+        "quant_seconds": round(summary["quant_seconds"], 1),
+    }))  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="row names (default: every row)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # a child's one row
+    args = parser.parse_args()
+    if args.row:
+        run_row(args.row)
+        return 0
+    data = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": {}}
+    WORK.mkdir(parents=True, exist_ok=True)
+    for name, recipe in recipes().items():
+        if args.only and name not in args.only:
+            continue
+        if data["rows"].get(name, {}).get("recipe") == recipe:
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name]
+        stdout, run = run_measured(cmd, WORK / f"{name}.log", cwd=REPO)
+        if run["returncode"] != 0:
+            print(f"{name}: failed (exit {run['returncode']}), see {WORK / name}.log")
+            return 1
+        row = json.loads(stdout.strip().splitlines()[-1])
+        data["rows"][name] = {
+            "recipe": recipe, **row, "wall_seconds": round(run["wall_seconds"], 1),
+            "peak_rss_mb": round(run["peak_rss_kb"] / 1024), "load_average": os.getloadavg()[0],
+        }  # fmt: skip
+        print(name, row["perplexity"], row["lambada_perplexity"], flush=True)
+        data.update(
+            command="python benchmarks/rotation.py",
+            selection="none: the rotate step's defaults (hadamard, seed 0, heads true), fixed "
+            "before any figure; each pair differs only in the rotate step",
+            evaluation="first 8 windows x 2048 tokens of WikiText-2 test, and of LAMBADA's "
+            "passages (second domain)",
+            machine={"cpu": platform.processor() or platform.machine(), "threads": 2,
+                     "cores": os.cpu_count()},  # fmt: skip
+        )
+        OUT.write_text(json.dumps(data, indent=2) + "\n")
+    rows = data["rows"]
+    checks = {}
+    for name in rows:
+        plain = name.removeprefix("rotate-")
+        if name.startswith("rotate-") and plain in rows:
+            for metric in ("perplexity", "lambada_perplexity"):
+                checks[f"{plain}: rotation lowers {metric}"] = (
+                    rows[name][metric] < rows[plain][metric]
+                )
+    data["checks"] = checks
+    OUT.write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(checks, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
