@@ -129,8 +129,11 @@ def main() -> int:
             "before any figure; each pair differs only in the rotate step",
             evaluation="first 8 windows x 2048 tokens of WikiText-2 test, and of LAMBADA's "
             "passages (second domain)",
-            machine={"cpu": platform.processor() or platform.machine(), "threads": 2,
-                     "cores": os.cpu_count()},  # fmt: skip
+            machine={
+                "cpu": platform.processor() or platform.machine(),
+                "threads": 2,
+                "cores": os.cpu_count(),
+            },  # fmt: skip
         )
         OUT.write_text(json.dumps(data, indent=2) + "\n")
     rows = data["rows"]

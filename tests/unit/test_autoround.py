@@ -14,7 +14,8 @@ from quantmill.driver import quantize_model
 from quantmill.errors import ConfigError
 from quantmill.models import load_tokenizer
 from quantmill.quant.autoround import autoround_grid, autoround_weight
-from quantmill.quant.grid import compute_qparams, fake_quantize, quantize as to_ints
+from quantmill.quant.grid import compute_qparams, fake_quantize
+from quantmill.quant.grid import quantize as to_ints
 from quantmill.recipe import parse_recipe
 from quantmill.sources import resolve_model
 from tests.conftest import tiny_config, tiny_tokenizer
