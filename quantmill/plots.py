@@ -101,21 +101,30 @@ def _size_panel(ax, rows, original, key: str, original_key: str) -> None:
         ax.annotate("original", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
 
 
+# block reports of block-wise tuning methods → the plot's title
+BLOCK_TUNING = {
+    "zeroquant-lkd": "Layer-wise distillation (ZeroQuant LKD)",
+    "autoround-block": "AutoRound: signed gradient descent on rounding and ranges",
+}
+
+
 @_one_at_a_time
 def distillation(layers: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """ZeroQuant's layer-wise distillation: each block's output error before and after."""
-    blocks = [r for r in layers if r.get("method") == "zeroquant-lkd"]
+    """Block-wise tuning (ZeroQuant's LKD, AutoRound): each block's output error after
+    rounding and after tuning."""
+    blocks = [r for r in layers if r.get("method") in BLOCK_TUNING]
     if not blocks:
         return None
+    title = BLOCK_TUNING[blocks[0]["method"]]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.5))
     index = list(range(len(blocks)))
-    ax.plot(index, [r["extra"]["initial_loss"] for r in blocks], "o-", label="rounded")
-    ax.plot(index, [r["loss"] for r in blocks], "o-", label="after distillation")
+    ax.plot(index, [r["extra"]["initial_loss"] for r in blocks], "o-", label="rounded (RTN)")
+    ax.plot(index, [r["loss"] for r in blocks], "o-", label="after tuning")
     ax.set_yscale("log")
     ax.set_xlabel("decoder block")
     ax.set_ylabel("block output MSE")
-    ax.set_title("Layer-wise distillation (ZeroQuant LKD)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, plt, path)

@@ -13,6 +13,7 @@ def test_lkd_losses_alphas_and_outlier_fractions_become_stepped_metrics():
         {"name": "b.0.ln", "method": "smoothquant", "loss": math.nan, "extra": {"alpha": 0.7}},
         {"name": "b.0.v", "method": "smoothquant", "loss": math.nan, "extra": {"skipped": "gqa"}},
         {"name": "b.0.q", "method": "llm_int8", "loss": 1.0, "extra": {"outlier_fraction": 0.25}},
+        {"name": "b.0", "method": "autoround-block", "loss": 0.2, "extra": {"initial_loss": 0.4}},
     ]
     got = {(m.key, m.step): m.value for m in method_metrics(layers)}
     assert got == {
@@ -22,6 +23,8 @@ def test_lkd_losses_alphas_and_outlier_fractions_become_stepped_metrics():
         ("lkd_loss_before", 1): 0.2,
         ("smoothquant_alpha", 0): 0.7,
         ("outlier_column_fraction", 0): 0.25,
+        ("autoround_loss", 0): 0.2,
+        ("autoround_loss_rtn", 0): 0.4,
     }
 
 
@@ -41,6 +44,8 @@ def test_method_plots_are_drawn_only_for_their_methods(tmp_path):
         }
     ]
     assert plots.distillation(lkd, tmp_path / "d.png").stat().st_size > 1000
+    autoround = [{**r, "method": "autoround-block"} for r in lkd]
+    assert plots.distillation(autoround, tmp_path / "a.png").stat().st_size > 1000
     assert plots.outlier_columns(int8, tmp_path / "o.png").stat().st_size > 1000
     assert plots.distillation(int8, tmp_path / "x.png") is None
     assert plots.outlier_columns(lkd, tmp_path / "y.png") is None
