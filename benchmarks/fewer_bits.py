@@ -1,20 +1,24 @@
-"""Rotations before RTN and GPTQ on SmolLM2-135M: each pair differs only in a first
-``rotate`` step (random Hadamard, seed 0, value heads too: the step's defaults,
-fixed before any figure was seen; nothing is chosen on these figures).
+"""Closer to the original at fewer bits, on SmolLM2-135M: rotations before RTN and
+GPTQ, and AutoRound, beside RTN and GPTQ alone.
 
-Weight schemes are the shipped recipes' (gptq-w4g64, gptq-w3g64), symmetric and
-asymmetric; RTN takes the same weight scheme. Calibration: 128 × 512 tokens of
-WikiText-2 validation. Perplexity on two domains: the first 8 windows of 2048 tokens
-of WikiText-2 test (the README's protocol) and of LAMBADA's passages (books; the
-zero-shot set's contexts with their last words, joined), the second domain the
-ordering is checked on. Each row runs in its own process through
-``benchmarks/peak_rss.py``: its peak resident memory covers quantizing and both
-evaluations; seconds are the quantization's own and the row's wall time, with the
-machine's load average (other work beside a row inflates its times, not its
-perplexities). Rows are kept as they finish; a rerun does the missing ones.
+Each rotation pair differs only in a first ``rotate`` step (random Hadamard, seed 0,
+value heads too: the step's defaults, fixed before any figure was seen). AutoRound
+runs 50 signed-gradient steps of 4 samples per block at its paper's step size
+1/iters (``AUTOROUND``: what a CPU run affords, fixed before any figure). Nothing is
+chosen on these figures. Weight schemes are the shipped recipes' (gptq-w4g64,
+gptq-w3g64), symmetric and asymmetric; RTN and AutoRound take the same scheme.
+Calibration: 128 × 512 tokens of WikiText-2 validation. Perplexity on two domains:
+the first 8 windows of 2048 tokens of WikiText-2 test (the README's protocol), and
+of LAMBADA's passages (books: the zero-shot set's contexts with their last words,
+joined), the second domain the ordering is checked on. Each row runs in its own
+process through ``benchmarks/peak_rss.py``: its peak resident memory covers
+quantizing and both evaluations; seconds are the quantization's own and the row's
+wall time, with the machine's load average (other work beside a row inflates its
+times, not its perplexities). Rows are kept as they finish; a rerun does the
+missing ones.
 
-    .venv/bin/python benchmarks/rotation.py          # writes benchmarks/results/rotation.json
-    .venv/bin/python benchmarks/rotation.py --only gptq-w4g64-sym rotate-gptq-w4g64-sym
+    .venv/bin/python benchmarks/fewer_bits.py          # writes benchmarks/results/fewer_bits.json
+    .venv/bin/python benchmarks/fewer_bits.py --only gptq-w4g64-sym rotate-gptq-w4g64-sym
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.peak_rss import run_measured  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-WORK = REPO / "benchmarks" / "work" / "rotation"
-OUT = REPO / "benchmarks" / "results" / "rotation.json"
+WORK = REPO / "benchmarks" / "work" / "fewer_bits"
+OUT = REPO / "benchmarks" / "results" / "fewer_bits.json"
 WINDOWS = {"seq_len": 2048, "max_windows": 8, "tasks": []}
 
 
@@ -47,6 +51,11 @@ def lambada_text() -> Path:
     return path
 
 
+# AutoRound's settings, fixed by what a CPU run can afford before any figure was seen
+# (the paper's default is 200 steps of 8 samples; its step size 1/iters is kept)
+AUTOROUND = {"iters": 50, "batch_size": 4}
+
+
 def recipes() -> dict[str, dict[str, Any]]:
     from quantmill.recipe import find_recipe, load_recipe
 
@@ -54,13 +63,18 @@ def recipes() -> dict[str, dict[str, Any]]:
     for base_name, bits in (("gptq-w4g64", "w4g64"), ("gptq-w3g64", "w3g64")):
         base = load_recipe(find_recipe(base_name)).to_dict()
         for symmetric in (True, False):
-            methods = ("rtn", "gptq") if bits == "w4g64" and symmetric else ("gptq",)
+            methods = ["gptq", "autoround"]
+            if bits == "w4g64" and symmetric:
+                methods.insert(0, "rtn")
             for method in methods:
-                for rotate in (False, True):
+                for rotate in (False, True) if method != "autoround" else (False,):
                     data = json.loads(json.dumps(base))
                     step = data["steps"][0]
                     if method == "rtn":
                         step = {"method": "rtn", "weights": step["weights"]}
+                    if method == "autoround":
+                        weights = {**step["weights"], "observer": "minmax"}  # its start
+                        step = {"method": "autoround", "weights": weights, **AUTOROUND}
                     step["weights"]["symmetric"] = symmetric
                     data["steps"] = [{"method": "rotate"}] * rotate + [step]
                     sym = "sym" if symmetric else "asym"
@@ -124,9 +138,10 @@ def main() -> int:
         }  # fmt: skip
         print(name, row["perplexity"], row["lambada_perplexity"], flush=True)
         data.update(
-            command="python benchmarks/rotation.py",
-            selection="none: the rotate step's defaults (hadamard, seed 0, heads true), fixed "
-            "before any figure; each pair differs only in the rotate step",
+            command="python benchmarks/fewer_bits.py",
+            selection="none: the rotate step's defaults (hadamard, seed 0, heads true) and "
+            f"AutoRound's {AUTOROUND} (CPU budget), fixed before any figure; each rotation "
+            "pair differs only in the rotate step",
             evaluation="first 8 windows x 2048 tokens of WikiText-2 test, and of LAMBADA's "
             "passages (second domain)",
             machine={
@@ -139,6 +154,10 @@ def main() -> int:
     rows = data["rows"]
     checks = {}
     for name in rows:
+        if name.startswith("autoround-") and name.replace("autoround-", "gptq-") in rows:
+            gptq = rows[name.replace("autoround-", "gptq-")]
+            for metric in ("perplexity", "lambada_perplexity"):
+                checks[f"{name}: below gptq's {metric}"] = rows[name][metric] < gptq[metric]
         plain = name.removeprefix("rotate-")
         if name.startswith("rotate-") and plain in rows:
             for metric in ("perplexity", "lambada_perplexity"):
