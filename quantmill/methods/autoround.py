@@ -162,7 +162,7 @@ class AutoRound(Method):
                 out = block(on_device(hidden, device), *args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 loss = nn.functional.mse_loss(out.float(), on_device(target, device).float())
-                value = float(loss)
+                value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDivergedError(
                         f"{prefix.rstrip('.')}: AutoRound's loss became {value} at step "
