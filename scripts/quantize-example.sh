@@ -15,6 +15,9 @@ ARGS=(--model smollm2-135m --recipe gptq-w4g64 --out outputs/smollm2-135m-gptq-w
 if [ -f "$DATA/wikitext-2/wiki.valid.tokens" ]; then
     ARGS+=(--calib-data "$DATA/wikitext-2/wiki.valid.tokens"
            --eval-data "$DATA/wikitext-2/wiki.test.raw")
+else
+    echo "quantize-example: no $DATA/wikitext-2/wiki.valid.tokens (set QUANTMILL_DATA_DIR" \
+         "to the folder holding wikitext-2/ and zero-shot/); using the recipe's Hub datasets" >&2
 fi
 # Zero-shot accuracy (lm-evaluation-harness) on the first 200 questions of ARC-Easy and
 # PIQA, from their local copies; without them the harness would need the Hub.
