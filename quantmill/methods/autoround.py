@@ -18,7 +18,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -43,6 +43,15 @@ class AutoRoundConfig(MethodConfig):
     # False: only the rounding offsets train, each group keeps its full min-max range
     tune_range: bool = True
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _start(self) -> AutoRoundConfig:
+        if self.weights.observer != "minmax":
+            raise ValueError(
+                f"weights.observer: {self.weights.observer} does not apply to autoround, which "
+                "starts from the min-max grid and trains each group's range itself; use minmax"
+            )
+        return self
 
 
 class Rounded(nn.Module):

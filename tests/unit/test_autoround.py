@@ -90,6 +90,8 @@ def test_zero_steps_and_a_bad_rate_are_refused_naming_the_field():
         parse_recipe({"steps": [{"method": "autoround", "iters": 0}]})
     with pytest.raises(ConfigError, match=r"steps\.0\.lr"):
         parse_recipe({"steps": [{"method": "autoround", "lr": 0}]})
+    with pytest.raises(ConfigError, match=r"steps\.0\.weights\.observer: mse does not apply"):
+        parse_recipe({"steps": [{"method": "autoround", "weights": {"observer": "mse"}}]})
 
 
 def test_gpt2s_conv1d_layers_are_refused_before_work(tiny_model):
