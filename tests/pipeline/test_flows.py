@@ -371,6 +371,37 @@ def test_quantize_flow_runs_llm_int8_and_logs_its_outlier_columns(
     assert (Path("out8") / "quantmill_runtime.json").is_file()
 
 
+def test_quantize_flow_rotates_then_runs_autoround_and_logs_its_blocks(
+    pipeline_env, short_smollm2, mlflow_client, tmp_path
+):
+    """The two newer steps through the flow as a user's recipe file gives them: the
+    rotation before the blocks, AutoRound's block errors as stepped metrics and a plot."""
+    recipe = tmp_path / "rotate-autoround.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "rotate-autoround",
+        "steps": [
+            {"method": "rotate"},
+            {"method": "autoround", "weights": {"bits": 4, "group_size": 64}, "iters": 8,
+             "batch_size": 2},
+        ],
+    }))  # fmt: skip
+    job = QuantizeJob(model=str(short_smollm2), recipe_file=str(recipe), out_dir="outar",
+                      data=small_data())  # fmt: skip
+    state = quantize_flow(job, return_state=True)
+    assert state.is_completed(), state.message
+    (run,) = runs_of(mlflow_client, str(state.state_details.flow_run_id))
+    history = mlflow_client.get_metric_history(run.info.run_id, "autoround_loss")
+    before = mlflow_client.get_metric_history(run.info.run_id, "autoround_loss_rtn")
+    assert sorted(m.step for m in history) == list(range(SHORT_BLOCKS))  # one per block
+    after = {m.step: m.value for m in history}
+    assert all(after[m.step] <= m.value for m in before)  # never above RTN's error
+    plots = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/distillation.png" in plots
+    saved = yaml.safe_load((Path("outar") / "quantmill_recipe.yaml").read_text())
+    assert [s["method"] for s in saved["steps"]] == ["rotate", "autoround"]
+    assert run.data.metrics["perplexity"] < 1.5 * run.data.metrics["perplexity_original"]
+
+
 def test_quantize_flow_trains_peqa_and_logs_the_training_in_mlflow(
     pipeline_env, short_smollm2, mlflow_client
 ):
