@@ -83,6 +83,23 @@ def recipes() -> dict[str, dict[str, Any]]:
                     data["evaluation"].update(dataset=str(DATA / "wikitext-2/wiki.test.raw"),
                                               **WINDOWS)  # fmt: skip
                     rows[data["name"]] = data
+    # W4A8 KV8 with per-channel 4-bit weights: the setting of the LLM-QAT row
+    # (benchmarks/qat.py); RTN keeps min-max as there, GPTQ its recipe's mse
+    w4a8 = load_recipe(find_recipe("gptq-w4-channel")).to_dict()
+    for method in ("rtn", "gptq"):
+        for rotate in (False, True):
+            data = json.loads(json.dumps(w4a8))
+            step = data["steps"][0]
+            if method == "rtn":
+                step = {"method": "rtn", "weights": {**step["weights"], "observer": "minmax"}}
+            step["activations"] = {"bits": 8}
+            data["steps"] = [{"method": "rotate"}] * rotate + [step]
+            data["name"] = f"{'rotate-' * rotate}{method}-w4a8kv8"
+            data["calibration"]["dataset"] = str(DATA / "wikitext-2/wiki.valid.tokens")
+            data["evaluation"].update(dataset=str(DATA / "wikitext-2/wiki.test.raw"),
+                                      kv_cache={"bits": 8, "granularity": "token"},
+                                      **WINDOWS)  # fmt: skip
+            rows[data["name"]] = data
     return rows
 
 
@@ -111,13 +128,39 @@ def run_row(name: str) -> None:
     }))  # fmt: skip
 
 
+def table(data: dict[str, Any]) -> str:
+    """The README's table, from the JSON: rows in the recipes' order."""
+    rows = data["rows"]
+    first = next(iter(rows.values()))
+    wiki, lambada = first["original_perplexity"], first["original_lambada_perplexity"]
+    lines = [
+        f"| recipe | WikiText-2 (original {wiki:.2f}) | LAMBADA (original {lambada:.2f}) "
+        "| quantize s | row wall s | peak RSS MB | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in recipes():
+        if name not in rows:
+            continue
+        r = rows[name]
+        lines.append(
+            f"| {name} | {r['perplexity']:.2f} ({r['perplexity'] / wiki - 1:+.1%}) "
+            f"| {r['lambada_perplexity']:.2f} | {r['quant_seconds']:.0f} "
+            f"| {r['wall_seconds']:.0f} | {r['peak_rss_mb']} | {r['load_average']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help="row names (default: every row)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a child's one row
+    parser.add_argument("--table", action="store_true", help="print the README's table")
     args = parser.parse_args()
     if args.row:
         run_row(args.row)
+        return 0
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
         return 0
     data = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": {}}
     WORK.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -162,9 +163,12 @@ def quantize(
         if written is None:
             calib = _calibration(tokenizer, recipe, calibration)
             stats = StatisticsFile(statistics) if statistics is not None else None
+            began = time.perf_counter()
             if recipe.rotation() is not None:
                 run = _rotated(run)
+            rotating = time.perf_counter() - began
             outcome, resumed_at = (_train_in_memory if trains else _stream)(run, calib, stats)
+            outcome.seconds += rotating  # the rotated copy is part of the quantization
             calib_digest = None if calib is None else ids_digest(calib)
             del calib
             tokenizer.save_pretrained(stage.folder)
