@@ -304,12 +304,29 @@ def _journal_written(
 
 
 def _write_run_files(folder: Path, recipe: Recipe, summary: QuantizeSummary) -> None:
-    save_recipe(recipe, folder / RECIPE_FILE)
+    save_recipe(with_chosen_schemes(recipe, summary.layers), folder / RECIPE_FILE)
     write_json(folder, LAYERS_FILE, summary.layers)
     if summary.training:
         write_json(folder, TRAINING_FILE, summary.training)
     brief = {k: v for k, v in summary.to_dict().items() if k not in ("layers", "training")}
     write_json(folder, SUMMARY_FILE, brief)
+
+
+def with_chosen_schemes(recipe: Recipe, layers: list[dict[str, Any]]) -> Recipe:
+    """``recipe`` with each mixed-precision step's map filled in (``mixed.chosen``) from
+    the layer reports, so that the recipe saved beside a checkpoint reproduces it."""
+    steps = []
+    for step in recipe.steps:
+        mixed = getattr(step, "mixed", None)
+        if mixed is not None and mixed.chosen is None:
+            chosen = {
+                r["name"]: r["extra"]["scheme_index"]
+                for r in layers
+                if r["method"] == step.method and "scheme_index" in r.get("extra", {})
+            }
+            step = step.model_copy(update={"mixed": mixed.model_copy(update={"chosen": chosen})})
+        steps.append(step)
+    return recipe.model_copy(update={"steps": steps})
 
 
 def _calibration(tokenizer, recipe: Recipe, prepared: str | Path | None) -> torch.Tensor | None:
@@ -346,9 +363,7 @@ def run_fingerprint(
 def estimate_output_bytes(lazy: LazyModel, recipe: Recipe, fmt: str) -> int:
     """The checkpoint's size, from the weight files and the recipe's last quantizing step
     for each layer (packed: its bits plus at most one bit per weight of scales and zeros)."""
-    quantizing = [
-        s for s in recipe.steps if s.quantizes and not getattr(s, "smooth_only", False)
-    ]
+    quantizing = [s for s in recipe.steps if s.quantizes and not getattr(s, "smooth_only", False)]
     candidates = {
         f"{lazy.block_prefix(i)}{name}.weight"
         for i in range(len(lazy.blocks))
@@ -365,7 +380,8 @@ def estimate_output_bytes(lazy: LazyModel, recipe: Recipe, fmt: str) -> int:
             total += nbytes
             continue
         count = nbytes // lazy.source_dtype(name).itemsize
-        total += 4 * count if fmt == "fake" else count * (step.weights.bits + 1) // 8
+        bits = max(s.bits for s in step.weight_schemes())
+        total += 4 * count if fmt == "fake" else count * (bits + 1) // 8
     if recipe.rotation() is not None:  # the rotated copy (journal folder), an untied head
         embedding = lazy.model.get_input_embeddings().weight
         total += lazy.files.nbytes() + embedding.numel() * embedding.dtype.itemsize

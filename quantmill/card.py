@@ -95,7 +95,9 @@ class CheckpointInfo:
         return base_model_info(self.summary.get("model") or {})
 
     def bits(self) -> list[int]:
-        return sorted({step.weights.bits for step in self.recipe.steps if step.quantizes})
+        return sorted(
+            {s.bits for step in self.recipe.steps if step.quantizes for s in step.weight_schemes()}
+        )
 
     def methods(self) -> list[str]:
         return list(dict.fromkeys(step.method for step in self.recipe.steps))

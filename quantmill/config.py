@@ -57,6 +57,41 @@ class QuantScheme(StrictModel):
         return f"w{self.bits}{group}{'s' if self.symmetric else 'a'}"
 
 
+class MixedPrecision(StrictModel):
+    """Per-layer schemes chosen under a size budget (``quantmill.quant.budget``): each
+    layer's Hessian-weighted rounding error at every allowed scheme is measured on the
+    original model's calibration statistics, then the layers that gain most per bit
+    get the larger schemes until the budget is spent."""
+
+    # average bits per weight over the step's layers, each group's float16 scale (and
+    # zero point, when asymmetric) included: w4 g64 symmetric costs 4.25
+    target_bits_per_weight: float = Field(gt=1, le=16)
+    schemes: list[QuantScheme] = Field(min_length=2, description="what a layer may get")
+    # sensitivity: by measured error (the method); random: the same sizes drawn at
+    # random (a baseline that shows what the measurement buys)
+    choose: Literal["sensitivity", "random"] = "sensitivity"
+    seed: int = 0
+    # the chosen scheme (index into ``schemes``) of each layer, by full name: filled in
+    # the recipe saved beside a checkpoint, so that it reproduces the same map
+    chosen: dict[str, int] | None = None
+
+    @model_validator(mode="after")
+    def _schemes(self) -> MixedPrecision:
+        bits = min(s.bits for s in self.schemes)
+        if self.target_bits_per_weight < bits:
+            raise ValueError(
+                f"target_bits_per_weight = {self.target_bits_per_weight} is below the smallest "
+                f"allowed scheme ({bits} bits before its scales); raise it or allow fewer bits"
+            )
+        if any(s.observer == "imatrix" for s in self.schemes):
+            raise ValueError("schemes: the imatrix observer is not offered with mixed precision")
+        if self.chosen is not None and any(
+            not 0 <= i < len(self.schemes) for i in self.chosen.values()
+        ):
+            raise ValueError(f"chosen: indices must lie in 0..{len(self.schemes) - 1}")
+        return self
+
+
 class ActScheme(StrictModel):
     """Dynamic activation quantization of a layer's input: one scale per token,
     computed at run time from that token's largest magnitude (no calibration)."""
@@ -105,6 +140,11 @@ class MethodConfig(StrictModel):
                 f"which {self.method} does not collect; use it with rtn or gptq, or use mse"
             )
         return self
+
+    def weight_schemes(self) -> list[QuantScheme]:
+        """The schemes this step may give a layer (several with mixed precision)."""
+        mixed = getattr(self, "mixed", None)
+        return list(mixed.schemes) if mixed is not None else [self.weights]
 
     def selects(self, name: str) -> bool:
         """True when module ``name`` is targeted and not ignored."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quantmill import mixed
 from quantmill.arch import ArchSpec, arch_for, block_linears, decoder_blocks
 from quantmill.blocks import BlockInputs, BlockStore, block_outputs, run_block
 from quantmill.config import MethodConfig
@@ -87,11 +88,15 @@ def quantize_model(
     layers, reports = store.done()
     label = "+".join(step.method for step in steps)
     todo = range(store.start, len(blocks)) if methods else range(0)  # training steps only
+    mixing = [m for m in methods if getattr(m.config, "mixed", None) is not None]
+    measuring = any(m.config.mixed.chosen is None for m in mixing)
     with ExitStack() as stack:
-        if shared and statistics is None and todo:
+        if (shared or measuring) and statistics is None and todo:
             statistics = _statistics_file(
                 stack, model, calib_ids, batch_size, progress, store, all_experts
             )
+        for method in mixing if todo else ():
+            method.chosen = _mixed_choice(method, blocks, spec, store, statistics)
         inputs = store.capture(model, blocks[0], calib_ids, batch_size) if live and todo else None
         bar = tqdm(todo, desc=f"{label} blocks", disable=not progress, total=len(blocks))
         bar.update(store.start)
@@ -126,6 +131,18 @@ def quantize_model(
     return QuantizeOutcome(layers, reports, time.perf_counter() - start, trained)
 
 
+def _mixed_choice(method: Method, blocks, spec: ArchSpec, store: BlockStore, statistics):
+    """Each layer's scheme index for a step with ``mixed``: the saved map, or chosen from
+    each layer's error at every scheme (one pass over the blocks)."""
+    step = method.config
+    if step.mixed.chosen is not None:
+        return mixed.given(step, mixed.selected_names(blocks, spec, step))
+    layers = mixed.measure(blocks, spec, store, statistics, step, spec.conv1d)
+    chosen = mixed.choose(layers, step)
+    log.info("%s mixed precision: %s", step.method, mixed.summary(layers, chosen, step))
+    return chosen
+
+
 def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
     """Each step's method, checked against ``model`` (mappings, layouts) before any work."""
     spec = arch_for(model)
@@ -133,6 +150,8 @@ def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:
     for index, method in enumerate(methods):
         try:
             method.check_model(model, spec)
+            if getattr(method.config, "mixed", None) is not None:
+                mixed.check_budget(model, spec, method.config)
         except ConfigError as exc:  # name the step, as recipe validation does
             raise ConfigError(f"steps.{index}.{exc}") from None
     return methods

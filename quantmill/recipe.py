@@ -69,6 +69,13 @@ class Recipe(StrictModel):
         for index, step in enumerate(self.steps):
             needs = needs_of(step)
             earlier = self.steps[:index]
+            if getattr(step, "mixed", None) is not None and any(
+                getattr(s, "mixed", None) is not None for s in earlier
+            ):
+                raise ValueError(
+                    f"steps.{index}.mixed: one step of a recipe may choose schemes under a "
+                    "budget; the budget spans that step's layers"
+                )
             if needs.rotates and index > 0:
                 raise ValueError(
                     f"steps.{index}.method: {step.method} rewrites the whole model and comes "

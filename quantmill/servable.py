@@ -47,10 +47,11 @@ def partial_groups(model: nn.Module, steps: list[MethodConfig]) -> list[PartialG
     """Every selected layer whose input size its step's group size does not divide."""
     found = []
     for number, step in enumerate(steps):
-        group = step.weights.group_size if step.quantizes else None
-        for name, size in selected_inputs(model, step).items() if group else ():
-            if size % group:
-                found.append(PartialGroup(number, name, size, group))
+        groups = {s.group_size for s in step.weight_schemes() if s.group_size and step.quantizes}
+        for group in sorted(groups):
+            for name, size in selected_inputs(model, step).items():
+                if size % group:
+                    found.append(PartialGroup(number, name, size, group))
     return found
 
 

@@ -35,6 +35,9 @@ class Method:
         self.conv1d = conv1d
         # what this step needs from the driver: data on its registry entry
         self.needs: Needs = METHODS[config.method].needs(config)
+        # mixed precision: each layer's index into ``config.mixed.schemes`` (the driver
+        # fills it before the first block)
+        self.chosen: dict[str, int] = {}
 
     def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
         """Raise ``ConfigError`` when this step cannot apply to ``model`` (before any work)."""
@@ -55,6 +58,15 @@ class Method:
     ) -> list[LayerReport]:
         """After every layer of the block is quantized (layer-wise distillation)."""
         return []
+
+    def scheme_for(self, name: str) -> tuple[QuantScheme, dict[str, Any]]:
+        """Layer ``name``'s weight scheme, and what its report says of the choice."""
+        mixed = getattr(self.config, "mixed", None)
+        if mixed is None or name not in self.chosen:
+            return self.config.weights, {}
+        index = self.chosen[name]
+        scheme = mixed.schemes[index]
+        return scheme, {"scheme": scheme.label(), "scheme_index": index}
 
     def layer_quant(
         self, scale: Tensor, zero: Tensor | None, scheme: QuantScheme | None = None

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from quantmill.config import MethodConfig
+from quantmill.config import MethodConfig, MixedPrecision
 from quantmill.layers import LayerQuant, LayerReport, get_weight, set_weight
 from quantmill.methods.base import Method, accumulating
 from quantmill.quant.gptq import (
@@ -43,6 +43,8 @@ class GPTQConfig(MethodConfig):
     # quantized (the paper's scheme). False: Hessians of the original model, collected
     # once and shared by every such recipe of a sweep (the pipeline caches them).
     sequential: bool = True
+    # per-layer schemes under a size budget (``weights`` is then unused)
+    mixed: MixedPrecision | None = None
 
 
 @register_method(
@@ -76,6 +78,7 @@ class GPTQ(Method):
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
         start = time.perf_counter()
         cfg = self.config
+        scheme, choice = self.scheme_for(name)
         W = get_weight(layer, self.conv1d).float()
         source = self._hessians.pop(name)
         # the last layer of a group sharing one Hessian may let GPTQ overwrite it
@@ -83,23 +86,26 @@ class GPTQ(Method):
         try:
             H = source.take() if last else source.hessian()
             result = gptq_quantize_weight(
-                W, H, cfg.weights, cfg.block_size, cfg.dampening, cfg.actorder,
+                W, H, scheme, cfg.block_size, cfg.dampening, cfg.actorder,
                 cfg.static_groups, consume=last,
             )  # fmt: skip
         except (HessianNotPositiveDefinite, NoCalibrationInputs) as exc:
             # Fall back to round-to-nearest for this layer and say so in its report
             # (an expert no calibration token reached has no Hessian at all).
             log.warning("%s: %s; falling back to RTN for this layer", name, exc)
-            scale, zero = compute_qparams(W, cfg.weights)
-            Q = fake_quantize(W, scale, zero, cfg.weights)
+            scale, zero = compute_qparams(W, scheme)
+            Q = fake_quantize(W, scale, zero, scheme)
             set_weight(layer, Q, self.conv1d)
             report = self._timed_report(
-                name, "gptq", float("nan"), start, fallback="rtn", fallback_reason=str(exc)
-            )
-            return self.layer_quant(scale, zero), report
+                name, "gptq", float("nan"), start, fallback="rtn", fallback_reason=str(exc),
+                **choice,
+            )  # fmt: skip
+            return self.layer_quant(scale, zero, scheme), report
         set_weight(layer, result.weight, self.conv1d)
-        report = self._timed_report(name, "gptq", result.loss, start, dampening=result.dampening)
-        return self.layer_quant(result.scale, result.zero), report
+        report = self._timed_report(
+            name, "gptq", result.loss, start, dampening=result.dampening, **choice
+        )
+        return self.layer_quant(result.scale, result.zero, scheme), report
 
 
 class _Given:

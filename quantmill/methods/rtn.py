@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from quantmill.config import MethodConfig, QuantScheme
+from quantmill.config import MethodConfig, MixedPrecision, QuantScheme
 from quantmill.layers import LayerQuant, LayerReport, get_weight, set_weight
 from quantmill.methods.base import Method, accumulating
 from quantmill.quant.gptq import NoCalibrationInputs
@@ -26,6 +26,8 @@ from quantmill.registry import register_method
 class RTNConfig(MethodConfig):
     takes_importance = True  # collected from calibration text when the observer asks
     method: Literal["rtn"] = "rtn"
+    # per-layer schemes under a size budget (``weights`` is then unused)
+    mixed: MixedPrecision | None = None
 
 
 def round_layer(
@@ -45,7 +47,11 @@ def round_layer(
     "rtn",
     config=RTNConfig,
     # the imatrix observer reads calibration text: each input column's mean x²
-    varies=lambda step: {"calibration": step.weights.observer == "imatrix"},
+    # (and mixed precision measures each layer's error on the calibration statistics)
+    varies=lambda step: {
+        "calibration": step.weights.observer == "imatrix"
+        or (step.mixed is not None and step.mixed.chosen is None)
+    },
 )
 class RTN(Method):
     def __init__(self, config, conv1d: bool = False) -> None:
@@ -62,7 +68,7 @@ class RTN(Method):
 
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
         start = time.perf_counter()
-        scheme, extra = self.config.weights, {}
+        scheme, extra = self.scheme_for(name)
         energy = self._energy.pop(name, None)
         importance = None
         if scheme.observer == "imatrix":
@@ -71,9 +77,10 @@ class RTN(Method):
             except NoCalibrationInputs:  # an expert no token reached: every column alike
                 weight = get_weight(layer, self.conv1d)
                 importance = torch.ones(weight.shape[1], device=weight.device)
-                extra = {"fallback": "mse", "fallback_reason": "no calibration inputs"}
+                extra |= {"fallback": "mse", "fallback_reason": "no calibration inputs"}
         scale, zero, loss = round_layer(layer, scheme, self.conv1d, importance)
-        return self.layer_quant(scale, zero), self._timed_report(name, "rtn", loss, start, **extra)
+        quant = self.layer_quant(scale, zero, scheme)
+        return quant, self._timed_report(name, "rtn", loss, start, **extra)
 
 
 class ColumnEnergy:

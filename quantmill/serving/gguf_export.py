@@ -95,7 +95,12 @@ def check_exact(steps) -> None:
     from quantmill.errors import ConfigError
 
     for index, step in enumerate(steps):
-        w = step.weights
+        inexact = [
+            s
+            for s in step.weight_schemes()
+            if exact_type(s.bits, s.symmetric, s.group_size) is None
+        ]
+        w = inexact[0] if inexact else step.weights
         if step.quantizes and exact_type(w.bits, w.symmetric, w.group_size) is None:
             raise ConfigError(
                 f"steps.{index}.weights = {w.bits}-bit, group_size {w.group_size}, "
