@@ -297,7 +297,7 @@ BAD_INPUTS = [
     ("calib-data-too-short", lambda w: w.quantize(recipe="gptq-w4g64", calib=w.short), "Use more text or a shorter seq_len"),
     ("calib-data-missing", lambda w: w.quantize(recipe="gptq-w4g64", calib=w.root / "none.txt"), "none.txt does not exist"),
     # the recipe and the options
-    ("recipe-missing", lambda w: w.quantize(recipe=str(w.root / "none.yaml")), "does not exist and no shipped recipe has that name; shipped recipes: awq"),
+    ("recipe-missing", lambda w: w.quantize(recipe=str(w.root / "none.yaml")), "does not exist and no shipped recipe has that name; shipped recipes: autoround-w4g64, awq"),
     ("recipe-name-typo", lambda w: w.quantize(recipe="gptq-w5"), "no shipped recipe has that name"),
     ("recipe-bad-yaml", lambda w: w.quantize(recipe=str(w.bad_yaml)), "is not valid YAML/JSON"),
     ("recipe-bits-17", lambda w: w.quantize(recipe=str(w.bad_bits)), "steps.0.weights.bits = 17"),
