@@ -11,6 +11,7 @@ same checkpoint always gives the same card and re-publishing changes nothing.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,26 @@ def evaluation_table(info: CheckpointInfo) -> str:
     tasks = tasks_table(summary)
     if tasks:
         notes.insert(1, tasks)
+    notes += mixed_notes(info)
     return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
+
+
+def mixed_notes(info: CheckpointInfo) -> list[str]:
+    """A line per mixed-precision step: how many layers got each scheme, and the budget
+    (the whole map is the recipe's ``mixed.chosen``)."""
+    notes = []
+    for step in info.recipe.steps:
+        mixed = getattr(step, "mixed", None)
+        if mixed is None or not mixed.chosen:
+            continue
+        counts = Counter(mixed.schemes[i].label() for i in mixed.chosen.values())
+        shares = ", ".join(f"{n} layers {label}" for label, n in sorted(counts.items()))
+        notes.append(
+            f"Mixed precision ({step.method}, chosen by {mixed.choose} under "
+            f"{mixed.target_bits_per_weight} bits per weight): {shares}; the map is the "
+            "recipe's `mixed.chosen`."
+        )
+    return notes
 
 
 def tasks_table(summary: dict[str, Any]) -> str:

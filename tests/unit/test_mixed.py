@@ -126,6 +126,11 @@ def test_a_mixed_checkpoint_holds_both_schemes_and_its_recipe_reproduces_it(
     saved = load_recipe(str(out / RECIPE_FILE))
     chosen = saved.steps[0].mixed.chosen
     assert chosen == {n: (0 if s == "w3g16s" else 1) for n, s in schemes.items()}
+    from quantmill.card import CheckpointInfo, render_card
+
+    card = render_card(CheckpointInfo.load(out))
+    counts = {s: list(schemes.values()).count(s) for s in ("w3g16s", "w4g16s")}
+    assert f"{counts['w3g16s']} layers w3g16s, {counts['w4g16s']} layers w4g16s" in card
     again = tmp_path / "again"
     quantize(str(source), saved, again, progress=False, evaluate=False,
              engine=EngineSpec(max_shard_size="60KB"))  # fmt: skip
