@@ -1,7 +1,7 @@
 """Every kind of checkpoint we write, loaded by vLLM's CPU build from its own venv
 (``scripts/vllm-venv.sh``, run by ``scripts/test.sh``) and compared with transformers.
 
-One vLLM process loads the five checkpoints in turn (RTN on SmolLM2's first
+One vLLM process loads the six checkpoints in turn (RTN on SmolLM2's first
 blocks: what is checked is the format, not the depth)."""
 
 import json
@@ -21,6 +21,17 @@ KINDS = {
         {"method": "rtn", "weights": {"bits": 8, "group_size": None}, "activations": {"bits": 8}}
     ],
     "llm-int8": [{"method": "llm_int8"}],
+    # two schemes in one checkpoint, chosen under a budget (vLLM's WNA16 kernels take 4
+    # and 8 bits; 3-bit layers it does not serve at all)
+    "mixed": [
+        {
+            "method": "rtn",
+            "mixed": {
+                "target_bits_per_weight": 5.5,
+                "schemes": [{"bits": 4, "group_size": 64}, {"bits": 8, "group_size": 64}],
+            },
+        }
+    ],
 }
 
 
@@ -45,7 +56,7 @@ def verdicts(short_smollm2, tmp_path_factory):
     return {kind: result for kind, result in zip(folders, results, strict=True)}, folders
 
 
-@pytest.mark.parametrize("kind", ["sym-group", "asym-group", "channel", "w8a8"])
+@pytest.mark.parametrize("kind", ["sym-group", "asym-group", "channel", "w8a8", "mixed"])
 def test_vllm_serves_each_scheme_we_write_and_chooses_what_transformers_does(verdicts, kind):
     result = verdicts[0][kind]
     assert result["loaded"], result["reason"]
@@ -55,6 +66,10 @@ def test_vllm_serves_each_scheme_we_write_and_chooses_what_transformers_does(ver
     assert result["agree"] >= 6  # the rest: equal, or near ties of bfloat16 arithmetic
     kernel = "CPUInt8ScaledMMLinearKernel" if kind == "w8a8" else "CPUWNA16LinearKernel"
     assert kernel in result["kernels"]
+    if kind == "mixed":  # both schemes made it into the one checkpoint vLLM served
+        config = json.loads((verdicts[1][kind] / "config.json").read_text())
+        groups = config["quantization_config"]["config_groups"].values()
+        assert sorted(g["weights"]["num_bits"] for g in groups) == [4, 8]
 
 
 def test_asymmetric_weights_are_written_as_group_with_packed_zero_points(verdicts):
