@@ -137,10 +137,10 @@ def _mixed_choice(method: Method, blocks, spec: ArchSpec, store: BlockStore, sta
     step = method.config
     if step.mixed.chosen is not None:
         return mixed.given(step, mixed.selected_names(blocks, spec, step))
-    layers = mixed.measure(blocks, spec, store, statistics, step, spec.conv1d)
-    chosen = mixed.choose(layers, step)
-    log.info("%s mixed precision: %s", step.method, mixed.summary(layers, chosen, step))
-    return chosen
+    units = mixed.measure(blocks, spec, store, statistics, step, spec.conv1d)
+    chosen = mixed.choose(units, step)
+    log.info("%s mixed precision: %s", step.method, mixed.summary(units, chosen, step))
+    return mixed.expand(units, chosen)
 
 
 def build_methods(model: nn.Module, steps: list[MethodConfig]) -> list[Method]:

@@ -40,25 +40,39 @@ def hessian_error(W: Tensor, H: Tensor | None, scheme: QuantScheme) -> float:
 def measure(
     blocks: nn.ModuleList, spec: ArchSpec, store, statistics, step: MethodConfig, conv1d: bool
 ) -> list[LayerChoice]:
-    """Every selected layer's cost and error at each of ``step.mixed.schemes``."""
+    """Each group of selected layers sharing an input (q/k/v, gate/up: what vLLM fuses
+    into one layer, which must have one scheme) with its cost and error at each of
+    ``step.mixed.schemes``: costs averaged over the group's weights, errors summed."""
     mixed = step.mixed
-    layers = []
+    units = []
     for index, block in enumerate(blocks):
         store.load(index, block)
         prefix = f"{spec.blocks}.{index}."
-        for name, module in block_linears(block, spec).items():
-            if not step.selects(prefix + name):
+        linears = block_linears(block, spec)
+        for group in spec.linear_groups:
+            members = [prefix + n for n in group if step.selects(prefix + n)]
+            if not members:
                 continue
-            W = get_weight(module, conv1d).detach().float()
-            try:
-                H = statistics.hessian(prefix + name)
-            except KeyError:  # an expert no calibration token reached
-                H = None
-            errors = tuple(hessian_error(W, H, s) for s in mixed.schemes)
-            costs = tuple(scheme_cost(s, W.shape[1]) for s in mixed.schemes)
-            layers.append(LayerChoice(prefix + name, W.numel(), costs, errors))
+            weights, cost, error = 0, [0.0] * len(mixed.schemes), [0.0] * len(mixed.schemes)
+            for name in members:
+                W = get_weight(linears[name.removeprefix(prefix)], conv1d).detach().float()
+                try:
+                    H = statistics.hessian(name)
+                except KeyError:  # an expert no calibration token reached
+                    H = None
+                weights += W.numel()
+                for i, scheme in enumerate(mixed.schemes):
+                    cost[i] += W.numel() * scheme_cost(scheme, W.shape[1])
+                    error[i] += hessian_error(W, H, scheme)
+            costs = tuple(c / weights for c in cost)
+            units.append(LayerChoice(members[0], weights, costs, tuple(error), tuple(members)))
         store.release(index, block)
-    return layers
+    return units
+
+
+def expand(units: list[LayerChoice], chosen: dict[str, int]) -> dict[str, int]:
+    """Each layer's scheme from its group's."""
+    return {m: chosen[u.name] for u in units for m in (u.members or (u.name,))}
 
 
 def choose(layers: list[LayerChoice], step: MethodConfig) -> dict[str, int]:
@@ -84,8 +98,8 @@ def choose(layers: list[LayerChoice], step: MethodConfig) -> dict[str, int]:
 def summary(layers: list[LayerChoice], chosen: dict[str, int], step: MethodConfig) -> dict:
     """What the map amounts to: layers per scheme and the bits per weight reached."""
     counts: dict[str, int] = defaultdict(int)
-    for index in chosen.values():
-        counts[step.mixed.schemes[index].label()] += 1
+    for unit in layers:
+        counts[step.mixed.schemes[chosen[unit.name]].label()] += len(unit.members or (1,))
     return {
         "target_bits_per_weight": step.mixed.target_bits_per_weight,
         "bits_per_weight": round(average_bits(layers, chosen), 4),

@@ -36,6 +36,8 @@ class LayerChoice:
     weights: int  # number of weights
     costs: tuple[float, ...]  # bits per weight of each scheme
     errors: tuple[float, ...]  # measured error of each scheme
+    # the layers that take this choice together (layers a serving engine fuses)
+    members: tuple[str, ...] = ()
 
 
 def cheapest_bits(layers: list[LayerChoice]) -> float:
