@@ -35,9 +35,20 @@ from quantmill.layers import LayerQuant, get_weight
 from quantmill.quant.grid import SCALE_DTYPE
 
 
-def compression_format(scheme: QuantScheme) -> CompressionFormat:
-    # 8-bit weights gain nothing from int32 packing: store them as int8.
-    return CompressionFormat.int_quantized if scheme.bits == 8 else CompressionFormat.pack_quantized
+def compression_format(scheme: QuantScheme, at_run_time: bool = False) -> CompressionFormat:
+    """int8 storage for 8-bit weights whose inputs are treated at run time (W8A8,
+    LLM.int8(); vLLM reads ``int-quantized`` as an activation-quantizing format and
+    refuses it without activations); every weight-only scheme packed into int32 words
+    (vLLM's WNA16 kernels)."""
+    if scheme.bits == 8 and at_run_time:
+        return CompressionFormat.int_quantized
+    return CompressionFormat.pack_quantized
+
+
+def _at_run_time(quant: LayerQuant) -> bool:
+    """True for layers whose inputs our runtime treats (W8A8, LLM.int8()'s outliers):
+    they read int8 weights as stored."""
+    return quant.activations is not None or quant.outlier_threshold is not None
 
 
 def quantization_args(scheme: QuantScheme, in_features: int) -> QuantizationArgs:
@@ -87,7 +98,7 @@ def build_schemes(
     for name, quant in layers.items():
         args = quantization_args(quant.scheme, in_features[name])
         acts = activation_args(quant)
-        fmt = compression_format(quant.scheme)
+        fmt = compression_format(quant.scheme, _at_run_time(quant))
         key = args.model_dump_json() + (acts.model_dump_json() if acts else "") + fmt.value
         by_key.setdefault(key, (args, acts, fmt, []))[3].append(name)
     return {
@@ -113,7 +124,7 @@ def quantization_config(schemes: dict[str, QuantizationScheme]) -> dict[str, Any
 
 def layer_scheme(quant: LayerQuant, in_features: int) -> QuantizationScheme:
     """The compressed-tensors scheme of one quantized layer."""
-    fmt = compression_format(quant.scheme)
+    fmt = compression_format(quant.scheme, _at_run_time(quant))
     return QuantizationScheme(
         targets=["layer"],
         weights=quantization_args(quant.scheme, in_features),

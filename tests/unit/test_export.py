@@ -49,7 +49,7 @@ def test_packed_checkpoint_reloads_with_identical_logits(tmp_path, tiny_model, w
     per_word = 32 // bits
 
     def packed(count: int) -> int:
-        return count * 8 if bits == 8 else -(-count // per_word) * 32
+        return -(-count // per_word) * 32  # weight-only: packed, 8 bits too
 
     stored, total = 0, 0
     for name in outcome.layers:
@@ -57,7 +57,7 @@ def test_packed_checkpoint_reloads_with_identical_logits(tmp_path, tiny_model, w
         groups = -(-cols // (weights["group_size"] or cols))
         stored += rows * packed(cols)
         stored += rows * groups * 16 + (0 if weights["symmetric"] else groups * packed(rows))
-        stored += 128 if bits < 8 else 0
+        stored += 128  # the packed layer's weight_shape
         total += rows * cols
     expected = stored / total
     assert bits_per_weight(tmp_path) == pytest.approx(expected, rel=1e-9)

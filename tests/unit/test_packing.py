@@ -7,7 +7,7 @@ from compressed_tensors.compressors import BaseCompressor
 from quantmill.config import QuantScheme
 from quantmill.export.compressed import build_schemes, compression_format
 from quantmill.layers import LayerQuant
-from quantmill.quant.grid import compute_qparams, fake_quantize, quantize
+from quantmill.quant.grid import compute_qparams, fake_quantize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
@@ -24,18 +24,15 @@ def test_compress_decompress_round_trip(bits, group_size, symmetric):
         "group_0"
     ]
     compressor = BaseCompressor.get_value_from_registry(compression_format(scheme).value)
+    assert ct_scheme.format == compression_format(scheme).value
     state = {"weight": Wq, "weight_scale": scale.half()}
     if zero is not None:
         state["weight_zero_point"] = zero.to(torch.int8)
     packed = compressor.compress(state, ct_scheme)
-    if bits < 8:
-        assert packed["weight_packed"].dtype == torch.int32
-        # compressed-tensors 0.17 (the pinned one) packs 32 // bits values per word
-        words = -(-cols // (32 // bits))
-        assert packed["weight_packed"].shape == (rows, words)
-    else:
-        assert packed["weight"].dtype == torch.int8
-        assert torch.equal(packed["weight"], quantize(W, scale, zero, scheme))
+    assert packed["weight_packed"].dtype == torch.int32  # weight-only: packed, 8 bits too
+    # compressed-tensors 0.17 (the pinned one) packs 32 // bits values per word
+    words = -(-cols // (32 // bits))
+    assert packed["weight_packed"].shape == (rows, words)
     assert packed["weight_scale"].dtype == torch.float16  # stored as written
     # transformers loads the float16 scale into the model's float32 parameter first
     packed["weight_scale"] = packed["weight_scale"].float()
@@ -43,7 +40,8 @@ def test_compress_decompress_round_trip(bits, group_size, symmetric):
     assert torch.equal(restored, Wq)
 
 
-def test_eight_bit_is_stored_as_int8_and_lower_bits_packed():
-    assert compression_format(QuantScheme(bits=8)).value == "int-quantized"
-    for bits in (2, 3, 4):
+def test_weight_only_is_packed_and_eight_bit_with_activations_is_int8():
+    """vLLM reads int-quantized as W8A8 and refuses it without activation settings."""
+    assert compression_format(QuantScheme(bits=8), at_run_time=True).value == "int-quantized"
+    for bits in (2, 3, 4, 8):
         assert compression_format(QuantScheme(bits=bits)).value == "pack-quantized"
