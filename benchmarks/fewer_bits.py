@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import machine  # noqa: E402
 from benchmarks.peak_rss import run_measured  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -199,11 +199,7 @@ def main() -> int:
             "pair differs only in the rotate step",
             evaluation="first 8 windows x 2048 tokens of WikiText-2 test, and of LAMBADA's "
             "passages (second domain)",
-            machine={
-                "cpu": platform.processor() or platform.machine(),
-                "threads": 2,
-                "cores": os.cpu_count(),
-            },  # fmt: skip
+            machine=machine(threads=2),
         )
         OUT.write_text(json.dumps(data, indent=2) + "\n")
     rows = data["rows"]

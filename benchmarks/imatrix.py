@@ -13,8 +13,6 @@ validation.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+from benchmarks.machine import machine  # noqa: E402
+
 OUT = REPO / "benchmarks" / "results" / "imatrix.json"
 
 
@@ -75,11 +75,7 @@ def main() -> int:
             selection="none: the imatrix observer has no setting; each pair differs only in "
             "weights.observer",
             evaluation="first 8 windows x 2048 tokens of WikiText-2 test",
-            machine={
-                "cpu": platform.processor() or platform.machine(),
-                "threads": 2,
-                "cores": os.cpu_count(),
-            },  # fmt: skip
+            machine=machine(threads=2),
         )
         OUT.write_text(json.dumps(data, indent=2) + "\n")
     rows = data["rows"]
