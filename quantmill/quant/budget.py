@@ -1,8 +1,8 @@
 """Mixed precision under a bits budget: which scheme each layer gets.
 
 Each layer ``l`` has ``n_l`` weights and, for each allowed scheme ``s``, a cost
-``c_s`` in bits per weight (the weight's bits plus its share of the group's
-float16 scale and, when asymmetric, zero point) and a measured error ``e_{l,s}``
+``c_s`` in bits per weight as stored (packed integers, plus its share of the
+group's float16 scale and, when asymmetric, zero point) and a measured error ``e_{l,s}``
 (its Hessian-weighted rounding error). Choose one scheme per layer minimising
 ``Σ e`` subject to ``Σ n_l c_{l} ≤ target · Σ n_l``: a multiple-choice knapsack.
 Solved greedily along each layer's lower convex hull of (cost, error) — the
@@ -23,11 +23,16 @@ SCALE_BITS = 16  # each group's scale is float16
 
 
 def scheme_cost(scheme: QuantScheme, cols: int) -> float:
-    """Bits per weight of ``scheme`` on a layer of ``cols`` inputs, grid included."""
+    """Bits per weight of ``scheme`` on a layer of ``cols`` inputs as the packed
+    checkpoint stores them: integers in int32 words of ``32 // bits`` values (3-bit
+    weights take 3.2 bits: 10 to a word), plus each group's float16 scale and, when
+    asymmetric, its zero point (packed the same way)."""
     group = scheme.group_size or cols
     groups = math.ceil(cols / group)
-    per_row = groups * (SCALE_BITS + (0 if scheme.symmetric else scheme.bits))
-    return scheme.bits + per_row / cols
+    per_word = 32 // scheme.bits
+    weights = math.ceil(cols / per_word) * 32
+    zeros = 0 if scheme.symmetric else groups * 32 / per_word
+    return (weights + groups * SCALE_BITS + zeros) / cols
 
 
 @dataclass(frozen=True)
