@@ -34,7 +34,7 @@ def hessian_error(W: Tensor, H: Tensor | None, scheme: QuantScheme) -> float:
     D = W - fake_quantize(W, scale, zero, scheme)
     if H is None:
         return float(D.square().sum())
-    return float(((D @ H.to(D.device, D.dtype)) * D).sum())
+    return float(((D @ H.to(D.device, D.dtype)) * D).sum())  # no copy when already there
 
 
 def measure(
@@ -54,12 +54,14 @@ def measure(
             if not members:
                 continue
             weights, cost, error = 0, [0.0] * len(mixed.schemes), [0.0] * len(mixed.schemes)
+            try:  # the group shares one input, so one Hessian: read it once
+                H = statistics.hessian(members[0])
+            except KeyError:  # an expert no calibration token reached
+                H = None
             for name in members:
                 W = get_weight(linears[name.removeprefix(prefix)], conv1d).detach().float()
-                try:
-                    H = statistics.hessian(name)
-                except KeyError:  # an expert no calibration token reached
-                    H = None
+                if H is not None:
+                    H = H.to(W.device, W.dtype)  # a no-op after the first layer
                 weights += W.numel()
                 for i, scheme in enumerate(mixed.schemes):
                     cost[i] += W.numel() * scheme_cost(scheme, W.shape[1])
