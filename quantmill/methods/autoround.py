@@ -27,6 +27,7 @@ from quantmill.errors import TrainingDivergedError
 from quantmill.layers import LayerQuant, LayerReport, get_weight
 from quantmill.methods.base import Method
 from quantmill.methods.lkd import calibration_batches, mean_block_loss, on_device
+from quantmill.methods.rtn import round_layer
 from quantmill.quant.autoround import autoround_grid, autoround_weight, signed_step
 from quantmill.quant.grid import group_count
 from quantmill.registry import Needs, register_method
@@ -107,17 +108,11 @@ class AutoRound(Method):
             )
 
     def quantize_layer(self, name: str, layer: nn.Module) -> tuple[LayerQuant, LayerReport]:
-        """The starting point: the layer on its min-max grid (RTN)."""
+        """The starting point: the layer on its min-max grid, RTN's (which is AutoRound's
+        at zero offsets and full ranges: the observer is min-max by validation)."""
         start = time.perf_counter()
-        W0 = get_weight(layer, self.conv1d).detach().float().clone()
-        self._originals[name] = W0
-        ones = torch.ones(W0.shape[0], group_count(W0.shape[1], self.config.weights.group_size),
-                          device=W0.device)  # fmt: skip
-        with torch.no_grad():
-            rounded = autoround_weight(W0, torch.zeros_like(W0), ones, ones, self.config.weights)
-            layer.weight.copy_(rounded)
-            scale, zero = autoround_grid(W0, ones, ones, self.config.weights)
-        loss = float((rounded - W0).square().sum())
+        self._originals[name] = get_weight(layer, self.conv1d).detach().float().clone()
+        scale, zero, loss = round_layer(layer, self.config.weights, self.conv1d)
         return self.layer_quant(scale, zero), self._timed_report(name, "autoround", loss, start)
 
     def finish_block(self, block, prefix, inputs, targets, layers) -> list[LayerReport]:
