@@ -72,8 +72,15 @@ def setup_logging(command: str) -> None:
 def deploy_on(settings) -> None:
     """After ``stack up --deploy``: the pipeline's deployments on the new stack."""
     from flows.deploy import deploy_all
+    from stack.credentials import load
 
-    deploy_all(settings.pool, api_url=settings.prefect_api, crash_after_s=settings.crash_after_s)
+    creds = load(settings.home.resolve())
+    deploy_all(
+        settings.pool,
+        api_url=settings.prefect_api,
+        crash_after_s=settings.crash_after_s,
+        auth=creds.prefect_auth if creds else None,
+    )
 
 
 # The commands that may start servers (Prefect's temporary one, a local Dask cluster).

@@ -94,8 +94,12 @@ def deploy_all(
     names: list[str] | None = None,
     image: str | None = None,
     crash_after_s: int | None = None,
+    auth: str | None = None,
 ) -> dict[str, str]:
     """Create or update the deployments on ``pool``; returns ``{name: deployment id}``.
+
+    ``api_url`` and ``auth`` (the server's auth string): a server other than this
+    process's own configuration.
 
     ``image`` (Docker or Kubernetes pools): the project's image, in which the code
     sits at the same path as here, so run this from inside that image.
@@ -103,10 +107,10 @@ def deploy_all(
     None keeps the crash detection already on the server (or makes it for
     ``defaults.CRASH_AFTER_S``).
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     if api_url:
-        with temporary_settings({PREFECT_API_URL: api_url}):
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}):
             return deploy_all(pool, schedules, None, names, image, crash_after_s)
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.flows import Flow

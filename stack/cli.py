@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
     )
     _setting(u, "bucket", "S3 bucket for artifacts and cache")
+    _setting(
+        u,
+        "output_root",
+        "runs started from the UI or the API write under this folder only",
+        type=Path,
+    )
+    u.add_argument(
+        "--data-root",
+        dest=SETTING + "data_roots",
+        action="append",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="a folder whose files runs started from the UI or the API may read (repeat for "
+        "more; default: $QUANTMILL_DATA_DIR and ./data on the workers)",
+    )
     u.add_argument("--deploy", action="store_true", help="then create the deployments")
     d = verbs.add_parser("down", help="stop the stack")
     _home(d)
@@ -55,6 +71,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true")
     e = verbs.add_parser("env", help="print the shell exports that point clients at the stack")
     _home(e)
+    e.add_argument(
+        "--logins", action="store_true", help="print the UIs' logins instead (for a person)"
+    )
 
 
 def _home(p: argparse.ArgumentParser) -> None:
@@ -74,9 +93,7 @@ def _setting(p: argparse.ArgumentParser, name: str, text: str, **kwargs) -> None
     )
 
 
-def run(
-    args: argparse.Namespace, after_up: Callable[[StackSettings], None] | None = None
-) -> int:
+def run(args: argparse.Namespace, after_up: Callable[[StackSettings], None] | None = None) -> int:
     """Run a ``stack`` verb; ``after_up`` runs on the settings of a stack just started."""
     import logging
 
@@ -85,9 +102,9 @@ def run(
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     if args.stack_command == "up":
-        given = {
-            k.removeprefix(SETTING): v for k, v in vars(args).items() if k.startswith(SETTING)
-        }
+        given = {k.removeprefix(SETTING): v for k, v in vars(args).items() if k.startswith(SETTING)}
+        if "data_roots" in given:
+            given["data_roots"] = tuple(given["data_roots"])
         settings = StackSettings(home=args.home, **given)
         try:
             settings.check()
@@ -98,9 +115,14 @@ def run(
         if after_up is not None:
             after_up(settings)
         _print_status(args.home)
+        home = args.home.resolve()
         print('\nPoint a shell at it:  eval "$(quantmill stack env)"')
         prefect_ui = f"http://{settings.host}:{settings.prefect_port}"
         print(f"Prefect UI: {prefect_ui}   MLflow UI: {settings.mlflow_url}")
+        print(
+            f"Both ask for credentials: `quantmill stack env --logins` prints them (they are "
+            f"kept in {home / 'credentials.json'}, readable by you alone)."
+        )
         return 0
     if args.stack_command == "down":
         stopped = processes.down(args.home)
@@ -117,9 +139,26 @@ def run(
     if not state:
         print("error: no stack runs from this --home; `quantmill stack up` first", file=sys.stderr)
         return 1
+    if args.logins:
+        _print_logins(args.home.resolve(), state)
+        return 0
     for key, value in state["env"].items():
-        print(f"export {key}={value}")
+        print(f"export {key}={shlex.quote(value)}")
     return 0
+
+
+def _print_logins(home: Path, state: dict) -> None:
+    from stack.credentials import MLFLOW_ADMIN, load
+
+    creds = load(home)
+    if creds is None:
+        print(f"no credentials in {home}", file=sys.stderr)
+        return
+    env = state["env"]
+    prefect_ui = env["PREFECT_API_URL"].removesuffix("/api")
+    print(f"Prefect UI  {prefect_ui}  password (the whole string): {creds.prefect_auth}")
+    print(f"MLflow UI   {env['MLFLOW_TRACKING_URI']}  user: {MLFLOW_ADMIN}  "
+          f"password: {creds.mlflow_admin_password}")  # fmt: skip
 
 
 def _print_status(home: Path, rows: list[dict] | None = None) -> None:

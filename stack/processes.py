@@ -16,7 +16,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from stack.services import Service, StackSettings, client_env, services
+from stack import credentials
+from stack.credentials import MLFLOW_ADMIN, MLFLOW_WORKER, Credentials
+from stack.services import (
+    MLFLOW_AUTH_FILE,
+    Service,
+    StackSettings,
+    client_env,
+    mlflow_auth_ini,
+    services,
+)
 
 STATE = "state.json"
 
@@ -31,28 +40,31 @@ def up(settings: StackSettings, timeout: float = 180) -> dict[str, Any]:
     home = settings.home.resolve()
     if running(home):
         raise StackError(f"a stack already runs from {home}; `quantmill stack down` first")
-    (home / "logs").mkdir(parents=True, exist_ok=True)
+    creds = credentials.load_or_create(home)  # the home is made private (0700) here
+    credentials.private_dir(home / "logs")
     if settings.postgres:
-        ensure_databases(settings)
+        ensure_databases(settings, creds)
+    credentials.write_private(home / MLFLOW_AUTH_FILE, mlflow_auth_ini(settings, creds))
     state: dict[str, Any] = {
         "settings": {k: str(v) for k, v in asdict(settings).items()},
-        "env": client_env(settings),
+        "env": client_env(settings, creds),
         "services": {},
     }
-    every = services(settings)
+    every = services(settings, creds)
     servers = [s for s in every if not s.name.startswith("worker")]
     workers = [s for s in every if s.name.startswith("worker")]
     try:
         for wave in (servers, workers):
             if wave is workers:
-                ensure_bucket(settings)
-                ensure_pool(settings)
+                ensure_bucket(settings, creds)
+                ensure_worker_user(settings, creds)
+                ensure_pool(settings, creds)
                 state["pool"] = settings.pool
             for service in wave:
                 state["services"][service.name] = start(service, home)
             _write(home, state)
             for service in wave:
-                wait_ready(service, state["services"][service.name], settings, timeout)
+                wait_ready(service, state["services"][service.name], settings, creds, timeout)
     except BaseException:
         down(home)
         raise
@@ -89,27 +101,29 @@ def restart(home: Path, name: str) -> int:
     return state["services"][name]["pid"]
 
 
-def wait_ready(service: Service, info: dict[str, Any], s: StackSettings, timeout: float) -> None:
+def wait_ready(
+    service: Service, info: dict[str, Any], s: StackSettings, c: Credentials, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive(info["pid"]):
             raise StackError(f"{service.name} exited at start; its log:\n{_tail(info['log'])}")
-        if healthy(service.name, info, s):
+        if healthy(service.name, info, s, c):
             return
         time.sleep(0.5)
     raise StackError(f"{service.name} not ready after {timeout:.0f} s; log:\n{_tail(info['log'])}")
 
 
-def healthy(name: str, info: dict[str, Any], s: StackSettings) -> bool:
+def healthy(name: str, info: dict[str, Any], s: StackSettings, c: Credentials) -> bool:
     if info.get("health"):
         return _http_ok(info["health"])
-    return name in online_workers(s)
+    return name in online_workers(s, c)
 
 
-def online_workers(s: StackSettings) -> set[str]:
+def online_workers(s: StackSettings, c: Credentials) -> set[str]:
     """Names (``worker``, ``worker-2``, …) of the pool's workers that the server sees online."""
     try:
-        with prefect_client(s.prefect_api) as client:
+        with prefect_client(s.prefect_api, c.prefect_auth) as client:
             workers = client.read_workers_for_work_pool(s.pool)
     except Exception:
         return set()
@@ -202,10 +216,17 @@ def alive(pid: int) -> bool:
     return True
 
 
-def ensure_databases(s: StackSettings) -> None:
-    """Create ``<prefix>_prefect`` and ``<prefix>_mlflow`` on the PostgreSQL server if missing."""
+DATABASES = {"prefect": "prefect", "mlflow": "mlflow", "mlflow_auth": "mlflow"}  # -> service
+
+
+def ensure_databases(s: StackSettings, c: Credentials) -> None:
+    """On the PostgreSQL server of ``--postgres`` (an administrator's URL): a role per
+    service (``<prefix>_prefect``, ``<prefix>_mlflow``) with its own password, and its
+    databases (``<prefix>_prefect``; ``<prefix>_mlflow`` and ``<prefix>_mlflow_auth``)
+    owned by it, which no other role may connect to."""
     try:
         import psycopg2
+        from psycopg2 import sql
     except ImportError as exc:
         raise StackError("--postgres needs psycopg2: pip install psycopg2-binary") from exc
     url = s.postgres.split("://", 1)[1]  # type: ignore[union-attr]
@@ -215,22 +236,32 @@ def ensure_databases(s: StackSettings) -> None:
         raise StackError(f"--postgres {s.postgres}: cannot connect: {exc}".strip()) from exc
     conn.autocommit = True
     with conn.cursor() as cur:
-        for name in ("prefect", "mlflow"):
-            db = f"{s.db_prefix}_{name}"
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+        for service in sorted(set(DATABASES.values())):
+            role, password = s.role(service), c.pg_password(service)
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            verb = "ALTER" if cur.fetchone() else "CREATE"
+            cur.execute(
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(role)),
+                (password,),
+            )
+        for name, service in DATABASES.items():
+            db, role = sql.Identifier(f"{s.db_prefix}_{name}"), sql.Identifier(s.role(service))
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (f"{s.db_prefix}_{name}",))
             if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{db}"')
+                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db, role))
+            cur.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, role))
+            cur.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(db))
     conn.close()
 
 
-def ensure_bucket(s: StackSettings) -> None:
+def ensure_bucket(s: StackSettings, c: Credentials) -> None:
     import boto3
 
     client = boto3.client(
         "s3",
         endpoint_url=s.s3_url,
-        aws_access_key_id=s.aws_key,
-        aws_secret_access_key=s.aws_secret,
+        aws_access_key_id=c.s3_key,
+        aws_secret_access_key=c.s3_secret,
         region_name="us-east-1",
     )
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
@@ -238,13 +269,38 @@ def ensure_bucket(s: StackSettings) -> None:
         client.create_bucket(Bucket=s.bucket)
 
 
-def ensure_pool(s: StackSettings) -> None:
+def ensure_worker_user(s: StackSettings, c: Credentials) -> None:
+    """MLflow's worker user (no admin rights), made by the admin; kept if it exists."""
+    import base64
+    import urllib.error
+
+    body = json.dumps({"username": MLFLOW_WORKER, "password": c.mlflow_worker_password})
+    basic = base64.b64encode(f"{MLFLOW_ADMIN}:{c.mlflow_admin_password}".encode()).decode()
+    request = urllib.request.Request(
+        f"{s.mlflow_url}/api/2.0/mlflow/users/create",
+        data=body.encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {basic}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            return
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode(errors="replace")
+        if "RESOURCE_ALREADY_EXISTS" in text or "already exists" in text:
+            return
+        raise StackError(
+            f"MLflow refused to create its worker user: {exc.code} {text[:300]}"
+        ) from None
+
+
+def ensure_pool(s: StackSettings, c: Credentials) -> None:
     """The process work pool; its concurrency limit is the workers' total."""
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
     limit = s.worker_limit * s.workers
-    with prefect_client(s.prefect_api) as client:
+    with prefect_client(s.prefect_api, c.prefect_auth) as client:
         try:
             client.create_work_pool(
                 WorkPoolCreate(name=s.pool, type="process", concurrency_limit=limit)
@@ -254,12 +310,13 @@ def ensure_pool(s: StackSettings) -> None:
 
 
 @contextmanager
-def prefect_client(api_url: str) -> Iterator[Any]:
-    """A sync Prefect client on ``api_url``, whatever this process was configured with."""
+def prefect_client(api_url: str, auth: str | None) -> Iterator[Any]:
+    """A sync Prefect client on ``api_url`` with the auth string ``auth``, whatever this
+    process was configured with."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: api_url}):
+    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}):
         with get_client(sync_client=True) as client:
             yield client
 
@@ -287,6 +344,5 @@ def _tail(path: str, chars: int = 3000) -> str:
 
 
 def _write(home: Path, state: dict[str, Any]) -> None:
-    tmp = home / f".{STATE}.partial"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(home / STATE)
+    """The state file holds the services' environments (credentials): owner-only."""
+    credentials.write_private(home / STATE, json.dumps(state, indent=2) + "\n")

@@ -23,6 +23,7 @@ from quantmill.recipes import SHIPPED_DIR
 from tests.conftest import WIKI_TEST
 from tests.pipeline.conftest import small_data
 from tests.support.hub_server import running_hub
+from tests.support.leaks import mlflow_records, prefect_records
 from tests.support.servers import mlflow_server, start_mlflow, stop
 
 pytestmark = pytest.mark.slow
@@ -191,55 +192,6 @@ def test_the_token_is_nowhere_but_in_its_secret(
     assert {"prefect-logs", "prefect-flow-run", "prefect-task-run", "mlflow-artifact"} <= names
     leaks = [name for name, data in haystack if TOKEN.encode() in data]
     assert leaks == []
-
-
-def prefect_records(flow_run_id: str) -> list[tuple[str, bytes]]:
-    """The flow run, its task runs, logs, artifacts and persisted results."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
-
-    records = []
-    with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(flow_run_id)
-        records.append(("prefect-flow-run", flow_run.model_dump_json().encode()))
-        runs_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
-        for task_run in client.read_task_runs(flow_run_filter=runs_filter):
-            records.append(("prefect-task-run", task_run.model_dump_json().encode()))
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-        assert logs
-        records.append(("prefect-logs", "\n".join(log.message for log in logs).encode()))
-        for artifact in client.read_artifacts():
-            records.append(("prefect-artifact", artifact.model_dump_json().encode()))
-    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
-    if storage.is_dir():
-        records += [
-            (f"prefect-result:{p.name}", p.read_bytes()) for p in storage.rglob("*") if p.is_file()
-        ]
-    return records
-
-
-def mlflow_records(
-    client, run_id: str, registered: dict, tmp_path: Path
-) -> list[tuple[str, bytes]]:
-    run = client.get_run(run_id)
-    records = [
-        ("mlflow-run", json.dumps([run.data.params, run.data.tags, run.data.metrics]).encode())
-    ]
-    folder = Path(client.download_artifacts(run_id, "", str(tmp_path / "mlflow-artifacts")))
-    records += [
-        (f"mlflow-artifact:{p.name}", p.read_bytes()) for p in folder.rglob("*") if p.is_file()
-    ]
-    version = client.get_model_version(registered["name"], registered["version"])
-    model = client.get_registered_model(registered["name"])
-    text = json.dumps([version.tags, version.description, model.tags, model.description])
-    records.append(("mlflow-registry", text.encode()))
-    return records
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,24 @@
 """The service stack without Docker, on this machine's PostgreSQL: `quantmill
-stack up` (S3, Prefect server, MLflow server, a worker), the deployments, runs
-triggered through the Prefect API as the UI triggers them, schedules, and a
-burst of runs held to the deployment's concurrency limit."""
+stack up` (S3, Prefect server, MLflow server, a worker), its credentials, the
+deployments, runs triggered through the Prefect API as the UI triggers them,
+schedules, and a burst of runs held to the deployment's concurrency limit."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 
 import boto3
+import httpx
 import pytest
 
+from stack.credentials import MLFLOW_ADMIN, load
 from tests.conftest import WIKI_TEST, WIKI_VALID
 from tests.stack.conftest import cli
+from tests.support.leaks import files, mlflow_records, prefect_records
+from tests.support.servers import PG
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -42,6 +47,58 @@ def test_status_shows_every_service_and_where(stack):
     assert by_name["worker-1"]["running"] and by_name["worker-2"]["running"]
     assert by_name["mlflow"]["url"] == stack["env"]["MLFLOW_TRACKING_URI"]
     assert by_name["pool"]["url"] == "quantmill"
+
+
+def test_the_apis_refuse_requests_without_the_stacks_credentials(stack):
+    env, home = stack["env"], stack["home"]
+    creds = load(home)
+    prefect, mlflow = env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"]
+    worker = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    runs = f"{prefect}/flow_runs/filter"
+    experiments = f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=5"
+
+    # Prefect: the health probe is open, the API is not
+    assert httpx.get(f"{prefect}/health", timeout=10).status_code == 200
+    assert httpx.post(runs, json={}, timeout=10).status_code == 401
+    assert httpx.post(runs, json={}, auth=("quantmill", "guess"), timeout=10).status_code == 401
+    login = tuple(env["PREFECT_API_AUTH_STRING"].split(":", 1))
+    assert httpx.post(runs, json={}, auth=login, timeout=10).status_code == 200
+
+    # MLflow: the same; the workers' user works but cannot manage users, the admin can
+    assert httpx.get(f"{mlflow}/health", timeout=10).status_code == 200
+    assert httpx.get(experiments, timeout=10).status_code == 401
+    assert httpx.get(experiments, auth=(worker[0], "guess"), timeout=10).status_code == 401
+    assert httpx.get(f"{mlflow}/", timeout=10).status_code == 401  # the UI too
+    assert httpx.get(experiments, auth=worker, timeout=10).status_code == 200
+    new_user = {"username": "mallory", "password": "a-long-enough-password"}
+    create = f"{mlflow}/api/2.0/mlflow/users/create"
+    assert httpx.post(create, json=new_user, auth=worker, timeout=10).status_code == 403
+    admin = (MLFLOW_ADMIN, creds.mlflow_admin_password)
+    assert httpx.get(experiments, auth=admin, timeout=10).status_code == 200
+    assert creds.mlflow_admin_password not in env.values()  # clients never get the admin
+
+    # no credential on a command line (any local user can read those)
+    import psutil
+
+    secrets = [s for s in creds.values()]
+    for info in json.loads((home / "state.json").read_text())["services"].values():
+        proc = psutil.Process(info["pid"])
+        lines = [" ".join(p.cmdline()) for p in [proc, *proc.children(recursive=True)]]
+        assert not [s for s in secrets for line in lines if s in line], info["cmd"][:4]
+
+    # the credentials on disk are the owner's alone
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for name in ("credentials.json", "state.json", "mlflow-auth.ini"):
+        assert stat.S_IMODE((home / name).stat().st_mode) == 0o600, name
+
+    # PostgreSQL: each service has its own role, and no role reaches another's database
+    import psycopg2
+
+    prefix = stack["prefix"]
+    own = psycopg2.connect(host=PG["host"], user=f"{prefix}_mlflow", dbname=f"{prefix}_mlflow")
+    own.close()
+    with pytest.raises(psycopg2.OperationalError, match="CONNECT privilege"):
+        psycopg2.connect(host=PG["host"], user=f"{prefix}_prefect", dbname=f"{prefix}_mlflow")
 
 
 def test_deployments_have_forms_limits_and_schedules(stack, client):
@@ -118,6 +175,24 @@ def test_a_run_triggered_through_the_api_completes_into_mlflow_and_s3(
     versions = mlflow.search_model_versions(f"run_id = '{tracked.info.run_id}'")
     assert len(versions) == 1
 
+    # none of the stack's credentials is in anything the run left, nor in the logs
+    home = stack["home"]
+    registered = {"name": versions[0].name, "version": versions[0].version}
+    haystack = prefect_records(str(run.id), storage=home / "prefect" / "storage")
+    haystack += mlflow_records(mlflow, tracked.info.run_id, registered, tmp_path)
+    haystack += files("checkpoint", tmp_path / "out") + files("stack-log", home / "logs")
+    names = {name.split(":")[0] for name, _ in haystack}
+    assert {"prefect-logs", "prefect-flow-run", "mlflow-artifact", "checkpoint"} <= names
+    secrets = [s.encode() for s in load(home).values()]
+
+    def leaks(records):
+        return [(name, i) for name, data in records for i, s in enumerate(secrets) if s in data]
+
+    assert leaks(haystack) == []
+    # the search finds them where they are meant to be (the state file holds every one)
+    state = [("state", (home / "state.json").read_bytes())]
+    assert len(leaks(state)) == len(secrets)
+
 
 def test_three_runs_at_once_with_a_limit_of_two_all_complete(stack, client, short_smollm2):
     # the limit is the point, not the depth of the model: SmolLM2's real weights, 4 blocks,
@@ -174,3 +249,26 @@ def test_a_sweep_fans_out_over_the_pools_workers(stack, client, tmp_path, short_
     assert len(pids) == 3
     for name in ("rtn-w4g64", "rtn-w8-channel"):
         assert (tmp_path / "sweep" / name / "quantmill_eval.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"PREFECT_API_AUTH_STRING": "quantmill:wrong"}, "PREFECT_API_AUTH_STRING"),
+        ({"PREFECT_API_AUTH_STRING": ""}, "set PREFECT_API_AUTH_STRING"),
+        ({"MLFLOW_TRACKING_PASSWORD": "wrong"}, "MLFLOW_TRACKING_USERNAME and"),
+    ],
+    ids=["wrong-prefect", "no-prefect", "wrong-mlflow"],
+)
+def test_a_client_without_the_right_credentials_is_told_which_to_set(
+    stack, tmp_path, change, named
+):
+    import subprocess
+    import sys
+
+    env = {**os.environ, **stack["env"], **change}
+    cmd = [sys.executable, "-m", "app", "runs", "clean"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert named in done.stderr and "quantmill stack env" in done.stderr
+    assert "Traceback" not in done.stderr

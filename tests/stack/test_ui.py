@@ -1,7 +1,8 @@
 """The Prefect UI in a real browser (Debian's headless Chromium driven by
-Playwright): open the `quantize` deployment, fill its form, start a run, watch it
-reach Completed; then the MLflow UI shows that run. Screenshots of each step go
-to ``test-artifacts/ui/``."""
+Playwright): log in with the stack's auth string, open the `quantize`
+deployment, fill its form, start a run, watch it reach Completed; then the
+MLflow UI, behind its login, shows that run. Screenshots of each step go to
+``test-artifacts/ui/``."""
 
 from __future__ import annotations
 
@@ -20,15 +21,20 @@ SHOTS = REPO / "test-artifacts" / "ui"
 
 
 @pytest.fixture
-def page():
+def page(stack):
     from playwright.sync_api import sync_playwright
+
+    from stack.credentials import MLFLOW_ADMIN, load
 
     if not Path(CHROMIUM).is_file():
         pytest.fail("chromium not found: `make test` installs it (apt-get install chromium)")
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # MLflow's UI asks with HTTP basic auth: a person's browser answers with the
+        # admin's login (`quantmill stack env --logins`)
+        login = {"username": MLFLOW_ADMIN, "password": load(stack["home"]).mlflow_admin_password}
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, http_credentials=login)
         page.set_default_timeout(60_000)
         yield page
         browser.close()
@@ -57,6 +63,12 @@ def test_start_a_quantize_run_from_the_prefect_ui_and_find_it_in_mlflow(
 
     ui = stack["env"]["PREFECT_API_URL"].removesuffix("/api")
     page.goto(f"{ui}/deployments")
+    # the server asks for its auth string: the UI shows its login form first
+    page.wait_for_url("**/login**")
+    shot(page, "0-login")
+    page.locator("input").first.fill(stack["env"]["PREFECT_API_AUTH_STRING"])
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/deployments")
     page.get_by_text("quantize", exact=True).first.click()
     page.wait_for_url("**/deployments/deployment/**")
     shot(page, "1-deployment")

@@ -15,7 +15,7 @@ from tests.stack.test_stack import deployment, wait_runs
 pytestmark = pytest.mark.slow
 
 
-def heartbeats(api_url: str, run_id) -> int:
+def heartbeats(api_url: str, auth: str, run_id) -> int:
     """How many heartbeat events of the flow run the server has stored."""
     import httpx
 
@@ -26,7 +26,8 @@ def heartbeats(api_url: str, run_id) -> int:
         },
         "limit": 10,
     }
-    response = httpx.post(f"{api_url}/events/filter", json=body, timeout=10)
+    login = tuple(auth.split(":", 1))
+    response = httpx.post(f"{api_url}/events/filter", json=body, auth=login, timeout=10)
     response.raise_for_status()
     return len(response.json()["events"])
 
@@ -54,7 +55,7 @@ def test_a_worker_killed_mid_run_leaves_the_run_crashed_and_a_rerun_completes(
         time.sleep(1)
     # the crash is detected from missed heartbeats: wait until the server has one
     api = stack["env"]["PREFECT_API_URL"]
-    while heartbeats(api, run.id) == 0:
+    while heartbeats(api, stack["env"]["PREFECT_API_AUTH_STRING"], run.id) == 0:
         assert time.monotonic() < deadline, "the run sent no heartbeat"
         time.sleep(0.5)
 
