@@ -1,3 +1,0 @@
--- One PostgreSQL server, two databases: Prefect's and MLflow's.
-CREATE DATABASE prefect;
-CREATE DATABASE mlflow;
