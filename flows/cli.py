@@ -199,22 +199,24 @@ def _check_outputs(job: Any) -> None:
 
 
 def _job(args: argparse.Namespace) -> Any:
+    """The job of the command line: its user's paths are free (``flows.places``)."""
     from flows.params import PublishJob, QuantizeJob, SweepJob
+    from flows.places import FREE
     from quantmill.recipe import shipped_recipes
 
     fields = given(args)
     if args.command == "publish":
-        return PublishJob(checkpoint=args.checkpoint, **fields)
+        return PublishJob.model_validate({"checkpoint": args.checkpoint, **fields}, context=FREE)
     fields["engine"] = engine_spec(args).model_dump(exclude_defaults=True)
     shipped = set(shipped_recipes())
     if args.command == "run":
         source = args.recipe_source
         if source is not None:
             fields["recipe" if source in shipped else "recipe_file"] = source
-        return QuantizeJob(**fields)
+        return QuantizeJob.model_validate(fields, context=FREE)
     fields["recipes"] = [r for r in args.recipes if r in shipped]
     fields["recipe_files"] = [r for r in args.recipes if r not in shipped]
-    return SweepJob(**fields)
+    return SweepJob.model_validate(fields, context=FREE)
 
 
 def _message(exc: ValueError) -> str:

@@ -38,6 +38,8 @@ def fan_out(job: SweepJob) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 def quantize_job(job: SweepJob, source: str) -> QuantizeJob:
+    """One recipe's quantize job, its paths absolute: the run's parameters are kept in
+    their places again where it runs (``flows.places``), and a sweep's own pass there."""
     shipped = source in shipped_recipes()
     recipe = {"recipe": source} if shipped else {"recipe_file": str(find_recipe(source).resolve())}
     name = source if shipped else Path(source).stem
@@ -46,7 +48,7 @@ def quantize_job(job: SweepJob, source: str) -> QuantizeJob:
         revision=job.revision,
         data=job.data,
         experiment=job.experiment,
-        out_dir=str((Path(job.out_root) / slug(name)).resolve()),
+        out_dir=str((job.folder() / slug(name)).resolve()),
         overwrite=job.overwrite,
         engine=job.engine,
         publish={"registry": False},

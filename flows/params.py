@@ -1,5 +1,11 @@
 """Typed flow parameters: pydantic models, so the Prefect UI renders a form with
-defaults, descriptions and choices, and bad values fail before any work."""
+defaults, descriptions and choices, and bad values fail before any work.
+
+A job validated from plain data (a deployment run's parameters, from the UI or the
+API) keeps its paths in their places (``flows.places``): outputs under
+$QUANTMILL_OUTPUT_ROOT, inputs under $QUANTMILL_DATA_ROOTS or the output root. The
+command line builds its jobs with the context ``places.FREE``: its user's paths are free.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,17 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from flows import places
 from quantmill import defaults
 from quantmill.config import CalibrationSpec, EngineSpec, EvalSpec
 from quantmill.recipes import find_recipe, shipped_recipes
@@ -49,6 +64,19 @@ class DataSettings(Params):
         None, description="folder of the tasks' local copies (default: $QUANTMILL_TASK_DATA)"
     )
 
+    def placed(self) -> DataSettings:
+        """A copy with each file or folder named by a path in its place (``flows.places``)."""
+        update = {}
+        for name in ("calib_data", "eval_data"):  # a path, or a datasets name
+            value = getattr(self, name)
+            if value and places.is_path(value):
+                update[name] = places.input_path(f"data.{name}", value)
+        if self.task_data:
+            update["task_data"] = places.input_path("data.task_data", self.task_data)
+        if self.tasks:
+            update["tasks"] = places.task_files("data.tasks", self.tasks)
+        return self.model_copy(update=update)
+
 
 class ModelSettings(Params):
     model: str = Field(
@@ -61,6 +89,12 @@ class ModelSettings(Params):
         default_factory=EngineSpec,
         description="device, dtype, activation offloading, shard size, resuming",
     )
+
+    def _place_inputs(self) -> None:
+        """The model (when a local path) and the data files in their places."""
+        if places.is_model_path(self.model):
+            self.model = places.input_path("model", self.model)
+        self.data = self.data.placed()
 
 
 HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -117,7 +151,11 @@ class PublishSettings(Params):
 class QuantizeJob(ModelSettings):
     recipe: RecipeName = Field(defaults.RECIPE, description="a shipped recipe")  # type: ignore[valid-type]
     recipe_file: str | None = Field(None, description="a YAML/JSON recipe; replaces `recipe`")
-    out_dir: str | None = Field(None, description="default: outputs/MODEL-RECIPE")
+    out_dir: str | None = Field(
+        None,
+        description="default: outputs/MODEL-RECIPE; under $QUANTMILL_OUTPUT_ROOT for runs "
+        "from the UI/API",
+    )
     overwrite: bool = Field(False, description="replace an existing output folder")
     export_format: Literal["packed", "fake", "gguf"] = Field(
         "packed",
@@ -132,10 +170,15 @@ class QuantizeJob(ModelSettings):
     _recipe: Recipe = PrivateAttr()
 
     @model_validator(mode="after")
-    def _parse(self) -> QuantizeJob:
-        """The recipe, parsed once here: a bad one fails before any flow starts. (Prefect
-        validates a flow's parameters again: an instance already parsed is kept.)"""
+    def _parse(self, info: ValidationInfo) -> QuantizeJob:
+        """The paths in their places, then the recipe, parsed once here: a bad one fails
+        before any flow starts. (Prefect validates a flow's parameters again: an instance
+        already parsed is kept.)"""
         if not _parsed(self, "_recipe"):
+            if _confined(info):
+                self._place_inputs()
+                self.recipe_file = _recipe_file("recipe_file", self.recipe_file)
+                self.out_dir = _output("out_dir", self.out_dir)
             self._recipe = load_job_recipe(self.recipe_file or str(self.recipe), self.data)
         return self
 
@@ -144,7 +187,7 @@ class QuantizeJob(ModelSettings):
 
     def output_dir(self, recipe: Recipe) -> str:
         name = f"{slug(self.model)}-{slug(recipe.name)}"
-        return self.out_dir or str(Path(defaults.OUTPUT_ROOT) / name)
+        return self.out_dir or str(places.output_root() / name)
 
     def outputs(self) -> list[str]:
         """The folders the run writes."""
@@ -156,7 +199,11 @@ class SweepJob(ModelSettings):
         default_factory=lambda: list(defaults.SWEEP_RECIPES), description="shipped recipes"
     )
     recipe_files: list[str] = Field(default_factory=list, description="more recipe files")
-    out_root: str = Field(defaults.SWEEP_ROOT, description="one folder per recipe under this")
+    out_root: str = Field(
+        defaults.SWEEP_ROOT,
+        description="one folder per recipe under this; under $QUANTMILL_OUTPUT_ROOT for runs "
+        "from the UI/API",
+    )
     max_concurrency: int = Field(
         defaults.MAX_CONCURRENCY, ge=1, le=16, description="recipes quantized at once"
     )
@@ -174,10 +221,18 @@ class SweepJob(ModelSettings):
     _recipes: list[Recipe] = PrivateAttr()
 
     @model_validator(mode="after")
-    def _parse(self) -> SweepJob:
-        """Every recipe, parsed once here: a bad one fails before any flow starts."""
+    def _parse(self, info: ValidationInfo) -> SweepJob:
+        """The paths in their places, then every recipe, parsed once here: a bad one fails
+        before any flow starts."""
         if _parsed(self, "_recipes"):
             return self
+        if _confined(info):
+            self._place_inputs()
+            self.recipe_files = [
+                _recipe_file(f"recipe_files[{i}]", f) for i, f in enumerate(self.recipe_files)
+            ]
+            if self.out_root != defaults.SWEEP_ROOT:  # the default: see folder()
+                self.out_root = places.output_path("out_root", self.out_root)
         recipes = [load_job_recipe(n, self.data) for n in self.sources()]
         seen: set[str] = set()
         for recipe in recipes:
@@ -196,9 +251,17 @@ class SweepJob(ModelSettings):
     def load(self) -> list[Recipe]:
         return self._recipes
 
+    def folder(self) -> Path:
+        """Where the recipes' folders go: ``out_root``; by default, under the output root."""
+        if self.out_root == defaults.SWEEP_ROOT:
+            return places.output_root() / Path(defaults.SWEEP_ROOT).relative_to(
+                defaults.OUTPUT_ROOT
+            )
+        return Path(self.out_root)
+
     def outputs(self) -> list[str]:
         """The folders the sweep writes, one per recipe."""
-        return [str(Path(self.out_root) / slug(r.name)) for r in self._recipes]
+        return [str(self.folder() / slug(r.name)) for r in self._recipes]
 
 
 class AnalyzeJob(ModelSettings):
@@ -207,7 +270,19 @@ class AnalyzeJob(ModelSettings):
 
     recipe_file: str | None = Field(None, description="take calibration settings from it")
     seq_len: int | None = Field(None, ge=8, description="calibration sample length in tokens")
-    out_dir: str | None = Field(None, description="default: outputs/MODEL-outliers")
+    out_dir: str | None = Field(
+        None,
+        description="default: outputs/MODEL-outliers; under $QUANTMILL_OUTPUT_ROOT for runs "
+        "from the UI/API",
+    )
+
+    @model_validator(mode="after")
+    def _places(self, info: ValidationInfo) -> AnalyzeJob:
+        if _confined(info):
+            self._place_inputs()
+            self.recipe_file = _recipe_file("recipe_file", self.recipe_file)
+            self.out_dir = _output("out_dir", self.out_dir)
+        return self
 
     def calibration(self) -> CalibrationSpec:
         from quantmill.recipe import load_recipe, spec_with_overrides
@@ -219,7 +294,7 @@ class AnalyzeJob(ModelSettings):
         return spec_with_overrides(spec.model_copy(update={"seq_len": self.seq_len}))
 
     def output_dir(self) -> str:
-        return self.out_dir or str(Path(defaults.OUTPUT_ROOT) / f"{slug(self.model)}-outliers")
+        return self.out_dir or str(places.output_root() / f"{slug(self.model)}-outliers")
 
 
 class PublishJob(Params):
@@ -227,16 +302,45 @@ class PublishJob(Params):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     experiment: str = Field(defaults.EXPERIMENT, description="MLflow experiment")
 
+    @model_validator(mode="after")
+    def _places(self, info: ValidationInfo) -> PublishJob:
+        if _confined(info):
+            self.checkpoint = places.input_path("checkpoint", self.checkpoint)
+        return self
+
 
 class EvaluateJob(ModelSettings):
     model: str = Field(..., description="checkpoint folder, preset, .gguf file or Hub id")
     recipe_file: str | None = Field(None, description="take evaluation settings from it")
+
+    @model_validator(mode="after")
+    def _places(self, info: ValidationInfo) -> EvaluateJob:
+        if _confined(info):
+            self._place_inputs()
+            self.recipe_file = _recipe_file("recipe_file", self.recipe_file)
+        return self
 
     def evaluation(self) -> EvalSpec:
         from quantmill.recipe import load_recipe, spec_with_overrides
 
         base = load_recipe(self.recipe_file).evaluation if self.recipe_file else EvalSpec()
         return spec_with_overrides(base, **self.data.model_dump())
+
+
+def _confined(info: ValidationInfo) -> bool:
+    """True unless the job comes from the command line (``places.FREE``)."""
+    return not (info.context or {}).get("free_paths")
+
+
+def _recipe_file(field: str, value: str | None) -> str | None:
+    """A recipe file in its place, before anything reads it (a shipped name stays)."""
+    if not value or value in shipped_recipes():  # empty: none given
+        return value
+    return places.input_path(field, value)
+
+
+def _output(field: str, value: str | None) -> str | None:
+    return places.output_path(field, value) if value else value  # empty: the default
 
 
 def _parsed(job: BaseModel, name: str) -> bool:

@@ -17,7 +17,6 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -87,7 +86,7 @@ def sweep_flow(job: SweepJob = SweepJob()) -> dict[str, Any]:  # noqa: B008
                     recipe_flow,
                     model,
                     recipe,
-                    str(Path(job.out_root) / slug(recipe.name)),
+                    str(job.folder() / slug(recipe.name)),
                     parent,
                     shared["calibration"].get(_calib_key(recipe)),
                     shared["statistics"].get(_calib_key(recipe)),

@@ -6,6 +6,10 @@ RECIPE = "gptq-w4g64"  # the shipped recipe of `quantmill run`
 SWEEP_RECIPES = ("rtn-w4g64", "gptq-w4g64")
 OUTPUT_ROOT = "outputs"  # a run's checkpoint goes to OUTPUT_ROOT/<model>-<recipe>
 SWEEP_ROOT = "outputs/sweep"
+# runs started from the UI or the API read their inputs under these folders (and under
+# $QUANTMILL_DATA_DIR when set) or under the output root, unless $QUANTMILL_DATA_ROOTS
+# names the folders (flows/places.py)
+DATA_ROOTS = ("data",)
 MAX_CONCURRENCY = 2  # recipes of a sweep quantized at once
 EXPERIMENT = "quantmill"  # the MLflow experiment
 MAX_RUNS_SEARCHED = 1000  # RUNNING runs looked at per experiment when ending dead ones

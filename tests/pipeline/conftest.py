@@ -10,7 +10,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantmill")
 
 import pytest
 
-from tests.conftest import WIKI_TEST, WIKI_VALID
+from tests.conftest import DATA_DIR, WIKI_TEST, WIKI_VALID
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +33,18 @@ def mlflow_server_url(tmp_path_factory):
 
 
 @pytest.fixture
-def pipeline_env(smollm2_path, prefect_harness, tmp_path, monkeypatch):
-    """Nothing configured: local MLflow store, fresh cache, outputs under tmp_path."""
+def pipeline_env(smollm2_path, prefect_harness, tmp_path, tmp_path_factory, monkeypatch):
+    """Nothing configured: local MLflow store, fresh cache, outputs under tmp_path. Jobs
+    made from plain data keep their paths in their places (flows.places) as on a worker:
+    outputs under tmp_path; inputs there, in the shared data folder, in pytest's
+    temporary folders (the cut model, the checkpoints of module fixtures) and the
+    converted preset."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("QUANTMILL_MLFLOW_DIR", str(tmp_path / "mlruns"))
     monkeypatch.setenv("QUANTMILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUANTMILL_OUTPUT_ROOT", str(tmp_path))
+    data_roots = [DATA_DIR, tmp_path_factory.getbasetemp(), smollm2_path]
+    monkeypatch.setenv("QUANTMILL_DATA_ROOTS", os.pathsep.join(map(str, data_roots)))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
