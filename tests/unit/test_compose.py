@@ -302,7 +302,9 @@ def test_the_wrapper_exports_name_from_name_file_and_execs(tmp_path):
         "CERT_FILE": str(tmp_path / "cert"),  # outside the secrets folder
         "MULTI": "first\nFAKE_FILE=" + str(secrets / "one"),
     }
-    done = subprocess.run(["sh", str(WRAPPER), "env"], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["sh", str(WRAPPER), "env"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "ONE=s3cret value" in lines
@@ -522,7 +524,9 @@ def run_minio_init(tmp_path, attach_error: str = ""):
         "ATTACH_ERROR": attach_error, "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "rootpw",
         "S3_BUCKET": "bkt", "S3_ACCESS_KEY": "quantmill-worker", "S3_SECRET_KEY": "s3-secret",
     }  # fmt: skip
-    done = subprocess.run(["sh", str(MINIO_INIT)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["sh", str(MINIO_INIT)], env=env, capture_output=True, text=True, timeout=60
+    )
     return done, log.read_text()
 
 
@@ -605,7 +609,9 @@ def test_postgres_init_runs_on_a_real_server(tmp_path):
     }  # fmt: skip
     try:
         for _ in range(2):  # idempotent
-            done = subprocess.run(["sh", str(PG_INIT)], env=env, capture_output=True, text=True)
+            done = subprocess.run(
+                ["sh", str(PG_INIT)], env=env, capture_output=True, text=True, timeout=60
+            )
             assert done.returncode == 0, done.stderr
         owners = psql("-c", f"select datname, pg_get_userbyid(datdba) from pg_database "
                             f"where datname like '{prefix}%' order by 1")  # fmt: skip
@@ -623,7 +629,7 @@ def test_postgres_init_runs_on_a_real_server(tmp_path):
         assert can.stdout.strip() == "f|f|t"
         missing = subprocess.run(
             ["sh", str(PG_INIT)], env={**env, "PG_PREFECT_PASSWORD_FILE": str(tmp_path / "none")},
-            capture_output=True, text=True,
+            capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert missing.returncode != 0 and "no password for role prefect" in missing.stderr
     finally:
