@@ -255,7 +255,9 @@ def ensure_databases(s: StackSettings, c: Credentials) -> None:
 
 
 def ensure_bucket(s: StackSettings, c: Credentials) -> None:
+    """The S3 server made the bucket; the workers' key reaches it (and only it)."""
     import boto3
+    import botocore.exceptions
 
     client = boto3.client(
         "s3",
@@ -264,9 +266,10 @@ def ensure_bucket(s: StackSettings, c: Credentials) -> None:
         aws_secret_access_key=c.s3_secret,
         region_name="us-east-1",
     )
-    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-    if s.bucket not in existing:
-        client.create_bucket(Bucket=s.bucket)
+    try:
+        client.head_bucket(Bucket=s.bucket)
+    except botocore.exceptions.ClientError as exc:
+        raise StackError(f"the S3 server refused the workers' key on {s.bucket}: {exc}") from None
 
 
 def ensure_worker_user(s: StackSettings, c: Credentials) -> None:

@@ -104,6 +104,10 @@ def client_env(s: StackSettings, c: Credentials) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": c.s3_secret,
         "AWS_DEFAULT_REGION": "us-east-1",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "quantmill",
+        # artifacts stream through MLflow (its logins and permissions), never through
+        # presigned S3 URLs (bearer links, and the locked S3 server takes signed headers)
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
     }
 
 
@@ -157,10 +161,12 @@ def services(s: StackSettings, c: Credentials) -> list[Service]:
     }
     out = [
         Service(
-            "s3",
-            [py, "-m", "moto.server", "-H", s.host, "-p", str(s.s3_port)],
+            "s3",  # moto's server, locked: signed requests only, the bucket's user alone
+            [py, "-m", "stack.s3_server", "--host", s.host, "--port", str(s.s3_port)]
+            + ["--bucket", s.bucket],
             s.s3_url,
-            f"{s.s3_url}/moto-api/",
+            f"{s.s3_url}/health",
+            {"QUANTMILL_S3_KEY": c.s3_key, "QUANTMILL_S3_SECRET": c.s3_secret},
         ),
         Service(
             "prefect-server",

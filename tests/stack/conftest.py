@@ -15,7 +15,14 @@ import pytest
 from tests.conftest import DATA_DIR
 from tests.support.servers import PG, free_port
 
-MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# what MlflowClient reads from the environment (as a shell after `eval "$(quantmill stack
+# env)"` has it): the workers' login, and artifacts through the server, not presigned URLs
+MLFLOW_LOGIN = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
+)
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -49,7 +56,6 @@ def stack(tmp_path_factory):
         cli("stack", "up", *args, env=env)
         env_lines = cli("stack", "env", "--home", str(home)).stdout.splitlines()
         env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in env_lines)
-        # MlflowClient reads its login from the environment, as a user's shell would have it
         saved = {k: os.environ.get(k) for k in MLFLOW_LOGIN}
         os.environ.update({k: env[k] for k in MLFLOW_LOGIN})
         yield {"home": home, "env": env, "prefix": prefix}

@@ -77,6 +77,28 @@ def test_the_apis_refuse_requests_without_the_stacks_credentials(stack):
     assert httpx.get(experiments, auth=admin, timeout=10).status_code == 200
     assert creds.mlflow_admin_password not in env.values()  # clients never get the admin
 
+    # S3: signed requests only, and the workers' key reaches their bucket alone; moto's
+    # control API (reset, a dashboard of every object) is closed
+    import botocore.exceptions
+
+    s3_url = env["MLFLOW_S3_ENDPOINT_URL"]
+    key = {k.lower(): env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", **key)
+    s3.put_object(Bucket="quantmill", Key="probe.txt", Body=b"ok")
+    for call in (lambda: s3.create_bucket(Bucket="elsewhere"), s3.list_buckets):
+        with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+            call()
+    wrong = {**key, "aws_secret_access_key": "guess"}
+    other = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", **wrong)
+    with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
+        other.get_object(Bucket="quantmill", Key="probe.txt")
+    assert httpx.get(f"{s3_url}/quantmill/probe.txt", timeout=10).status_code == 403
+    assert httpx.post(f"{s3_url}/moto-api/reset", timeout=10).status_code == 403
+    url = s3.generate_presigned_url("get_object", {"Bucket": "quantmill", "Key": "probe.txt"})
+    refused = httpx.get(url, timeout=10)  # refused at once, saying what to set
+    assert refused.status_code == 403 and "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD" in refused.text
+    s3.delete_object(Bucket="quantmill", Key="probe.txt")
+
     # no credential on a command line (any local user can read those)
     import psutil
 
