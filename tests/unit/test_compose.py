@@ -652,3 +652,12 @@ def test_the_dockerfile_copies_what_exists_and_bakes_in_no_secret():
         assert f"COPY {package} " in text, package
     assert not re.search(r"^(ARG|ENV)\s+.*(TOKEN|SECRET|PASSWORD)", text, re.M | re.I)
     assert "scripts/bootstrap.sh" in text
+
+
+def test_the_workers_runs_keep_to_mounted_places(compose):
+    worker = compose["services"]["worker"]
+    env, mounts = worker["environment"], worker["volumes"]
+    targets = {m.split(":")[1] for m in mounts if isinstance(m, str) and m.startswith("./")}
+    assert env["QUANTMILL_OUTPUT_ROOT"] in targets
+    assert set(env["QUANTMILL_DATA_ROOTS"].split(":")) <= targets
+    assert "./data:/app/data:ro" in mounts  # what runs read, they cannot change
