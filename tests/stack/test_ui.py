@@ -65,8 +65,10 @@ def test_start_a_quantize_run_from_the_prefect_ui_and_find_it_in_mlflow(
     page.goto(f"{ui}/deployments")
     # the server asks for its auth string: the UI shows its login form first
     page.wait_for_url("**/login**")
+    password = page.locator("input").first
+    password.wait_for()
     shot(page, "0-login")
-    page.locator("input").first.fill(stack["env"]["PREFECT_API_AUTH_STRING"])
+    password.fill(stack["env"]["PREFECT_API_AUTH_STRING"])
     page.keyboard.press("Enter")
     page.wait_for_url("**/deployments")
     page.get_by_text("quantize", exact=True).first.click()
