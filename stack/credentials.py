@@ -75,11 +75,11 @@ def write_private(path: Path, text: str) -> None:
 
 def load_or_create(home: Path) -> Credentials:
     """The home's credentials; made and saved on the first call."""
-    path = private_dir(home) / FILE
-    if path.is_file():
-        return Credentials(**json.loads(path.read_text()))
+    existing = load(private_dir(home))
+    if existing is not None:
+        return existing
     made = Credentials.new()
-    write_private(path, json.dumps(asdict(made), indent=2) + "\n")
+    write_private(home / FILE, json.dumps(asdict(made), indent=2) + "\n")
     return made
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 
 import boto3
@@ -102,7 +104,7 @@ def test_the_apis_refuse_requests_without_the_stacks_credentials(stack):
     # no credential on a command line (any local user can read those)
     import psutil
 
-    secrets = [s for s in creds.values()]
+    secrets = creds.values()
     for info in json.loads((home / "state.json").read_text())["services"].values():
         proc = psutil.Process(info["pid"])
         lines = [" ".join(p.cmdline()) for p in [proc, *proc.children(recursive=True)]]
@@ -285,9 +287,6 @@ def test_a_sweep_fans_out_over_the_pools_workers(stack, client, tmp_path, short_
 def test_a_client_without_the_right_credentials_is_told_which_to_set(
     stack, tmp_path, change, named
 ):
-    import subprocess
-    import sys
-
     env = {**os.environ, **stack["env"], **change}
     cmd = [sys.executable, "-m", "app", "runs", "clean"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
