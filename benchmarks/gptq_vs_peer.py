@@ -271,13 +271,16 @@ def row_key(row: dict[str, Any]) -> tuple[str, ...]:
 def table(report: dict[str, Any]) -> str:
     head = (
         "| setting | observer | allocator | dtype (ours / peer) | RTN ppl | GPTQ ppl "
-        "| peer GPTQ ppl | GPTQ s (median [min–max]) | peer s | time ratio | GPTQ MB | peer MB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| peer GPTQ ppl | GPTQ s (median [min–max]) | peer s | time ratio | GPTQ MB | peer MB "
+        "| CPU |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    lines = [head, f"| original | | | | {report['original_perplexity']:.2f} | | | | | | | |"]
+    lines = [head, f"| original | | | | {report['original_perplexity']:.2f} | | | | | | | | |"]
 
     def secs(side: dict[str, Any]) -> str:
         w = side["wall_seconds"]
+        if len(side.get("runs", [])) == 1:
+            return f"{w['median']:.0f} (1 run)"
         return f"{w['median']:.0f} [{w['min']:.0f}–{w['max']:.0f}]"
 
     for r in report["rows"]:
@@ -292,9 +295,16 @@ def table(report: dict[str, Any]) -> str:
             f"| {ours['dtype']} / {peer['dtype'] if peer else '-'} | {ppl(r['ours_rtn'])} "
             f"| {ppl(ours)} | {ppl(peer) if peer else '-'} | {secs(ours)} "
             f"| {secs(peer) if peer else '-'} | {ratio} | {ours['peak_rss_mb']['median']:.0f} "
-            f"| {peer['peak_rss_mb']['median'] if peer else float('nan'):.0f} |"
+            f"| {peer['peak_rss_mb']['median'] if peer else float('nan'):.0f} "
+            f"| {cpu_label(r.get('cpu'))} |"
         )
     return "\n".join(lines)
+
+
+def cpu_label(cpu: str | None) -> str:
+    """A row's CPU in two words: "Intel Xeon", "AMD EPYC"."""
+    words = (cpu or "?").replace("(R)", "").split()
+    return " ".join(words[:2])
 
 
 def cpu_model() -> str:
@@ -415,6 +425,8 @@ def main() -> None:
                 row["load_average"] = {"before": before, "after": os.getloadavg()}
                 rows.append(row)
                 report["machine"]["load_average_after"] = row["load_average"]["after"]
+                # the machine above ran this command; earlier rows name their own
+                report["row_cpus"] = sorted({r.get("cpu") or "?" for r in rows})
                 tmp = out.with_suffix(".json.partial")  # whole, after every row
                 tmp.write_text(json.dumps(report, indent=2) + "\n")
                 tmp.replace(out)
