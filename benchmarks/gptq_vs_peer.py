@@ -94,6 +94,25 @@ def measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
     return {"result": result, "wall_seconds": wall, "peak_rss_mb": run["peak_rss_kb"] / 1024}
 
 
+def measured_once(cmd: list[str], out: Path, log: Path) -> dict[str, Any]:
+    """``measured(cmd)`` in this process's environment, or the figures saved beside
+    ``out`` when an earlier run already produced it (benchmarks that resume)."""
+    sidecar = out.with_name(out.name + ".run.json")
+    if out.is_dir() and sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    run = measured(cmd, log, dict(os.environ))
+    sidecar.write_text(json.dumps(run))
+    return run
+
+
+def evaluate(model_dir: Path, args, log: Path) -> float:
+    """``quantmill eval``'s perplexity of a folder on the first ``args.windows`` windows."""
+    cmd = [sys.executable, "-m", "app", "eval", "--model", str(model_dir), "--json", "-q",
+           "--eval-data", str(DATA / "wiki.test.raw"),
+           "--eval-windows", str(args.windows)]  # fmt: skip
+    return measured(cmd, log, dict(os.environ))["result"]["perplexity"]
+
+
 def weights_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.safetensors")):

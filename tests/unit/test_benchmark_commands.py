@@ -1,0 +1,24 @@
+"""Every benchmark script imports: the README's figures name these commands, and a
+helper renamed in one script must not leave another unable to start (as happened to
+``outlier_methods.py`` and ``qat.py`` when ``gptq_vs_peer.py`` was rewritten)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_benchmark_script_imports(script: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # how the scripts find each other
+    spec = importlib.util.spec_from_file_location(f"_bench_{script.stem}", script)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)  # import errors and missing names fail here
+    if '__name__ == "__main__"' in script.read_text():  # a command, not a helper module
+        assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
