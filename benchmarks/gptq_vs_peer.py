@@ -79,10 +79,11 @@ def environment(allocator: str, threads: int, ours: bool) -> dict[str, str]:
     return env
 
 
-def measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
+def measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` (through ``peak_rss.py``: a direct child's peak RSS would include
-    this process's own); its parsed last stdout line, wall seconds and peak RSS."""
-    out, run = run_measured(cmd, log, cwd=REPO, env=env)
+    this process's own) in ``env`` (default: this process's environment); its parsed
+    last stdout line, wall seconds and peak RSS."""
+    out, run = run_measured(cmd, log, cwd=REPO, env=dict(os.environ) if env is None else env)
     wall = run["wall_seconds"]
     if run["returncode"] != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed; see {log}")
@@ -100,7 +101,7 @@ def measured_once(cmd: list[str], out: Path, log: Path) -> dict[str, Any]:
     sidecar = out.with_name(out.name + ".run.json")
     if out.is_dir() and sidecar.is_file():
         return json.loads(sidecar.read_text())
-    run = measured(cmd, log, dict(os.environ))
+    run = measured(cmd, log)
     sidecar.write_text(json.dumps(run))
     return run
 
@@ -110,7 +111,7 @@ def evaluate(model_dir: Path, args, log: Path) -> float:
     cmd = [sys.executable, "-m", "app", "eval", "--model", str(model_dir), "--json", "-q",
            "--eval-data", str(DATA / "wiki.test.raw"),
            "--eval-windows", str(args.windows)]  # fmt: skip
-    return measured(cmd, log, dict(os.environ))["result"]["perplexity"]
+    return measured(cmd, log)["result"]["perplexity"]
 
 
 def weights_sha256(folder: Path) -> str:
