@@ -17,6 +17,8 @@ code: perplexity over the first windows of 2048 tokens of WikiText-2 test.
 
     .venv/bin/python benchmarks/outlier_methods.py                     # all (~1 h)
     .venv/bin/python benchmarks/outlier_methods.py --only w8a8,llm_int8 --skip-peer
+    .venv/bin/python benchmarks/outlier_methods.py --only llm_int8,llm_int8_thresholds \
+        --rows llm-int8-t6,llm-int8-t2 --skip-peer
 
 Prints a table and writes ``benchmarks/results/outlier_methods.json``.
 """
@@ -232,6 +234,7 @@ def main() -> None:
         help="comma-separated, run in this order: w8a8, zeroquant, awq, llm_int8, awq_peer, "
         "llm_int8_thresholds",
     )
+    parser.add_argument("--rows", help="comma-separated run names: only these of the groups")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
@@ -285,12 +288,15 @@ def main() -> None:
     table_of = experiments(args)
     for group in chosen:  # in the order given
         for name, steps in table_of[group]:
+            if args.rows and name not in args.rows.split(","):
+                continue
             if name.startswith("peer-"):
                 if peer_py is None:
                     continue
                 rows[name] = run_peer(name, steps, model_dir, calib, peer_py, work, args)
             else:
                 rows[name] = run_ours(name, steps, model_dir, work, args)
+            rows[name]["command"] = report["command"]  # the top-level one is the latest's
             print(f"  {name}: ppl {rows[name].get('perplexity')}", flush=True)
             report["verdicts"] = verdicts(rows, original)
             out.write_text(json.dumps(report, indent=2) + "\n")  # kept if interrupted
