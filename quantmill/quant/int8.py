@@ -101,10 +101,11 @@ def mixed_int8_linear(
     if count == 0:
         y = int8_matmul(flat, qweight_t, w_scale, paper=True)
     else:
-        regular = ~outliers
-        y = int8_matmul(flat[:, regular], qweight_t[regular], w_scale, paper=True)
         w_out = qweight_t[outliers].float() * w_scale  # [n_outliers, out], dequantized
-        y = y + flat[:, outliers] @ w_out
+        y = flat[:, outliers] @ w_out
+        regular = ~outliers
+        if count < flat.shape[1]:  # at a low threshold every column can be an outlier
+            y += int8_matmul(flat[:, regular], qweight_t[regular], w_scale, paper=True)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*shape[:-1], -1).to(x.dtype), count

@@ -87,6 +87,20 @@ def test_mixed_int8_keeps_outlier_columns_in_float():
     assert (y - exact).abs().max() < 0.2 * (plain - exact).abs().max()
 
 
+def test_mixed_int8_with_every_column_an_outlier_runs_all_in_float():
+    # a low threshold (LLM.int8() at 2.0 on SmolLM2) can flag every input column
+    torch.manual_seed(0)
+    W = torch.randn(8, 6)
+    q, scale = quantize_rows_int8(W)
+    x = torch.full((3, 6), 5.0) * torch.randn(3, 6).sign()
+    w_deq = q.float() * scale[:, None]
+    bias = torch.randn(8)
+    y, count = mixed_int8_linear(x, q.t().contiguous(), scale, bias, threshold=2.0)
+    assert count == 6
+    assert torch.allclose(y, x @ w_deq.t() + bias, atol=1e-5)
+    assert torch.equal(fake_mixed_int8(x, 2.0), x)
+
+
 def test_per_token_fake_quantization_passes_gradients_straight_through():
     x = torch.randn(4, 8, requires_grad=True)
     fake_quantize_tokens(x, ActScheme(bits=4)).sum().backward()
