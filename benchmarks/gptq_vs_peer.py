@@ -67,6 +67,7 @@ SETTINGS = {  # label: (bits, group_size or None for per-channel, symmetric)
 }
 MMAP_THRESHOLD = "1048576"  # app/main.py's pin, as glibc's environment variable
 RUN_LIMIT_S = 3600
+MIN_RUNS_FOR_A_WIN = 3  # timed runs a side before a time ratio is called a win (bold)
 
 
 def environment(allocator: str, threads: int, ours: bool) -> dict[str, str]:
@@ -270,12 +271,14 @@ def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict
 
 
 def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
-    """Ratios of medians, and whether a difference lies beyond the run-to-run spread."""
+    """Ratios of medians, and whether a difference lies beyond the run-to-run spread
+    (None below 3 runs a side: one run has no spread to be beyond)."""
     t, p = ours["wall_seconds"], peer["wall_seconds"]
+    spread_known = min(len(ours["runs"]), len(peer["runs"])) >= MIN_RUNS_FOR_A_WIN
     return {
         "time_ratio_median": t["median"] / p["median"],
-        "faster_beyond_spread": t["max"] < p["min"],
-        "slower_beyond_spread": t["min"] > p["max"],
+        "faster_beyond_spread": t["max"] < p["min"] if spread_known else None,
+        "slower_beyond_spread": t["min"] > p["max"] if spread_known else None,
         "peak_rss_ratio_median": ours["peak_rss_mb"]["median"] / peer["peak_rss_mb"]["median"],
         "perplexity_ours_minus_peer": ours["perplexity"]["dequantizing_path"]
         - peer["perplexity"]["dequantizing_path"],
@@ -308,7 +311,8 @@ def table(report: dict[str, Any]) -> str:
         ppl = lambda side: f"{side['perplexity']['dequantizing_path']:.2f}"  # noqa: E731
         cmp_ = r.get("comparison", {})
         ratio = f"{cmp_['time_ratio_median']:.2f}" if cmp_ else "-"
-        if cmp_.get("faster_beyond_spread"):
+        runs = min(len(ours.get("runs", [])), len(peer.get("runs", [])) if peer else 0)
+        if cmp_.get("faster_beyond_spread") and runs >= MIN_RUNS_FOR_A_WIN:
             ratio = f"**{ratio}**"
         lines.append(
             f"| {r['setting']} | {r['observer']} | {r['allocator']} "
@@ -383,6 +387,8 @@ def main() -> None:
         row.setdefault("cpu", previous.get("machine", {}).get("cpu"))
         sides = ("ours_gptq", "peer_gptq")
         row.setdefault("dtypes", {s.split("_")[0]: row[s]["dtype"] for s in sides if s in row})
+        if "peer_gptq" in row:  # the comparison's rules as they are now, from the row's figures
+            row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
     done = {row_key(r) for r in rows}
     env = environment("pinned", args.threads, ours=True)
     original = previous.get("original_perplexity") or measured(
@@ -450,6 +456,9 @@ def main() -> None:
                 tmp = out.with_suffix(".json.partial")  # whole, after every row
                 tmp.write_text(json.dumps(report, indent=2) + "\n")
                 tmp.replace(out)
+    tmp = out.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
     print(table(report))
     print(f"wrote {out}")
 
