@@ -456,6 +456,7 @@ def main() -> None:
                 tmp = out.with_suffix(".json.partial")  # whole, after every row
                 tmp.write_text(json.dumps(report, indent=2) + "\n")
                 tmp.replace(out)
+    report["row_cpus"] = sorted({r.get("cpu") or "?" for r in rows})
     tmp = out.with_suffix(".json.partial")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
