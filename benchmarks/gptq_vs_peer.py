@@ -107,12 +107,12 @@ def measured_once(cmd: list[str], out: Path, log: Path) -> dict[str, Any]:
     return run
 
 
-def evaluate(model_dir: Path, args, log: Path) -> float:
+def evaluate(model_dir: Path, args, log: Path, env: dict[str, str] | None = None) -> float:
     """``quantmill eval``'s perplexity of a folder on the first ``args.windows`` windows."""
     cmd = [sys.executable, "-m", "app", "eval", "--model", str(model_dir), "--json", "-q",
            "--eval-data", str(DATA / "wiki.test.raw"),
            "--eval-windows", str(args.windows)]  # fmt: skip
-    return measured(cmd, log)["result"]["perplexity"]
+    return measured(cmd, log, env)["result"]["perplexity"]
 
 
 def weights_sha256(folder: Path) -> str:
@@ -177,14 +177,9 @@ def perplexities(folder: Path, args, work: Path, env: dict[str, str]) -> dict[st
          "--data", str(DATA / "wiki.test.raw"), *common],
         work / f"eval-dq-{tag}.log", env,
     )  # fmt: skip
-    default = measured(
-        [sys.executable, "-m", "app", "eval", "--model", str(folder), "--json", "-q",
-         "--eval-data", str(DATA / "wiki.test.raw"), "--eval-windows", str(args.windows)],
-        work / f"eval-{tag}.log", env,
-    )  # fmt: skip
     return {
         "dequantizing_path": equal["result"]["perplexity"],
-        "quantmill_eval_path": default["result"]["perplexity"],
+        "quantmill_eval_path": evaluate(folder, args, work / f"eval-{tag}.log", env),
     }
 
 
@@ -309,10 +304,9 @@ def table(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         ours, peer = r["ours_gptq"], r.get("peer_gptq")
         ppl = lambda side: f"{side['perplexity']['dequantizing_path']:.2f}"  # noqa: E731
-        cmp_ = r.get("comparison", {})
+        cmp_ = compare(ours, peer) if peer else {}  # the rules as they are now
         ratio = f"{cmp_['time_ratio_median']:.2f}" if cmp_ else "-"
-        runs = min(len(ours.get("runs", [])), len(peer.get("runs", [])) if peer else 0)
-        if cmp_.get("faster_beyond_spread") and runs >= MIN_RUNS_FOR_A_WIN:
+        if cmp_.get("faster_beyond_spread"):
             ratio = f"**{ratio}**"
         lines.append(
             f"| {r['setting']} | {r['observer']} | {r['allocator']} "
@@ -391,11 +385,9 @@ def main() -> None:
             row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
     done = {row_key(r) for r in rows}
     env = environment("pinned", args.threads, ours=True)
-    original = previous.get("original_perplexity") or measured(
-        [sys.executable, "-m", "app", "eval", "--model", str(args.model_dir), "--json", "-q",
-         "--eval-data", str(DATA / "wiki.test.raw"), "--eval-windows", str(args.windows)],
-        work / "eval-original.log", env,
-    )["result"]["perplexity"]  # fmt: skip
+    original = previous.get("original_perplexity") or evaluate(
+        args.model_dir, args, work / "eval-original.log", env
+    )
     report: dict[str, Any] = {
         "benchmark": "gptq_vs_peer",
         "command": "python benchmarks/gptq_vs_peer.py " + " ".join(sys.argv[1:]),
@@ -451,17 +443,19 @@ def main() -> None:
                 row["load_average"] = {"before": before, "after": os.getloadavg()}
                 rows.append(row)
                 report["machine"]["load_average_after"] = row["load_average"]["after"]
-                # the machine above ran this command; earlier rows name their own
-                report["row_cpus"] = sorted({r.get("cpu") or "?" for r in rows})
-                tmp = out.with_suffix(".json.partial")  # whole, after every row
-                tmp.write_text(json.dumps(report, indent=2) + "\n")
-                tmp.replace(out)
-    report["row_cpus"] = sorted({r.get("cpu") or "?" for r in rows})
+                write_report(report, out)  # whole, after every row
+    write_report(report, out)  # resumed rows' comparisons recomputed even when none ran
+    print(table(report))
+    print(f"wrote {out}")
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """``report`` into ``out`` atomically. ``machine`` is what ran this command; the
+    rows name their own CPU, and ``row_cpus`` lists them."""
+    report["row_cpus"] = sorted({r.get("cpu") or "?" for r in report["rows"]})
     tmp = out.with_suffix(".json.partial")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
-    print(table(report))
-    print(f"wrote {out}")
 
 
 def calibration_file(model_dir: Path, folder: Path, args) -> Path:

@@ -103,8 +103,8 @@ def mixed_int8_linear(
     else:
         w_out = qweight_t[outliers].float() * w_scale  # [n_outliers, out], dequantized
         y = flat[:, outliers] @ w_out
-        regular = ~outliers
         if count < flat.shape[1]:  # at a low threshold every column can be an outlier
+            regular = ~outliers
             y += int8_matmul(flat[:, regular], qweight_t[regular], w_scale, paper=True)
     if bias is not None:
         y = y + bias.float()
