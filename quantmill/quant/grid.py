@@ -13,14 +13,31 @@ Shapes: ``W`` is ``[rows, cols]`` (``nn.Linear.weight``: ``[out, in]``);
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from quantmill.config import QuantScheme
 
-# Shrink factors tried by the "mse" observer, from the full range down to 75% of it.
-MSE_SHRINK = torch.linspace(1.0, 0.75, 26).tolist()
+
+@dataclass(frozen=True)
+class ShrinkSearch:
+    """The "mse" observer's search: per group, the range ``[wmin, wmax] · s`` for ``s``
+    from 1 down to ``min_shrink`` in ``steps`` even steps, with the least
+    ``Σ |Q(w) - w|^norm`` (``norm`` 2 is the squared error; a larger one weighs the
+    clipped outliers' error more)."""
+
+    min_shrink: float
+    steps: int
+    norm: float
+
+    def shrinks(self) -> list[float]:
+        return torch.linspace(1.0, self.min_shrink, self.steps).tolist()
+
+
+# The shipped search (benchmarks/observer_search.py measures the others).
+MSE_SEARCH = ShrinkSearch(min_shrink=0.75, steps=26, norm=2.0)
 # Scales are stored as float16 (half the bytes of float32: 0.25 instead of 0.5 bits
 # per weight at group 64) and rounded to it as soon as they are chosen, so the
 # in-memory model and the checkpoint hold the same grid. The floor is the
@@ -86,12 +103,15 @@ def storable_scale(scale: Tensor) -> Tensor:
 
 
 def compute_qparams(
-    W: Tensor, scheme: QuantScheme, importance: Tensor | None = None
-) -> tuple[Tensor, Tensor | None]:
+    W: Tensor, scheme: QuantScheme, importance: Tensor | None = None,
+    search: ShrinkSearch | None = None,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Per-group scale ``[rows, n_groups]`` and zero point (``None`` when symmetric).
 
     ``importance`` ``[cols]``: each input column's activation energy, which the
-    ``imatrix`` observer weights the rounding error by (the ``mse`` search otherwise)."""
+    ``imatrix`` observer weights the rounding error by (the ``mse`` search otherwise);
+    ``search``: the shrink search of both (default ``MSE_SEARCH``, read at the call)."""
+    search = search or MSE_SEARCH
     G = grouped(W.float(), scheme.group_size)
     wmin = G.amin(dim=2).clamp_max(0)
     wmax = G.amax(dim=2).clamp_min(0)
@@ -105,9 +125,9 @@ def compute_qparams(
     work = torch.empty_like(G)  # one buffer for every candidate: no per-step allocations
 
     def error(scale: Tensor, zero: Tensor | None) -> Tensor:
-        return _squared_error(G, scale[..., None], _z(zero), scheme, work, weight)
+        return _error(G, scale[..., None], _z(zero), scheme, work, weight, search.norm)
 
-    return best_shrink(wmin, wmax, scheme, MSE_SHRINK, error)
+    return best_shrink(wmin, wmax, scheme, search.shrinks(), error)
 
 
 def importance_weights(importance: Tensor, group_size: int | None) -> Tensor:
@@ -137,12 +157,13 @@ def best_shrink(
     return best_scale, best_zero
 
 
-def _squared_error(
+def _error(
     G: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme, work: Tensor,
-    weight: Tensor | None = None,
+    weight: Tensor | None = None, norm: float = 2.0,
 ) -> Tensor:  # fmt: skip
-    """Σ over the last dim of ``(fake_quantize(G) - G)²`` (times ``weight``), in ``work``."""
-    err = fake_quantize_column_into(work, G, scale, zero, scheme).sub_(G).pow_(2)
+    """Σ over the last dim of ``|fake_quantize(G) - G|^norm`` (times ``weight``), in ``work``."""
+    err = fake_quantize_column_into(work, G, scale, zero, scheme).sub_(G)
+    err = err.pow_(2) if norm == 2 else err.abs_().pow_(norm)
     return (err if weight is None else err.mul_(weight)).sum(dim=2)
 
 

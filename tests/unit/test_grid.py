@@ -3,6 +3,7 @@ import torch
 
 from quantmill.config import QuantScheme
 from quantmill.quant.grid import (
+    ShrinkSearch,
     compute_qparams,
     dequantize,
     expand_groups,
@@ -71,6 +72,41 @@ def test_mse_observer_never_worse_than_minmax(symmetric):
         s, z = compute_qparams(W, scheme)
         errs[observer] = float((fake_quantize(W, s, z, scheme) - W).square().sum())
     assert errs["mse"] < errs["minmax"]
+
+
+@pytest.mark.parametrize("norm", [2.0, 2.4, 3.0])
+def test_shrink_search_minimises_its_own_norm(norm):
+    torch.manual_seed(3)
+    W = torch.randn(32, 128)
+    W[:, 5] *= 8  # one column of outliers, as the attention/MLP inputs have
+    scheme = QuantScheme(bits=4, group_size=None, observer="mse")
+    search = ShrinkSearch(min_shrink=0.7, steps=31, norm=norm)
+    s, z = compute_qparams(W, scheme, search=search)
+    found = (fake_quantize(W, s, z, scheme) - W).abs().pow(norm).sum(dim=1)
+    for shrink in search.shrinks():  # no shrink tried beats the one chosen, row by row
+        t = storable_scale_for(W * shrink, scheme)
+        other = (fake_quantize(W, t, None, scheme) - W).abs().pow(norm).sum(dim=1)
+        assert torch.all(found <= other * (1 + 1e-5))
+
+
+def test_a_larger_norm_clips_outliers_less():
+    torch.manual_seed(4)
+    W = torch.randn(64, 256) * 0.1
+    W[:, 0] = 2.0  # one heavy weight per row: clipping it costs one large error
+    scales = {}
+    for norm in (2.0, 3.0):
+        search = ShrinkSearch(min_shrink=0.5, steps=51, norm=norm)
+        scheme = QuantScheme(bits=4, group_size=None, observer="mse")
+        scales[norm], _ = compute_qparams(W, scheme, search=search)
+    assert torch.all(scales[3.0] >= scales[2.0])
+    assert torch.any(scales[3.0] > scales[2.0])
+    assert ShrinkSearch(0.8, 21, 2.4).shrinks()[-1] == pytest.approx(0.8)
+
+
+def storable_scale_for(W, scheme):
+    minmax = scheme.model_copy(update={"observer": "minmax"})
+    scale, _ = compute_qparams(W, minmax)
+    return scale
 
 
 def test_symmetric_grid_uses_the_negative_end():
