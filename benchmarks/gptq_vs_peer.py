@@ -68,6 +68,20 @@ SETTINGS = {  # label: (bits, group_size or None for per-channel, symmetric)
 MMAP_THRESHOLD = "1048576"  # app/main.py's pin, as glibc's environment variable
 RUN_LIMIT_S = 3600
 MIN_RUNS_FOR_A_WIN = 3  # timed runs a side before a time ratio is called a win (bold)
+# The "mse" searches: llmcompressor 0.14's defaults (maxshrink 0.2, grid 100: 20 steps
+# of 0.01 from the full range, patience 5, norm 2.4), and the one quantmill shipped
+# until benchmarks/observer_search.py chose another (rows measured before record it).
+PEER_MSE_SEARCH = {"min_shrink": 0.81, "steps": 20, "norm": 2.4}
+EARLIER_MSE_SEARCH = {"min_shrink": 0.75, "steps": 26, "norm": 2.0}
+
+
+def ours_search(observer: str) -> dict[str, float] | None:
+    """The shrink search behind quantmill's observer (None for min-max)."""
+    from dataclasses import asdict
+
+    from quantmill.quant.grid import MSE_SEARCH
+
+    return asdict(MSE_SEARCH) if observer != "minmax" else None
 
 
 def environment(allocator: str, threads: int, ours: bool) -> dict[str, str]:
@@ -204,6 +218,8 @@ def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict
         "setting": label, "bits": bits, "group_size": group, "symmetric": sym,
         "observer": observer, "allocator": allocator,
         "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
+        "searches": {"ours": ours_search(observer),
+                     "peer": PEER_MSE_SEARCH if observer == "mse" else None},
     }  # fmt: skip
     rtn_out = work / f"ours-rtn-{tag}"
     rtn = measured(
@@ -281,9 +297,12 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, ...]:
-    """What makes two rows the same measurement: setting, observer, allocator, dtypes."""
+    """What makes two rows the same measurement: setting, observer (and our search
+    behind it), allocator, dtypes."""
     dtypes = row["dtypes"]
-    return (row["setting"], row["observer"], row["allocator"], dtypes["ours"], dtypes.get("peer"))
+    search = json.dumps(row["searches"]["ours"], sort_keys=True)
+    return (row["setting"], row["observer"], search, row["allocator"], dtypes["ours"],
+            dtypes.get("peer"))  # fmt: skip
 
 
 def table(report: dict[str, Any]) -> str:
@@ -309,7 +328,7 @@ def table(report: dict[str, Any]) -> str:
         if cmp_.get("faster_beyond_spread"):
             ratio = f"**{ratio}**"
         lines.append(
-            f"| {r['setting']} | {r['observer']} | {r['allocator']} "
+            f"| {r['setting']} | {observer_label(r)} | {r['allocator']} "
             f"| {ours['dtype']} / {peer['dtype'] if peer else '-'} | {ppl(r['ours_rtn'])} "
             f"| {ppl(ours)} | {ppl(peer) if peer else '-'} | {secs(ours)} "
             f"| {secs(peer) if peer else '-'} | {ratio} | {ours['peak_rss_mb']['median']:.0f} "
@@ -317,6 +336,15 @@ def table(report: dict[str, Any]) -> str:
             f"| {cpu_label(r.get('cpu'))} |"
         )
     return "\n".join(lines)
+
+
+def observer_label(row: dict[str, Any]) -> str:
+    """Our search's range floor and error norm beside the observer: "mse (≥0.8, n3)"."""
+    earlier = EARLIER_MSE_SEARCH if row["observer"] == "mse" else None  # rows before the field
+    search = row.get("searches", {"ours": earlier})["ours"]
+    if not search:
+        return row["observer"]
+    return f"{row['observer']} (≥{search['min_shrink']:g}, n{search['norm']:g})"
 
 
 def cpu_label(cpu: str | None) -> str:
@@ -381,6 +409,9 @@ def main() -> None:
         row.setdefault("cpu", previous.get("machine", {}).get("cpu"))
         sides = ("ours_gptq", "peer_gptq")
         row.setdefault("dtypes", {s.split("_")[0]: row[s]["dtype"] for s in sides if s in row})
+        mse = row["observer"] == "mse"
+        row.setdefault("searches", {"ours": EARLIER_MSE_SEARCH if mse else None,
+                                    "peer": PEER_MSE_SEARCH if mse else None})  # fmt: skip
         if "peer_gptq" in row:  # the comparison's rules as they are now, from the row's figures
             row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
     done = {row_key(r) for r in rows}
@@ -409,7 +440,9 @@ def main() -> None:
         },  # fmt: skip
         "equal_terms": {
             "observer": "the row's, on both sides (quantmill's and llmcompressor's observer of "
-            "that name: min-max, or the MSE search over shrunk ranges)",
+            "that name: min-max, or the MSE search over shrunk ranges); `searches` gives "
+            "each side's search (range floor, steps, error norm); ours is quantmill's shipped "
+            "one, chosen on held-out validation text (benchmarks/observer_search.py)",
             "allocator": "the row's, on both processes: pinned = MALLOC_MMAP_THRESHOLD_="
             f"{MMAP_THRESHOLD} (quantmill's own mallopt pin switched off), default = glibc's "
             "dynamic threshold",
@@ -434,7 +467,8 @@ def main() -> None:
     for label in args.settings.split(","):
         for observer in args.observers.split(","):
             for allocator in allocators:
-                if (label, observer, allocator, args.dtype, args.peer_dtype) in done:
+                search = json.dumps(ours_search(observer), sort_keys=True)
+                if (label, observer, search, allocator, args.dtype, args.peer_dtype) in done:
                     continue
                 before = os.getloadavg()
                 row = run_row(label, observer, allocator, work, args)
