@@ -35,6 +35,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.searches import current, recorded  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data"
 TASKS = ["arc_easy", "arc_challenge", "piqa", "lambada_openai"]
 THREADS = 2
@@ -117,6 +119,7 @@ def run_config(label: str, recipe_data: dict[str, Any], work: Path, original: di
     return {
         "label": label,
         "recipe": recipe_data,
+        **recorded(recipe_data),
         "quant_seconds": round(quant_seconds, 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "bits_per_weight": summary["bits_per_weight"],
@@ -251,7 +254,7 @@ def main() -> int:
         print(f"original: mean acc {data['original']['mean_acc']:.4f}", flush=True)
     for label in wanted:
         recipe = with_data(all_configs[label], args.limit)
-        if label in rows and rows[label]["recipe"] == recipe:
+        if current(rows.get(label), recipe):
             print(f"{label}: done before, kept")
             continue
         print(f"{label}: quantizing and evaluating", flush=True)

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.machine import machine  # noqa: E402
 from benchmarks.peak_rss import run_measured  # noqa: E402
+from benchmarks.searches import current, label, recorded, search_of  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 WORK = REPO / "benchmarks" / "work" / "fewer_bits"
@@ -147,8 +148,8 @@ def table(data: dict[str, Any]) -> str:
     wiki, lambada = first["original_perplexity"], first["original_lambada_perplexity"]
     lines = [
         f"| recipe | WikiText-2 (original {wiki:.2f}) | LAMBADA (original {lambada:.2f}) "
-        "| quantize s | row wall s | peak RSS MB | load |",
-        "|---|---|---|---|---|---|---|",
+        "| quantize s | row wall s | peak RSS MB | load | mse search |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in recipes():
         if name not in rows:
@@ -157,7 +158,8 @@ def table(data: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['perplexity']:.2f} ({r['perplexity'] / wiki - 1:+.1%}) "
             f"| {r['lambada_perplexity']:.2f} | {r['quant_seconds']:.0f} "
-            f"| {r['wall_seconds']:.0f} | {r['peak_rss_mb']} | {r['load_average']:.1f} |"
+            f"| {r['wall_seconds']:.0f} | {r['peak_rss_mb']} | {r['load_average']:.1f} "
+            f"| {label(search_of(r))} |"
         )
     return "\n".join(lines)
 
@@ -179,7 +181,7 @@ def main() -> int:
     for name, recipe in recipes().items():
         if args.only and name not in args.only:
             continue
-        if data["rows"].get(name, {}).get("recipe") == recipe:
+        if current(data["rows"].get(name), recipe):
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name]
         stdout, run = run_measured(cmd, WORK / f"{name}.log", cwd=REPO)
@@ -188,7 +190,8 @@ def main() -> int:
             return 1
         row = json.loads(stdout.strip().splitlines()[-1])
         data["rows"][name] = {
-            "recipe": recipe, **row, "wall_seconds": round(run["wall_seconds"], 1),
+            "recipe": recipe, **recorded(recipe), **row,
+            "wall_seconds": round(run["wall_seconds"], 1),
             "peak_rss_mb": round(run["peak_rss_kb"] / 1024), "load_average": os.getloadavg()[0],
         }  # fmt: skip
         print(name, row["perplexity"], row["lambada_perplexity"], flush=True)

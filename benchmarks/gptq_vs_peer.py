@@ -55,6 +55,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.peak_rss import run_measured  # noqa: E402
+from benchmarks.searches import EARLIER_MSE_SEARCH, mse_search  # noqa: E402
+from benchmarks.searches import label as search_label  # noqa: E402
 
 DATA = Path(os.environ.get("QUANTMILL_DATA_DIR", REPO.parent / "shared" / "data")) / "wikitext-2"
 SETTINGS = {  # label: (bits, group_size or None for per-channel, symmetric)
@@ -68,20 +70,14 @@ SETTINGS = {  # label: (bits, group_size or None for per-channel, symmetric)
 MMAP_THRESHOLD = "1048576"  # app/main.py's pin, as glibc's environment variable
 RUN_LIMIT_S = 3600
 MIN_RUNS_FOR_A_WIN = 3  # timed runs a side before a time ratio is called a win (bold)
-# The "mse" searches: llmcompressor 0.14's defaults (maxshrink 0.2, grid 100: 20 steps
-# of 0.01 from the full range, patience 5, norm 2.4), and the one quantmill shipped
-# until benchmarks/observer_search.py chose another (rows measured before record it).
+# llmcompressor 0.14's "mse" search (maxshrink 0.2, grid 100: 20 steps of 0.01 from
+# the full range, patience 5, norm 2.4)
 PEER_MSE_SEARCH = {"min_shrink": 0.81, "steps": 20, "norm": 2.4}
-EARLIER_MSE_SEARCH = {"min_shrink": 0.75, "steps": 26, "norm": 2.0}
 
 
 def ours_search(observer: str) -> dict[str, float] | None:
     """The shrink search behind quantmill's observer (None for min-max)."""
-    from dataclasses import asdict
-
-    from quantmill.quant.grid import MSE_SEARCH
-
-    return asdict(MSE_SEARCH) if observer != "minmax" else None
+    return mse_search() if observer != "minmax" else None
 
 
 def environment(allocator: str, threads: int, ours: bool) -> dict[str, str]:
@@ -344,7 +340,7 @@ def observer_label(row: dict[str, Any]) -> str:
     search = row.get("searches", {"ours": earlier})["ours"]
     if not search:
         return row["observer"]
-    return f"{row['observer']} (≥{search['min_shrink']:g}, n{search['norm']:g})"
+    return f"{row['observer']} ({search_label(search)})"
 
 
 def cpu_label(cpu: str | None) -> str:

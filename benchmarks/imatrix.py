@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 from benchmarks.machine import machine  # noqa: E402
+from benchmarks.searches import current, recorded  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "imatrix.json"
 
@@ -57,14 +58,15 @@ def main() -> int:
     torch.set_num_threads(2)
     data = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": {}}
     for name, recipe in recipes().items():
-        if data["rows"].get(name, {}).get("recipe") == recipe:
+        if current(data["rows"].get(name), recipe):
             continue
         start = time.perf_counter()
         summary = quantize("smollm2-135m", Recipe.model_validate(recipe),
                            REPO / "benchmarks" / "work" / "imatrix" / name, overwrite=True,
                            progress=False).to_dict()  # fmt: skip
         data["rows"][name] = {
-            "recipe": recipe, "perplexity": summary["quantized"]["perplexity"],
+            "recipe": recipe, **recorded(recipe),
+            "perplexity": summary["quantized"]["perplexity"],
             "original_perplexity": summary["original"]["perplexity"],
             "quant_seconds": round(summary["quant_seconds"], 1),
             "wall_seconds": round(time.perf_counter() - start, 1),

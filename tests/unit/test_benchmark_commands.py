@@ -22,3 +22,20 @@ def test_benchmark_script_imports(script: Path, monkeypatch: pytest.MonkeyPatch)
     spec.loader.exec_module(module)  # import errors and missing names fail here
     if '__name__ == "__main__"' in script.read_text():  # a command, not a helper module
         assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
+
+
+def test_a_row_measured_with_an_earlier_search_is_not_current(monkeypatch) -> None:
+    """Benchmarks resume rows whose recipe is unchanged; the search is code, so a row
+    of an ``mse`` recipe without the search it was measured with is from before it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))
+    from benchmarks import searches
+
+    mse = {"steps": [{"method": "gptq", "weights": {"bits": 4, "observer": "mse"}}]}
+    minmax = {"steps": [{"method": "rtn", "weights": {"bits": 4, "observer": "minmax"}}]}
+    assert searches.uses_search(mse) and not searches.uses_search(minmax)
+    assert not searches.current({"recipe": mse}, mse)  # no record: the earlier search
+    assert searches.search_of({"recipe": mse}) == searches.EARLIER_MSE_SEARCH
+    assert searches.current({"recipe": mse, **searches.recorded(mse)}, mse)
+    assert searches.current({"recipe": minmax}, minmax)  # min-max rows never searched
+    assert not searches.current({"recipe": minmax}, mse)
+    assert searches.recorded(mse)["mse_search"] != searches.EARLIER_MSE_SEARCH
