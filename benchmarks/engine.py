@@ -131,7 +131,7 @@ def gptq1b(work: Path) -> dict[str, Any]:
                "--bits", "4", "--group-size", "128", "--symmetric", "--actorder", "static",
                "--out", str(peer_out)]  # fmt: skip
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-        peer = measured_env(cmd, work / "gptq1b-peer.log", env)
+        peer = measured(cmd, work / "gptq1b-peer.log", env)
         row["peer"] = {"wall_seconds": peer["wall_seconds"], "peak_rss_mb": peer["peak_rss_mb"],
                        "quant_seconds": peer["result"].get("quant_seconds")}  # fmt: skip
         row["memory_ratio"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
@@ -139,16 +139,6 @@ def gptq1b(work: Path) -> dict[str, Any]:
         row["met"] = (ours["peak_rss_mb"] <= 1500 and row["memory_ratio"] <= 0.5
                       and row["wall_ratio"] <= 1.0)  # fmt: skip
     return row
-
-
-def measured_env(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        return measured(cmd, log)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def smollm2(work: Path, before: str) -> dict[str, Any]:
