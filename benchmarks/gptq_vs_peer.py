@@ -178,19 +178,34 @@ def peer_cmd(label: str, observer: str, out: Path, args) -> list[str]:
     ]  # fmt: skip
 
 
-def perplexities(folder: Path, args, work: Path, env: dict[str, str]) -> dict[str, float]:
-    """The checkpoint on the dequantizing path (both sides alike) and on quantmill eval's."""
+def perplexities(
+    folder: Path, args, work: Path, env: dict[str, str], python: str | None = None
+) -> dict[str, float | None]:
+    """The checkpoint on the dequantizing path (both sides alike) and on quantmill eval's.
+
+    ``python``: the interpreter (and so the compressed-tensors) that reads the checkpoint;
+    quantmill eval's path then is not taken (None)."""
     tag = folder.name
     common = ["--windows", str(args.windows)]
     equal = measured(
-        [sys.executable, str(REPO / "benchmarks/eval_dequantized.py"), "--model", str(folder),
-         "--data", str(DATA / "wiki.test.raw"), *common],
+        [python or sys.executable, str(REPO / "benchmarks/eval_dequantized.py"),
+         "--model", str(folder), "--data", str(DATA / "wiki.test.raw"), *common],
         work / f"eval-dq-{tag}.log", env,
     )  # fmt: skip
     return {
         "dequantizing_path": equal["result"]["perplexity"],
-        "quantmill_eval_path": evaluate(folder, args, work / f"eval-{tag}.log", env),
+        "quantmill_eval_path": None
+        if python
+        else evaluate(folder, args, work / f"eval-{tag}.log", env),
     }
+
+
+def peer_reader(bits: int, args) -> str | None:
+    """The interpreter that reads the peer's checkpoint: ours, except where the packing
+    differs between compressed-tensors versions. 0.19 (the peer's) packs widths that do
+    not divide 32 densely across int32 words; 0.17 (ours) pads each word (ten 3-bit
+    values), so such a checkpoint is read in the peer's own environment."""
+    return args.peer_py if 32 % bits else None
 
 
 def spread(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -271,7 +286,8 @@ def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict
             "same_weights_every_repeat": len(set(peer_hashes)) == 1,
             "dtype": args.peer_dtype,
             "calibration_sha256": args.calib_digest,
-            "perplexity": perplexities(peer_out, args, work, ours_env),
+            "perplexity": perplexities(peer_out, args, work, ours_env, peer_reader(bits, args)),
+            "read_by": "the peer's environment" if peer_reader(bits, args) else "ours",
         }
         row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
     return row
@@ -446,7 +462,10 @@ def main() -> None:
             "gptq": "dampening 0.01, block 128, activation order with static groups on both",
             "evaluation": "perplexity.dequantizing_path: every checkpoint loaded by "
             "transformers with CompressedTensorsConfig(dequantize=True), float32; "
-            "perplexity.quantmill_eval_path: `quantmill eval` (transformers' default path)",
+            "perplexity.quantmill_eval_path: `quantmill eval` (transformers' default path); "
+            "a peer checkpoint whose packing our compressed-tensors reads otherwise (3-bit: "
+            "dense in its 0.19, ten to a word in our 0.17) is read by the peer's own "
+            "environment on the same script (`read_by`), without the second path",
             "dtype": "per row: `dtypes` is what each side was asked for (quantmill --dtype, "
             "the peer's load dtype), each side's `dtype` what it ran in",
             "timing": f"{args.repeats} runs per side, interleaved, each its own process; "
