@@ -279,6 +279,7 @@ def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict
             f"calibration ids differ: ours {digest}, the peer's file {args.calib_digest}"
         )
     if args.peer_py:
+        reader = peer_reader(bits, args)
         row["peer_gptq"] = {
             "runs": peer_runs,
             "wall_seconds": spread(peer_runs, "wall_seconds"),
@@ -286,8 +287,8 @@ def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict
             "same_weights_every_repeat": len(set(peer_hashes)) == 1,
             "dtype": args.peer_dtype,
             "calibration_sha256": args.calib_digest,
-            "perplexity": perplexities(peer_out, args, work, ours_env, peer_reader(bits, args)),
-            "read_by": "the peer's environment" if peer_reader(bits, args) else "ours",
+            "perplexity": perplexities(peer_out, args, work, ours_env, reader),
+            "read_by": "the peer's environment" if reader else "ours",
         }
         row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
     return row
@@ -352,11 +353,18 @@ def table(report: dict[str, Any]) -> str:
 
 def observer_label(row: dict[str, Any]) -> str:
     """Our search's range floor and error norm beside the observer: "mse (≥0.8, n3)"."""
-    earlier = EARLIER_MSE_SEARCH if row["observer"] == "mse" else None  # rows before the field
-    search = row.get("searches", {"ours": earlier})["ours"]
+    search = row_searches(row)["ours"]
     if not search:
         return row["observer"]
     return f"{row['observer']} ({search_label(search)})"
+
+
+def row_searches(row: dict[str, Any]) -> dict[str, Any]:
+    """Each side's search of ``row``; rows from before the field were measured with our
+    earlier search."""
+    mse = row["observer"] == "mse"
+    return row.get("searches") or {"ours": EARLIER_MSE_SEARCH if mse else None,
+                                   "peer": PEER_MSE_SEARCH if mse else None}  # fmt: skip
 
 
 def cpu_label(cpu: str | None) -> str:
@@ -421,9 +429,7 @@ def main() -> None:
         row.setdefault("cpu", previous.get("machine", {}).get("cpu"))
         sides = ("ours_gptq", "peer_gptq")
         row.setdefault("dtypes", {s.split("_")[0]: row[s]["dtype"] for s in sides if s in row})
-        mse = row["observer"] == "mse"
-        row.setdefault("searches", {"ours": EARLIER_MSE_SEARCH if mse else None,
-                                    "peer": PEER_MSE_SEARCH if mse else None})  # fmt: skip
+        row["searches"] = row_searches(row)
         if "peer_gptq" in row:  # the comparison's rules as they are now, from the row's figures
             row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
     done = {row_key(r) for r in rows}

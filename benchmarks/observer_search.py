@@ -36,14 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+from benchmarks.gptq_vs_peer import SETTINGS  # noqa: E402  (the comparison's six)
 from benchmarks.machine import machine  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "observer_search.json"
-SETTINGS = {  # the six settings of gptq_vs_peer.py: bits, group size, symmetric
-    "w4g64s": (4, 64, True), "w4g64a": (4, 64, False),
-    "w4pcs": (4, None, True), "w4pca": (4, None, False),
-    "w3g64s": (3, 64, True), "w3g64a": (3, 64, False),
-}  # fmt: skip
 MIN_SHRINKS = (0.75, 0.8, 0.9)
 NORMS = (2.0, 2.4, 3.0)
 STEP = 0.01  # the spacing of the shrink factors tried (both tools use 1/100)
@@ -58,12 +54,11 @@ def held_out_windows(tokenizer, seq_len: int, count: int):
     import torch
 
     from quantmill.config import CalibrationSpec
-    from quantmill.data import load_rows, tokenize_rows
+    from quantmill.data import calibration_starts, load_rows, tokenize_rows
 
     spec = CalibrationSpec(dataset=str(DATA / "wiki.valid.tokens"))
     ids = tokenize_rows(tokenizer, load_rows(spec.dataset, spec.dataset_config, spec.split))
-    generator = torch.Generator().manual_seed(spec.seed)  # calibration_ids' draw, repeated
-    starts = torch.randint(0, ids.numel() - spec.seq_len, (spec.num_samples,), generator=generator)
+    starts = calibration_starts(ids.numel(), spec)
     used = torch.zeros(ids.numel(), dtype=torch.bool)
     for s in starts.tolist():
         used[s : s + spec.seq_len] = True
@@ -105,7 +100,7 @@ def main() -> int:
     from quantmill.config import QuantScheme
     from quantmill.evaluate import perplexity
     from quantmill.models import load_model
-    from quantmill.quant.grid import MSE_SEARCH, compute_qparams, fake_quantize
+    from quantmill.quant.grid import compute_qparams, fake_quantize
     from quantmill.sources import resolve_model
 
     torch.set_num_threads(2)
@@ -127,7 +122,7 @@ def main() -> int:
             observer = "minmax" if search is None else "mse"
             scheme = QuantScheme(bits=bits, group_size=group, symmetric=sym, observer=observer)
             for layer, W in zip(layers, originals, strict=True):
-                scale, zero = compute_qparams(W, scheme, search=search or MSE_SEARCH)
+                scale, zero = compute_qparams(W, scheme, search=search)
                 layer.weight.data = fake_quantize(W, scale, zero, scheme)
             rows[key] = round(perplexity(model, windows, progress=False).perplexity, 4)
             for layer, W in zip(layers, originals, strict=True):
@@ -197,14 +192,21 @@ def gptq_stage(args, data: dict, windows, covered: float, start: float) -> None:
             write(args, data, windows, covered, time.perf_counter() - start)
 
 
+def geomeans(names, settings, perplexity) -> dict[str, float]:
+    """Each search's geometric-mean perplexity over ``settings``, for the searches
+    measured at all of them (``perplexity("setting/search")``: None when not measured)."""
+    score = {}
+    for name in names:
+        values = [perplexity(f"{label}/{name}") for label in settings]
+        if all(v is not None for v in values):
+            score[name] = round(math.exp(sum(math.log(v) for v in values) / len(values)), 4)
+    return score
+
+
 def write(args, data: dict, windows, covered: float, seconds: float) -> None:
     rows = data["rows"]
     names = [name for name, _ in searches()]
-    score = {}
-    for name in names:
-        values = [rows.get(f"{label}/{name}") for label in SETTINGS]
-        if all(v is not None for v in values):
-            score[name] = round(math.exp(sum(math.log(v) for v in values) / len(values)), 4)
+    score = geomeans(names, SETTINGS, lambda key: rows.get(key))
     best = min(score, key=score.get) if score else None
     data.update(
         command="python benchmarks/observer_search.py",
@@ -226,11 +228,7 @@ def write(args, data: dict, windows, covered: float, seconds: float) -> None:
     gptq = data.get("gptq_rows")
     if gptq:
         candidates = sorted({key.split("/")[1] for key in gptq})
-        score = {}
-        for name in candidates:
-            values = [gptq.get(f"{label}/{name}", {}).get("perplexity") for label in GPTQ_SETTINGS]
-            if all(v is not None for v in values):
-                score[name] = round(math.exp(sum(math.log(v) for v in values) / len(values)), 4)
+        score = geomeans(candidates, GPTQ_SETTINGS, lambda key: gptq.get(key, {}).get("perplexity"))
         best = min(score, key=score.get) if score else None
         data.update(
             gptq_method="GPTQ as gptq_vs_peer.py runs ours (dampening 0.01, block 128, "

@@ -63,9 +63,15 @@ def calibration_ids(tokenizer, spec: CalibrationSpec) -> Tensor:
             f"calibration data {spec.dataset!r} has {ids.numel()} tokens; "
             f"calibration.seq_len = {spec.seq_len} needs more. Use more text or a shorter seq_len."
         )
-    generator = torch.Generator().manual_seed(spec.seed)
-    starts = torch.randint(0, ids.numel() - spec.seq_len, (spec.num_samples,), generator=generator)
+    starts = calibration_starts(ids.numel(), spec)
     return torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
+
+
+def calibration_starts(tokens: int, spec: CalibrationSpec) -> Tensor:
+    """``[num_samples]`` first positions of the calibration windows in a text of
+    ``tokens`` ids (seeded: the same text and spec always give the same windows)."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    return torch.randint(0, tokens - spec.seq_len, (spec.num_samples,), generator=generator)
 
 
 def ids_digest(ids: Tensor) -> str:
