@@ -55,7 +55,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.peak_rss import run_measured  # noqa: E402
-from benchmarks.searches import EARLIER_MSE_SEARCH, mse_search  # noqa: E402
+from benchmarks.searches import EARLIER_MSE_SEARCH, mse_search, normal  # noqa: E402
 from benchmarks.searches import label as search_label  # noqa: E402
 
 DATA = Path(os.environ.get("QUANTMILL_DATA_DIR", REPO.parent / "shared" / "data")) / "wikitext-2"
@@ -75,9 +75,9 @@ MIN_RUNS_FOR_A_WIN = 3  # timed runs a side before a time ratio is called a win 
 PEER_MSE_SEARCH = {"min_shrink": 0.81, "steps": 20, "norm": 2.4}
 
 
-def ours_search(observer: str) -> dict[str, float] | None:
+def ours_search(observer: str, symmetric: bool) -> dict[str, Any] | None:
     """The shrink search behind quantmill's observer (None for min-max)."""
-    return mse_search() if observer != "minmax" else None
+    return mse_search(symmetric) if observer != "minmax" else None
 
 
 def environment(allocator: str, threads: int, ours: bool) -> dict[str, str]:
@@ -229,7 +229,7 @@ def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict
         "setting": label, "bits": bits, "group_size": group, "symmetric": sym,
         "observer": observer, "allocator": allocator,
         "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
-        "searches": {"ours": ours_search(observer),
+        "searches": {"ours": ours_search(observer, sym),
                      "peer": PEER_MSE_SEARCH if observer == "mse" else None},
     }  # fmt: skip
     rtn_out = work / f"ours-rtn-{tag}"
@@ -313,7 +313,7 @@ def row_key(row: dict[str, Any]) -> tuple[str, ...]:
     """What makes two rows the same measurement: setting, observer (and our search
     behind it), allocator, dtypes."""
     dtypes = row["dtypes"]
-    search = json.dumps(row["searches"]["ours"], sort_keys=True)
+    search = json.dumps(row_searches(row)["ours"], sort_keys=True)
     return (row["setting"], row["observer"], search, row["allocator"], dtypes["ours"],
             dtypes.get("peer"))  # fmt: skip
 
@@ -363,8 +363,10 @@ def row_searches(row: dict[str, Any]) -> dict[str, Any]:
     """Each side's search of ``row``; rows from before the field were measured with our
     earlier search."""
     mse = row["observer"] == "mse"
-    return row.get("searches") or {"ours": EARLIER_MSE_SEARCH if mse else None,
-                                   "peer": PEER_MSE_SEARCH if mse else None}  # fmt: skip
+    searches = row.get("searches") or {"ours": EARLIER_MSE_SEARCH if mse else None,
+                                       "peer": PEER_MSE_SEARCH if mse else None}  # fmt: skip
+    ours = searches["ours"] and normal(searches["ours"], row["symmetric"])
+    return {**searches, "ours": ours}
 
 
 def cpu_label(cpu: str | None) -> str:
@@ -488,8 +490,13 @@ def main() -> None:
     for label in args.settings.split(","):
         for observer in args.observers.split(","):
             for allocator in allocators:
-                search = json.dumps(ours_search(observer), sort_keys=True)
-                if (label, observer, search, allocator, args.dtype, args.peer_dtype) in done:
+                sym = SETTINGS[label][2]
+                planned = {
+                    "setting": label, "observer": observer, "symmetric": sym,
+                    "allocator": allocator, "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
+                    "searches": {"ours": ours_search(observer, sym)},
+                }  # fmt: skip
+                if row_key(planned) in done:
                     continue
                 before = os.getloadavg()
                 row = run_row(label, observer, allocator, work, args)

@@ -138,58 +138,61 @@ def main() -> int:
 
 
 def gptq_stage(args, data: dict, windows, covered: float, start: float) -> None:
-    import torch
-
-    from quantmill import api
-    from quantmill.config import EngineSpec
-    from quantmill.evaluate import perplexity
-    from quantmill.models import load_model
     from quantmill.quant import grid
-    from quantmill.recipe import Recipe
-    from quantmill.sources import resolve_model
 
     rows = data.setdefault("gptq_rows", {})
     found = dict(searches())
     candidates = list(dict.fromkeys([SHIPPED_BEFORE, PEER, data["chosen"]["search"]]))
     shipped = grid.MSE_SEARCH
     for label in GPTQ_SETTINGS:
-        bits, group, sym = SETTINGS[label]
         for name in candidates:
             key = f"{label}/{name}"
             if key in rows:
                 continue
-            recipe = Recipe.model_validate({
-                "name": "gptq-observer-search",
-                "steps": [{
-                    "method": "gptq", "actorder": True, "static_groups": group is not None,
-                    "dampening": 0.01, "block_size": 128,
-                    "weights": {"bits": bits, "group_size": group, "symmetric": sym,
-                                "observer": "mse"},
-                }],
-                "calibration": {"dataset": str(DATA / "wiki.valid.tokens"), "seed": 0,
-                                "num_samples": 128, "seq_len": 512},
-            })  # fmt: skip
-            out = args.work / key.replace("/", "-")
             grid.MSE_SEARCH = found[name]  # what every "mse" observer reads at the call
             try:
-                began = time.perf_counter()
-                summary = api.quantize(
-                    "smollm2-135m", recipe, out, evaluate=False, overwrite=True,
-                    progress=False, engine=EngineSpec(dtype="bfloat16"),
-                )  # fmt: skip
-                seconds = time.perf_counter() - began
+                rows[key] = gptq_row(label, "mse", args.work / key.replace("/", "-"), windows)
             finally:
                 grid.MSE_SEARCH = shipped
-            model, _ = load_model(resolve_model(str(out)))
-            loss = sum(r["loss"] for r in json.loads((out / "quantmill_layers.json").read_text()))
-            rows[key] = {
-                "perplexity": round(perplexity(model, windows, progress=False).perplexity, 4),
-                "calibration_loss": round(loss, 1), "quant_seconds": round(seconds, 1),
-            }  # fmt: skip
-            del model, summary
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
             print(f"gptq {key}: {rows[key]}", flush=True)
             write(args, data, windows, covered, time.perf_counter() - start)
+
+
+def gptq_row(label: str, observer: str, out: Path, windows) -> dict:
+    """GPTQ as the comparison runs ours (dampening 0.01, block 128, activation order
+    with static groups, bfloat16 forward passes) at ``label`` with ``observer``, written
+    to ``out``: held-out perplexity, summed calibration loss and seconds."""
+    from quantmill import api
+    from quantmill.config import EngineSpec
+    from quantmill.evaluate import perplexity
+    from quantmill.models import load_model
+    from quantmill.recipe import Recipe
+    from quantmill.sources import resolve_model
+
+    bits, group, sym = SETTINGS[label]
+    recipe = Recipe.model_validate({
+        "name": "gptq-observer-search",
+        "steps": [{
+            "method": "gptq", "actorder": True, "static_groups": group is not None,
+            "dampening": 0.01, "block_size": 128,
+            "weights": {"bits": bits, "group_size": group, "symmetric": sym,
+                        "observer": observer},
+        }],
+        "calibration": {"dataset": str(DATA / "wiki.valid.tokens"), "seed": 0,
+                        "num_samples": 128, "seq_len": 512},
+    })  # fmt: skip
+    began = time.perf_counter()
+    api.quantize(
+        "smollm2-135m", recipe, out, evaluate=False, overwrite=True,
+        progress=False, engine=EngineSpec(dtype="bfloat16"),
+    )  # fmt: skip
+    seconds = time.perf_counter() - began
+    model, _ = load_model(resolve_model(str(out)))
+    loss = sum(r["loss"] for r in json.loads((out / "quantmill_layers.json").read_text()))
+    return {
+        "perplexity": round(perplexity(model, windows, progress=False).perplexity, 4),
+        "calibration_loss": round(loss, 1), "quant_seconds": round(seconds, 1),
+    }  # fmt: skip
 
 
 def geomeans(names, settings, perplexity) -> dict[str, float]:

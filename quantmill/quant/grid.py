@@ -26,11 +26,13 @@ class ShrinkSearch:
     """The "mse" observer's search: per group, the range ``[wmin, wmax] · s`` for ``s``
     from 1 down to ``min_shrink`` in ``steps`` even steps, with the least
     ``Σ |Q(w) - w|^norm`` (``norm`` 2 is the squared error; a larger one weighs the
-    clipped outliers' error more)."""
+    clipped outliers' error more). A symmetric range becomes a scale by ``grid``
+    (``symmetric_scale``); ``ShrinkSearch(1, 1, norm, grid)`` is min-max on that grid."""
 
     min_shrink: float
     steps: int
     norm: float
+    grid: str = "signed"
 
     def shrinks(self) -> list[float]:
         return torch.linspace(1.0, self.min_shrink, self.steps).tolist()
@@ -38,8 +40,10 @@ class ShrinkSearch:
 
 # The shipped search: chosen by benchmarks/observer_search.py on held-out validation
 # text (GPTQ's least geometric-mean perplexity over the 4-bit settings; its JSON has
-# the others). Until 2026-12-06: 0.75, 26 steps, norm 2 (squared error).
-MSE_SEARCH = ShrinkSearch(min_shrink=0.8, steps=21, norm=2.4)
+# the others). Until 2026-12-06: 0.75, 26 steps, norm 2 (squared error), signed grid.
+# The grid its symmetric ranges start from: benchmarks/symmetric_grid.py, chosen the
+# same way over the comparison's three symmetric settings (GPTQ's geometric mean).
+MSE_SEARCH = ShrinkSearch(min_shrink=0.8, steps=21, norm=2.4, grid="absmax")
 # Scales are stored as float16 (half the bytes of float32: 0.25 instead of 0.5 bits
 # per weight at group 64) and rounded to it as soon as they are chosen, so the
 # in-memory model and the checkpoint hold the same grid. The floor is the
@@ -83,12 +87,33 @@ def grouped(W: Tensor, group_size: int | None) -> Tensor:
     return W.reshape(rows, n, size)
 
 
-def minmax_params(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
-    """Scale (and zero point) covering ``[wmin, wmax]``, which must span 0."""
+def symmetric_scale(wmin: Tensor, wmax: Tensor, scheme: QuantScheme, grid: str) -> Tensor:
+    """The symmetric scale for ``[wmin, wmax]`` (spanning 0) by the convention ``grid``:
+
+    - ``signed``: the whole signed range covers both ends exactly,
+      ``max(wmax / q_max, wmin / q_min)``;
+    - ``absmax``: compressed-tensors' (and so llmcompressor's), ``max(|wmin|, wmax)``
+      over half the range ``(q_max - q_min) / 2``;
+    - ``half-step``: the finest grid on which clamping costs no more than rounding
+      does, each end at most half a step past the grid's last value,
+      ``max(wmax / (q_max + ½), wmin / (q_min - ½))``.
+    """
+    if grid == "signed":
+        return torch.maximum(wmax / scheme.q_max, wmin / scheme.q_min)
+    if grid == "absmax":
+        return torch.maximum(wmax, -wmin) / ((scheme.q_max - scheme.q_min) / 2)
+    if grid == "half-step":
+        return torch.maximum(wmax / (scheme.q_max + 0.5), wmin / (scheme.q_min - 0.5))
+    raise ValueError(f"unknown symmetric grid {grid!r}: signed, absmax or half-step")
+
+
+def minmax_params(
+    wmin: Tensor, wmax: Tensor, scheme: QuantScheme, grid: str = "signed"
+) -> tuple[Tensor, Tensor | None]:
+    """Scale (and zero point) covering ``[wmin, wmax]``, which must span 0; a symmetric
+    one by ``grid`` (``symmetric_scale``; the min-max observer's is ``signed``)."""
     if scheme.symmetric:
-        # Use the whole signed range: -2^(b-1) on the negative side, 2^(b-1)-1 on the positive.
-        scale = torch.maximum(wmax / scheme.q_max, wmin / scheme.q_min)
-        return storable_scale(scale), None
+        return storable_scale(symmetric_scale(wmin, wmax, scheme, grid)), None
     scale = storable_scale((wmax - wmin) / (scheme.q_max - scheme.q_min))
     zero = (scheme.q_min - torch.round(wmin / scale)).clamp(scheme.q_min, scheme.q_max)
     return scale, zero
@@ -129,7 +154,7 @@ def compute_qparams(
     def error(scale: Tensor, zero: Tensor | None) -> Tensor:
         return _error(G, scale[..., None], _z(zero), scheme, work, weight, search.norm)
 
-    return best_shrink(wmin, wmax, scheme, search.shrinks(), error)
+    return best_shrink(wmin, wmax, scheme, search.shrinks(), error, search.grid)
 
 
 def importance_weights(importance: Tensor, group_size: int | None) -> Tensor:
@@ -141,15 +166,16 @@ def importance_weights(importance: Tensor, group_size: int | None) -> Tensor:
 
 
 def best_shrink(
-    wmin: Tensor, wmax: Tensor, scheme: QuantScheme, shrinks: list[float], error
-) -> tuple[Tensor, Tensor | None]:
-    """Per group, the parameters of the range ``[wmin, wmax] · shrink`` with the least
-    ``error(scale, zero)`` (a ``[rows, n_groups]`` tensor) over ``shrinks``."""
+    wmin: Tensor, wmax: Tensor, scheme: QuantScheme, shrinks: list[float], error,
+    grid: str = "signed",
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Per group, the parameters of the range ``[wmin, wmax] · shrink`` (on ``grid``) with
+    the least ``error(scale, zero)`` (a ``[rows, n_groups]`` tensor) over ``shrinks``."""
     best_err = torch.full_like(wmin, float("inf"))
     best_scale = torch.empty_like(wmin)
     best_zero = None if scheme.symmetric else torch.empty_like(wmin)
     for shrink in shrinks:
-        scale, zero = minmax_params(wmin * shrink, wmax * shrink, scheme)
+        scale, zero = minmax_params(wmin * shrink, wmax * shrink, scheme, grid)
         err = error(scale, zero)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

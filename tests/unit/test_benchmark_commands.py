@@ -34,8 +34,30 @@ def test_a_row_measured_with_an_earlier_search_is_not_current(monkeypatch) -> No
     minmax = {"steps": [{"method": "rtn", "weights": {"bits": 4, "observer": "minmax"}}]}
     assert searches.uses_search(mse) and not searches.uses_search(minmax)
     assert not searches.current({"recipe": mse}, mse)  # no record: the earlier search
-    assert searches.search_of({"recipe": mse}) == searches.EARLIER_MSE_SEARCH
+    earlier = {**searches.EARLIER_MSE_SEARCH, "grid": "signed"}  # symmetric: its grid counts
+    assert searches.search_of({"recipe": mse}) == earlier
     assert searches.current({"recipe": mse, **searches.recorded(mse)}, mse)
     assert searches.current({"recipe": minmax}, minmax)  # min-max rows never searched
     assert not searches.current({"recipe": minmax}, mse)
-    assert searches.recorded(mse)["mse_search"] != searches.EARLIER_MSE_SEARCH
+    assert searches.recorded(mse)["mse_search"] != earlier
+
+
+def test_the_symmetric_grid_counts_only_for_symmetric_searches(monkeypatch) -> None:
+    """A row recorded before the grid was (``signed``) is not current for a symmetric
+    recipe once the search starts from another grid, and still is for an asymmetric one."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))
+    from dataclasses import replace
+
+    from benchmarks import searches
+    from quantmill.quant import grid
+
+    sym = {"steps": [{"method": "gptq", "weights": {"bits": 3, "observer": "mse"}}]}
+    asym = {"steps": [{"method": "gptq", "weights": {"bits": 3, "observer": "mse",
+                                                     "symmetric": False}}]}  # fmt: skip
+    monkeypatch.setattr(grid, "MSE_SEARCH", replace(grid.MSE_SEARCH, grid="absmax"))
+    before = {k: v for k, v in vars(grid.MSE_SEARCH).items() if k != "grid"}
+    assert not searches.current({"recipe": sym, "mse_search": before}, sym)
+    assert searches.current({"recipe": asym, "mse_search": before}, asym)
+    assert searches.recorded(sym)["mse_search"]["grid"] == "absmax"
+    assert "grid" not in searches.recorded(asym)["mse_search"]
+    assert searches.label(searches.recorded(sym)["mse_search"]).endswith(", absmax")

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from quantmill.config import QuantScheme
+from quantmill.quant import grid
 from quantmill.quant.grid import (
     ShrinkSearch,
     compute_qparams,
@@ -10,6 +11,8 @@ from quantmill.quant.grid import (
     fake_quantize,
     group_count,
     quantize,
+    storable_scale,
+    symmetric_scale,
 )
 
 SCHEMES = [
@@ -115,3 +118,42 @@ def test_symmetric_grid_uses_the_negative_end():
     s, _ = compute_qparams(W, scheme)
     assert float(s) == 1.0
     assert quantize(W, s, None, scheme).tolist() == [[-8, 0, 7]]
+
+
+@pytest.mark.parametrize("name", ["signed", "absmax", "half-step"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_each_symmetric_grid_errs_at_most_half_a_step(name, bits):
+    torch.manual_seed(5)
+    W = torch.randn(32, 128) * torch.rand(32, 1)
+    W[:4] = W[:4].abs()  # rows with no negative end, and rows with no positive one
+    W[4:8] = -W[4:8].abs()
+    scheme = QuantScheme(bits=bits, group_size=32, symmetric=True)
+    G = W.reshape(32, 4, 32)
+    scale = storable_scale(
+        symmetric_scale(G.amin(2).clamp_max(0), G.amax(2).clamp_min(0), scheme, name)
+    )
+    step = expand_groups(scale, 128, 32)
+    assert ((fake_quantize(W, scale, None, scheme) - W).abs() <= step * (0.5 + 1e-4)).all()
+
+
+def test_half_step_grid_is_the_finest():
+    scheme = QuantScheme(bits=3, group_size=None, symmetric=True)
+    wmin, wmax = torch.tensor([-4.0, -1.0, -3.5]), torch.tensor([1.0, 3.0, 3.5])
+    scales = {n: symmetric_scale(wmin, wmax, scheme, n) for n in ("signed", "absmax", "half-step")}
+    assert torch.all(scales["half-step"] <= scales["signed"])
+    assert torch.all(scales["half-step"] <= scales["absmax"])
+    assert scales["absmax"].tolist() == pytest.approx([4 / 3.5, 3 / 3.5, 1.0])
+    assert scales["half-step"].tolist() == pytest.approx([4 / 4.5, 3 / 3.5, 1.0])
+    with pytest.raises(ValueError, match="half-step"):
+        symmetric_scale(wmin, wmax, scheme, "nearest")
+
+
+def test_the_search_starts_from_its_grid_and_min_max_keeps_signed(monkeypatch):
+    W = torch.tensor([[-8.0, 0.0, 7.0]])
+    minmax = QuantScheme(bits=4, group_size=None, symmetric=True)
+    mse = minmax.model_copy(update={"observer": "mse"})
+    one = ShrinkSearch(1.0, 1, 2.0, grid="half-step")  # no shrinking: min-max on that grid
+    assert float(compute_qparams(W, mse, search=one)[0]) == pytest.approx(8 / 8.5, rel=1e-3)
+    monkeypatch.setattr(grid, "MSE_SEARCH", one)  # read at the call
+    assert float(compute_qparams(W, mse)[0]) == pytest.approx(8 / 8.5, rel=1e-3)
+    assert float(compute_qparams(W, minmax)[0]) == 1.0
