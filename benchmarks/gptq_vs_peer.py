@@ -71,7 +71,7 @@ MMAP_THRESHOLD = "1048576"  # app/main.py's pin, as glibc's environment variable
 RUN_LIMIT_S = 3600
 MIN_RUNS_FOR_A_WIN = 3  # timed runs a side before a time ratio is called a win (bold)
 # llmcompressor 0.14's "mse" search (maxshrink 0.2, grid 100: 20 steps of 0.01 from
-# the full range, patience 5, norm 2.4)
+# the full range, patience 5, norm 2.4; symmetric scales absmax / ((q_max - q_min) / 2))
 PEER_MSE_SEARCH = {"min_shrink": 0.81, "steps": 20, "norm": 2.4}
 
 

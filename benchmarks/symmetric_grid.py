@@ -117,11 +117,15 @@ def write(args, data: dict, windows, covered: float, seconds: float) -> None:
     from quantmill.quant.grid import MSE_SEARCH
 
     rtn, gptq = data["rtn"], data["gptq"]
+
+    def at(observer: str):  # "w3g64s/signed" -> "w3g64s/<observer>/signed"
+        return lambda key: key.replace("/", f"/{observer}/")
+
     score = {
-        observer: geomeans(GRIDS, SYMMETRIC, lambda key, o=observer: rtn.get(key.replace("/", f"/{o}/")))
-        for observer in ("minmax", "mse")
-    }  # fmt: skip
-    gscore = geomeans(GRIDS, SYMMETRIC, lambda key: gptq.get(key.replace("/", "/mse/"), {}).get("perplexity"))
+        o: geomeans(GRIDS, SYMMETRIC, lambda key, o=o: rtn.get(at(o)(key)))
+        for o in ("minmax", "mse")
+    }
+    gscore = geomeans(GRIDS, SYMMETRIC, lambda key: gptq.get(at("mse")(key), {}).get("perplexity"))
     best = min(gscore, key=gscore.get) if gscore else None
     data.update(
         command="python benchmarks/symmetric_grid.py",
@@ -143,7 +147,7 @@ def write(args, data: dict, windows, covered: float, seconds: float) -> None:
         f"{', '.join(SYMMETRIC)}",
         rtn_geomean=score, gptq_geomean=gscore,
         chosen={"grid": best, "geomean": gscore.get(best)} if len(gscore) == len(GRIDS) else None,
-        seconds=round(seconds, 1), machine=machine(threads=2),
+        last_invocation_seconds=round(seconds, 1), machine=machine(threads=2),
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
