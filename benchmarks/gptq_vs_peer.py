@@ -221,17 +221,11 @@ def calibration_loss(folder: Path) -> float | None:
 
 
 def run_row(label: str, observer: str, allocator: str, work: Path, args) -> dict[str, Any]:
-    bits, group, sym = SETTINGS[label]
+    bits = SETTINGS[label][0]
     ours_env = environment(allocator, args.threads, ours=True)
     peer_env = environment(allocator, args.threads, ours=False)
     tag = f"{label}-{observer}-{allocator}"
-    row: dict[str, Any] = {
-        "setting": label, "bits": bits, "group_size": group, "symmetric": sym,
-        "observer": observer, "allocator": allocator,
-        "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
-        "searches": {"ours": ours_search(observer, sym),
-                     "peer": PEER_MSE_SEARCH if observer == "mse" else None},
-    }  # fmt: skip
+    row = planned_row(label, observer, allocator, args)
     rtn_out = work / f"ours-rtn-{tag}"
     rtn = measured(
         ours_cmd("rtn", label, observer, rtn_out, work, args), work / f"rtn-{tag}.log", ours_env
@@ -307,6 +301,18 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
         "perplexity_ours_minus_peer": ours["perplexity"]["dequantizing_path"]
         - peer["perplexity"]["dequantizing_path"],
     }
+
+
+def planned_row(label: str, observer: str, allocator: str, args) -> dict[str, Any]:
+    """What a row measures, before it runs (what ``row_key`` reads)."""
+    bits, group, sym = SETTINGS[label]
+    return {
+        "setting": label, "bits": bits, "group_size": group, "symmetric": sym,
+        "observer": observer, "allocator": allocator,
+        "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
+        "searches": {"ours": ours_search(observer, sym),
+                     "peer": PEER_MSE_SEARCH if observer == "mse" else None},
+    }  # fmt: skip
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, ...]:
@@ -490,13 +496,7 @@ def main() -> None:
     for label in args.settings.split(","):
         for observer in args.observers.split(","):
             for allocator in allocators:
-                sym = SETTINGS[label][2]
-                planned = {
-                    "setting": label, "observer": observer, "symmetric": sym,
-                    "allocator": allocator, "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
-                    "searches": {"ours": ours_search(observer, sym)},
-                }  # fmt: skip
-                if row_key(planned) in done:
+                if row_key(planned_row(label, observer, allocator, args)) in done:
                     continue
                 before = os.getloadavg()
                 row = run_row(label, observer, allocator, work, args)

@@ -100,7 +100,6 @@ def main() -> int:
     from quantmill.config import QuantScheme
     from quantmill.evaluate import perplexity
     from quantmill.models import load_model
-    from quantmill.quant.grid import compute_qparams, fake_quantize
     from quantmill.sources import resolve_model
 
     torch.set_num_threads(2)
@@ -121,12 +120,7 @@ def main() -> int:
                 continue
             observer = "minmax" if search is None else "mse"
             scheme = QuantScheme(bits=bits, group_size=group, symmetric=sym, observer=observer)
-            for layer, W in zip(layers, originals, strict=True):
-                scale, zero = compute_qparams(W, scheme, search=search)
-                layer.weight.data = fake_quantize(W, scale, zero, scheme)
-            rows[key] = round(perplexity(model, windows, progress=False).perplexity, 4)
-            for layer, W in zip(layers, originals, strict=True):
-                layer.weight.data = W
+            rows[key] = rtn_perplexity(model, layers, originals, scheme, search, windows)
             print(f"{key}: {rows[key]}", flush=True)
             write(args, data, windows, covered, time.perf_counter() - start)
     write(args, data, windows, covered, time.perf_counter() - start)
@@ -138,34 +132,46 @@ def main() -> int:
 
 
 def gptq_stage(args, data: dict, windows, covered: float, start: float) -> None:
-    from quantmill.quant import grid
-
     rows = data.setdefault("gptq_rows", {})
     found = dict(searches())
     candidates = list(dict.fromkeys([SHIPPED_BEFORE, PEER, data["chosen"]["search"]]))
-    shipped = grid.MSE_SEARCH
     for label in GPTQ_SETTINGS:
         for name in candidates:
             key = f"{label}/{name}"
             if key in rows:
                 continue
-            grid.MSE_SEARCH = found[name]  # what every "mse" observer reads at the call
-            try:
-                rows[key] = gptq_row(label, "mse", args.work / key.replace("/", "-"), windows)
-            finally:
-                grid.MSE_SEARCH = shipped
+            rows[key] = gptq_row(label, found[name], args.work / key.replace("/", "-"), windows)
             print(f"gptq {key}: {rows[key]}", flush=True)
             write(args, data, windows, covered, time.perf_counter() - start)
 
 
-def gptq_row(label: str, observer: str, out: Path, windows) -> dict:
+def rtn_perplexity(model, layers, originals, scheme, search, windows) -> float:
+    """Held-out perplexity with every Linear of ``layers`` rounded to nearest by
+    ``scheme`` (its observer with ``search``) from ``originals``; the weights are put
+    back afterwards."""
+    from quantmill.evaluate import perplexity
+    from quantmill.quant.grid import compute_qparams, fake_quantize
+
+    for layer, W in zip(layers, originals, strict=True):
+        scale, zero = compute_qparams(W, scheme, search=search)
+        layer.weight.data = fake_quantize(W, scale, zero, scheme)
+    try:
+        return round(perplexity(model, windows, progress=False).perplexity, 4)
+    finally:
+        for layer, W in zip(layers, originals, strict=True):
+            layer.weight.data = W
+
+
+def gptq_row(label: str, search, out: Path, windows) -> dict:
     """GPTQ as the comparison runs ours (dampening 0.01, block 128, activation order
-    with static groups, bfloat16 forward passes) at ``label`` with ``observer``, written
-    to ``out``: held-out perplexity, summed calibration loss and seconds."""
+    with static groups, bfloat16 forward passes) at ``label`` with the "mse" observer
+    searching by ``search``, written to ``out``: held-out perplexity, summed calibration
+    loss and seconds."""
     from quantmill import api
     from quantmill.config import EngineSpec
     from quantmill.evaluate import perplexity
     from quantmill.models import load_model
+    from quantmill.quant import grid
     from quantmill.recipe import Recipe
     from quantmill.sources import resolve_model
 
@@ -176,17 +182,21 @@ def gptq_row(label: str, observer: str, out: Path, windows) -> dict:
             "method": "gptq", "actorder": True, "static_groups": group is not None,
             "dampening": 0.01, "block_size": 128,
             "weights": {"bits": bits, "group_size": group, "symmetric": sym,
-                        "observer": observer},
+                        "observer": "mse"},
         }],
         "calibration": {"dataset": str(DATA / "wiki.valid.tokens"), "seed": 0,
                         "num_samples": 128, "seq_len": 512},
     })  # fmt: skip
-    began = time.perf_counter()
-    api.quantize(
-        "smollm2-135m", recipe, out, evaluate=False, overwrite=True,
-        progress=False, engine=EngineSpec(dtype="bfloat16"),
-    )  # fmt: skip
-    seconds = time.perf_counter() - began
+    shipped, grid.MSE_SEARCH = grid.MSE_SEARCH, search  # what every "mse" observer reads
+    try:
+        began = time.perf_counter()
+        api.quantize(
+            "smollm2-135m", recipe, out, evaluate=False, overwrite=True,
+            progress=False, engine=EngineSpec(dtype="bfloat16"),
+        )  # fmt: skip
+        seconds = time.perf_counter() - began
+    finally:
+        grid.MSE_SEARCH = shipped
     model, _ = load_model(resolve_model(str(out)))
     loss = sum(r["loss"] for r in json.loads((out / "quantmill_layers.json").read_text()))
     return {

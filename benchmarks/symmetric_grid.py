@@ -33,7 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.gptq_vs_peer import SETTINGS  # noqa: E402
 from benchmarks.machine import machine  # noqa: E402
-from benchmarks.observer_search import geomeans, gptq_row, held_out_windows  # noqa: E402
+from benchmarks.observer_search import (  # noqa: E402
+    geomeans,
+    gptq_row,
+    held_out_windows,
+    rtn_perplexity,
+)
 
 OUT = REPO / "benchmarks" / "results" / "symmetric_grid.json"
 GRIDS = ("signed", "absmax", "half-step")
@@ -53,7 +58,6 @@ def main() -> int:
     from torch import nn
 
     from quantmill.config import QuantScheme
-    from quantmill.evaluate import perplexity
     from quantmill.models import load_model
     from quantmill.quant import grid
     from quantmill.quant.grid import ShrinkSearch
@@ -85,12 +89,7 @@ def main() -> int:
                 search = replace(shipped, grid=name) if observer == "mse" else ShrinkSearch(
                     1.0, 1, shipped.norm, grid=name
                 )  # fmt: skip
-                for layer, W in zip(layers, originals, strict=True):
-                    scale, zero = grid.compute_qparams(W, scheme, search=search)
-                    layer.weight.data = grid.fake_quantize(W, scale, zero, scheme)
-                data["rtn"][key] = round(perplexity(model, windows, progress=False).perplexity, 4)
-                for layer, W in zip(layers, originals, strict=True):
-                    layer.weight.data = W
+                data["rtn"][key] = rtn_perplexity(model, layers, originals, scheme, search, windows)
                 print(f"rtn {key}: {data['rtn'][key]}", flush=True)
                 save()
     del model, layers, originals
@@ -100,11 +99,8 @@ def main() -> int:
                 key = f"{label}/mse/{name}"
                 if key in data["gptq"]:
                     continue
-                grid.MSE_SEARCH = replace(shipped, grid=name)  # read by every "mse" observer
-                try:
-                    row = gptq_row(label, "mse", args.work / key.replace("/", "-"), windows)
-                finally:
-                    grid.MSE_SEARCH = shipped
+                search = replace(shipped, grid=name)
+                row = gptq_row(label, search, args.work / key.replace("/", "-"), windows)
                 data["gptq"][key] = row
                 print(f"gptq {key}: {row}", flush=True)
                 save()
