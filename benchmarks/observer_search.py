@@ -162,11 +162,13 @@ def rtn_perplexity(model, layers, originals, scheme, search, windows) -> float:
             layer.weight.data = W
 
 
-def gptq_row(label: str, search, out: Path, windows) -> dict:
+def gptq_row(
+    label: str, search, out: Path, windows, observer: str = "mse", **options
+) -> dict:
     """GPTQ as the comparison runs ours (dampening 0.01, block 128, activation order
-    with static groups, bfloat16 forward passes) at ``label`` with the "mse" observer
-    searching by ``search``, written to ``out``: held-out perplexity, summed calibration
-    loss and seconds."""
+    with static groups, bfloat16 forward passes) at ``label`` with ``observer`` (the
+    "mse" one searching by ``search``) and any other GPTQ ``options``, written to
+    ``out``: held-out perplexity, summed calibration loss and seconds."""
     from quantmill import api
     from quantmill.config import EngineSpec
     from quantmill.evaluate import perplexity
@@ -180,9 +182,9 @@ def gptq_row(label: str, search, out: Path, windows) -> dict:
         "name": "gptq-observer-search",
         "steps": [{
             "method": "gptq", "actorder": True, "static_groups": group is not None,
-            "dampening": 0.01, "block_size": 128,
+            "dampening": 0.01, "block_size": 128, **options,
             "weights": {"bits": bits, "group_size": group, "symmetric": sym,
-                        "observer": "mse"},
+                        "observer": observer},
         }],
         "calibration": {"dataset": str(DATA / "wiki.valid.tokens"), "seed": 0,
                         "num_samples": 128, "seq_len": 512},
