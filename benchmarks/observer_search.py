@@ -162,9 +162,7 @@ def rtn_perplexity(model, layers, originals, scheme, search, windows) -> float:
             layer.weight.data = W
 
 
-def gptq_row(
-    label: str, search, out: Path, windows, observer: str = "mse", **options
-) -> dict:
+def gptq_row(label: str, search, out: Path, windows, observer: str = "mse", **options) -> dict:
     """GPTQ as the comparison runs ours (dampening 0.01, block 128, activation order
     with static groups, bfloat16 forward passes) at ``label`` with ``observer`` (the
     "mse" one searching by ``search``) and any other GPTQ ``options``, written to

@@ -75,7 +75,7 @@ def test_refit_changes_nothing_it_is_given():
     W, H, scheme, result = gptq_case(setting)
     given = [t.clone() for t in (W, H, result.weight, result.scale, result.zero)]
     refit_scales(W, H, result.weight, result.scale, result.zero, scheme, result.dampening)
-    for before, now in zip(given, (W, H, result.weight, result.scale, result.zero)):
+    for before, now in zip(given, (W, H, result.weight, result.scale, result.zero), strict=True):
         assert torch.equal(before, now)
 
 
