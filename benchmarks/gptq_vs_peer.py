@@ -142,6 +142,7 @@ def recipe_file(folder: Path, method: str, label: str, observer: str, args) -> P
         # the peer's actorder "static": activation order, group parameters from the
         # original weights (our actorder + static_groups); its dampening and block size
         step.update(actorder=True, static_groups=group is not None, dampening=0.01, block_size=128)
+        step["refit_scales"] = args.refit_scales  # ours alone: the peer has no such step
     recipe = {
         "name": f"{method}-bench",
         "steps": [step],
@@ -310,18 +311,29 @@ def planned_row(label: str, observer: str, allocator: str, args) -> dict[str, An
         "setting": label, "bits": bits, "group_size": group, "symmetric": sym,
         "observer": observer, "allocator": allocator,
         "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
+        "refit_scales": args.refit_scales,
         "searches": {"ours": ours_search(observer, sym),
                      "peer": PEER_MSE_SEARCH if observer == "mse" else None},
     }  # fmt: skip
 
 
+def refit_setting(choice: str) -> bool:
+    """``--refit-scales``: on, off, or what our GPTQ ships with."""
+    if choice == "shipped":
+        from quantmill.methods.gptq import GPTQConfig
+
+        return bool(GPTQConfig.model_fields["refit_scales"].default)
+    return choice == "on"
+
+
 def row_key(row: dict[str, Any]) -> tuple[str, ...]:
     """What makes two rows the same measurement: setting, observer (and our search
-    behind it), allocator, dtypes."""
+    behind it), allocator, dtypes, whether our GPTQ refits its scales (rows from before
+    the option did not)."""
     dtypes = row["dtypes"]
     search = json.dumps(row_searches(row)["ours"], sort_keys=True)
     return (row["setting"], row["observer"], search, row["allocator"], dtypes["ours"],
-            dtypes.get("peer"))  # fmt: skip
+            dtypes.get("peer"), str(row.get("refit_scales", False)))  # fmt: skip
 
 
 def table(report: dict[str, Any]) -> str:
@@ -360,9 +372,8 @@ def table(report: dict[str, Any]) -> str:
 def observer_label(row: dict[str, Any]) -> str:
     """Our search's range floor and error norm beside the observer: "mse (≥0.8, n3)"."""
     search = row_searches(row)["ours"]
-    if not search:
-        return row["observer"]
-    return f"{row['observer']} ({search_label(search)})"
+    label = f"{row['observer']} ({search_label(search)})" if search else row["observer"]
+    return label + (", ours refit" if row.get("refit_scales") else "")
 
 
 def row_searches(row: dict[str, Any]) -> dict[str, Any]:
@@ -403,6 +414,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument(
+        "--refit-scales", choices=["shipped", "on", "off"], default="shipped",
+        help="our GPTQ's refit of its scales (shipped: GPTQConfig's default)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/gptq_vs_peer.json"))
     parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
     parser.add_argument("--work", help="work folder; default: a new temporary one")
@@ -412,6 +427,7 @@ def main() -> None:
         print(table(json.loads(Path(args.table).read_text())))
         return
     allocators = ["pinned", "default"] if args.allocators == "both" else args.allocators.split(",")
+    args.refit_scales = refit_setting(args.refit_scales)
 
     from quantmill.data import ids_digest
     from quantmill.sources import resolve_model

@@ -61,3 +61,22 @@ def test_the_symmetric_grid_counts_only_for_symmetric_searches(monkeypatch) -> N
     assert searches.recorded(sym)["mse_search"]["grid"] == "absmax"
     assert "grid" not in searches.recorded(asym)["mse_search"]
     assert searches.label(searches.recorded(sym)["mse_search"]).endswith(", absmax")
+
+
+def test_a_comparison_row_from_before_the_refit_is_not_a_refit_row(monkeypatch) -> None:
+    """``gptq_vs_peer --resume`` keeps rows by what they measured: one stored before our
+    GPTQ could refit its scales is current for ``--refit-scales off`` only."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))
+    from types import SimpleNamespace
+
+    from benchmarks import gptq_vs_peer as bench
+
+    def planned(refit: bool) -> dict:
+        args = SimpleNamespace(dtype="bfloat16", peer_dtype="float32", refit_scales=refit)
+        return bench.planned_row("w4g64a", "minmax", "default", args)
+
+    stored = {k: v for k, v in planned(False).items() if k != "refit_scales"}
+    assert bench.row_key(stored) == bench.row_key(planned(False))
+    assert bench.row_key(stored) != bench.row_key(planned(True))
+    assert bench.observer_label(planned(True)).endswith("ours refit")
+    assert bench.refit_setting("on") and not bench.refit_setting("off")
