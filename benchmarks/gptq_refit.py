@@ -66,7 +66,7 @@ def main() -> int:
             row = gptq_row(label, MSE_SEARCH, out, windows, observer, refit_scales=refit)
             if refit:
                 layers = json.loads((out / "quantmill_layers.json").read_text())
-                gains = [layer["refit_gain"] for layer in layers]
+                gains = [layer["extra"]["refit_gain"] for layer in layers]
                 row["mean_layer_error_drop"] = round(sum(gains) / len(gains), 4)
             rows[key] = row
             print(f"{key}: {row}", flush=True)
