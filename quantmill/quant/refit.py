@@ -28,8 +28,8 @@ from torch import Tensor
 from quantmill.config import QuantScheme
 from quantmill.quant.grid import MIN_SCALE, SCALE_DTYPE, dequantize, grouped, quantize
 
-# The pull of each t towards 1, relative to its own diagonal term: keeps a row whose
-# groups are nearly collinear from trading huge opposite changes.
+# The pull of each factor t towards 1, relative to its own diagonal term: keeps a row
+# whose groups are nearly collinear from trading huge opposite changes.
 RIDGE = 1e-4
 # Temporaries of about this many float32 values per chunk of rows.
 CHUNK_VALUES = 1 << 24
@@ -59,7 +59,7 @@ def refit_scales(
     n_groups = scale.shape[1]
     chunk = max(1, CHUNK_VALUES // max(1, n_groups * cols))
     new_scale = scale.clone()
-    new_weight = weight.detach().float().clone()
+    new_weight = torch.empty(rows, cols, device=W.device)
     before = after = 0.0
     changed = 0
     for r0 in range(0, rows, chunk):
@@ -68,56 +68,65 @@ def refit_scales(
         s = scale[r0:r1]
         z = None if zero is None else zero[r0:r1]
         B = dequantize(codes[r0:r1], s, z, scheme)  # each group's share at t = 1
-        t = _solve(w, B, H, damp, scheme.group_size, n_groups)
-        s_new = _storable(s * t)
+        fit = _Fit(w, B, H, damp, scheme.group_size, n_groups)
+        s_new = _storable(s * (1 + fit.solve()))
         ok = torch.isfinite(s_new).all(dim=1) & (s_new > 0).all(dim=1)
         s_new = torch.where(ok[:, None], s_new, s)
-        B_new = dequantize(codes[r0:r1], s_new, z, scheme)
-        e0, e1 = _error(w - B, H, damp), _error(w - B_new, H, damp)
-        keep = e1 < e0
+        e1 = fit.error(s_new / s - 1)  # the scales as stored
+        keep = e1 < fit.e0
         new_scale[r0:r1] = torch.where(keep[:, None], s_new, s)
-        new_weight[r0:r1] = torch.where(keep[:, None], B_new, B)
-        before += float(e0.sum())
-        after += float(torch.where(keep, e1, e0).sum())
+        new_weight[r0:r1] = torch.where(
+            keep[:, None], dequantize(codes[r0:r1], s_new, z, scheme), B
+        )
+        before += float(fit.e0.sum())
+        after += float(torch.where(keep, e1, fit.e0).sum())
         changed += int(keep.sum())
     return RefitResult(new_weight, new_scale, before, after, changed)
 
 
-def _solve(
-    w: Tensor, B: Tensor, H: Tensor, damp: float, group_size: int | None, n_groups: int
-) -> Tensor:
-    """Per row, the ``t`` ``[rows, n_groups]`` minimising ``(w − Σ_g t_g B_g)ᵀ H_λ (…)``
-    plus the ridge; ``B_g``: the row's dequantized weights restricted to group g."""
-    R, cols = B.shape
-    Bg = grouped(B, group_size)  # [R, G, g] (a partial last group padded with zeros)
-    size = Bg.shape[2]
-    Hp = torch.nn.functional.pad(H, (0, n_groups * size - cols, 0, n_groups * size - cols))
-    # P[g, r, :] = B_g Hᵀ restricted to group g's rows of H: Σ_{i∈g} B_ri H_i·
-    P = torch.bmm(Bg.transpose(0, 1), Hp.reshape(n_groups, size, -1))  # [G, R, G·g]
-    # M[r, g, h] = Σ_{i∈g, j∈h} B_ri H_ij B_rj
-    M = (P.reshape(n_groups, R, n_groups, size) * Bg[None]).sum(-1).permute(1, 0, 2)
-    energy = Bg.square().sum(-1)  # [R, G]: Σ_{i∈g} B_ri², the damping's diagonal
-    wp = grouped(w, group_size)
-    # rhs[r, g] = Σ_{i∈g} B_ri (H w_r)_i + λ Σ_{i∈g} B_ri w_ri
-    Hw = grouped(w @ H, group_size)
-    rhs = (Bg * Hw).sum(-1) + damp * (Bg * wp).sum(-1)
-    M = M.double()
-    M.diagonal(dim1=1, dim2=2).add_(damp * energy.double())
-    diag = M.diagonal(dim1=1, dim2=2)
-    empty = diag <= 0  # a group whose integers are all zero: its scale does nothing
-    ridge = RIDGE * diag.clamp_min(0)
-    rhs = rhs.double() + ridge
-    diag.add_(ridge)
-    diag.masked_fill_(empty, 1.0)
-    rhs = rhs.masked_fill(empty, 1.0)
-    t, info = torch.linalg.solve_ex(M, rhs)
-    t = torch.where((info == 0)[:, None], t, torch.ones_like(t))
-    return t.float()
+class _Fit:
+    """One chunk of rows as a quadratic in ``d = t − 1`` ``[rows, G]`` (``t``: each
+    scale's factor; ``B_g``: a row's dequantized weights restricted to group g):
 
+        error(d) = e0 − 2 dᵀg + dᵀMd,   e0 = Eᵀ H_λ E,  E = w − B,
+        g_g = B_gᵀ H_λ E,   M_gh = B_gᵀ H_λ B_h.
 
-def _error(E: Tensor, H: Tensor, damp: float) -> Tensor:
-    """Each row's ``eᵀ H_λ e`` ``[rows]``."""
-    return ((E @ H) * E).sum(1) + damp * E.square().sum(1)
+    Two products with ``H`` per chunk (``B_g H`` per group, ``E H``); the rest is small
+    and in float64, so the error after a change is exact to rounding of that change.
+    """
+
+    def __init__(
+        self, w: Tensor, B: Tensor, H: Tensor, damp: float, group_size: int | None, G: int
+    ) -> None:
+        R, cols = B.shape
+        Bg = grouped(B, group_size)  # [R, G, g] (a partial last group padded with zeros)
+        size = Bg.shape[2]
+        pad = G * size - cols
+        E = w - B
+        EH = E @ H
+        self.e0 = ((EH * E).sum(1) + damp * E.square().sum(1)).double()
+        Eg = grouped(EH.add_(E, alpha=damp), group_size)  # H_λ E, grouped
+        self.g = (Bg * Eg).sum(-1).double()
+        Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+        P = torch.bmm(Bg.transpose(0, 1), Hp.reshape(G, size, -1))  # [G, R, G·g]: B_g H
+        M = (P.reshape(G, R, G, size) * Bg[None]).sum(-1).permute(1, 0, 2)
+        self.M = M.double()
+        self.M.diagonal(dim1=1, dim2=2).add_(damp * Bg.square().sum(-1).double())
+
+    def solve(self) -> Tensor:
+        """The least-error ``d`` with a pull of ``RIDGE`` times each diagonal term to 0;
+        0 for a group whose integers are all zero (its scale does nothing)."""
+        A = self.M.clone()
+        diag = A.diagonal(dim1=1, dim2=2)
+        empty = diag <= 0
+        diag.mul_(1 + RIDGE).masked_fill_(empty, 1.0)
+        d, info = torch.linalg.solve_ex(A, self.g.masked_fill(empty, 0.0))
+        return torch.where((info == 0)[:, None], d, torch.zeros_like(d)).float()
+
+    def error(self, d: Tensor) -> Tensor:
+        """Each row's damped output error after scaling its groups by ``1 + d``."""
+        d = d.double()
+        return self.e0 - 2 * (d * self.g).sum(1) + (d[:, None, :] @ self.M @ d[:, :, None])[:, 0, 0]
 
 
 def _storable(scale: Tensor) -> Tensor:
