@@ -31,7 +31,8 @@ from quantmill.quant.grid import MIN_SCALE, SCALE_DTYPE, dequantize, grouped, qu
 # The pull of each factor t towards 1, relative to its own diagonal term: keeps a row
 # whose groups are nearly collinear from trading huge opposite changes.
 RIDGE = 1e-4
-# Temporaries of about this many float32 values per chunk of rows.
+# Rows per chunk: about this many float32 values of the layer's weights (a few such
+# temporaries live at once).
 CHUNK_VALUES = 1 << 24
 
 
@@ -57,7 +58,7 @@ def refit_scales(
     H = H.to(W.device, torch.float32)
     damp = dampening * float(torch.diag(H).mean())
     n_groups = scale.shape[1]
-    chunk = max(1, CHUNK_VALUES // max(1, n_groups * cols))
+    chunk = max(1, CHUNK_VALUES // cols)
     new_scale = scale.clone()
     new_weight = torch.empty(rows, cols, device=W.device)
     before = after = 0.0
@@ -91,27 +92,32 @@ class _Fit:
         error(d) = e0 − 2 dᵀg + dᵀMd,   e0 = Eᵀ H_λ E,  E = w − B,
         g_g = B_gᵀ H_λ E,   M_gh = B_gᵀ H_λ B_h.
 
-    Two products with ``H`` per chunk (``B_g H`` per group, ``E H``); the rest is small
-    and in float64, so the error after a change is exact to rounding of that change.
+    One product with ``H`` for ``E`` and half of one for the ``B_g`` (``M`` is
+    symmetric: each group against itself and the groups after it), group by group
+    over all the chunk's rows (matrix products of useful shapes even for an 8B model's
+    ``down_proj``); the rest is small and in float64, so the error after a change is
+    exact to the rounding of that change.
     """
 
     def __init__(
         self, w: Tensor, B: Tensor, H: Tensor, damp: float, group_size: int | None, G: int
     ) -> None:
         R, cols = B.shape
-        Bg = grouped(B, group_size)  # [R, G, g] (a partial last group padded with zeros)
-        size = Bg.shape[2]
-        pad = G * size - cols
+        size = cols if group_size is None else group_size
         E = w - B
         EH = E @ H
         self.e0 = ((EH * E).sum(1) + damp * E.square().sum(1)).double()
-        Eg = grouped(EH.add_(E, alpha=damp), group_size)  # H_λ E, grouped
-        self.g = (Bg * Eg).sum(-1).double()
-        Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
-        P = torch.bmm(Bg.transpose(0, 1), Hp.reshape(G, size, -1))  # [G, R, G·g]: B_g H
-        M = (P.reshape(G, R, G, size) * Bg[None]).sum(-1).permute(1, 0, 2)
-        self.M = M.double()
-        self.M.diagonal(dim1=1, dim2=2).add_(damp * Bg.square().sum(-1).double())
+        Bg = grouped(B, group_size)  # [R, G, g] (a partial last group padded with zeros)
+        self.g = (Bg * grouped(EH.add_(E, alpha=damp), group_size)).sum(-1).double()
+        del EH
+        M = torch.zeros(R, G, G, dtype=torch.float64, device=B.device)
+        for g in range(G):  # the upper triangle, one group's rows of H at a time
+            lo, hi = g * size, min(cols, (g + 1) * size)
+            part = B[:, lo:hi] @ H[lo:hi, lo:]  # [R, cols − lo]: B_g H, from group g on
+            part = grouped(part, None if group_size is None else size)  # [R, G − g, g]
+            M[:, g, g:] = (part * Bg[:, g:, :]).sum(-1).double()
+        M.diagonal(dim1=1, dim2=2).add_(damp * Bg.square().sum(-1).double())
+        self.M = M.triu() + M.triu(1).transpose(1, 2)
 
     def solve(self) -> Tensor:
         """The least-error ``d`` with a pull of ``RIDGE`` times each diagonal term to 0;

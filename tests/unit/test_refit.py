@@ -101,3 +101,20 @@ def test_gptq_with_refit_lowers_the_model_output_error(tiny_model):
     gains = [r.extra["refit_gain"] for r in reports[True]]
     assert all(0 <= g < 1 for g in gains) and max(gains) > 0
     assert not any("refit_gain" in r.extra for r in reports[False])
+
+
+def test_refit_reaches_the_least_squares_scales_per_group():
+    """Several groups per row (the last one partial): the scales solve
+    ``(AᵀH_λA) s = AᵀH_λ w`` with ``A`` the row's integers spread over its groups."""
+    setting = dict(bits=3, group_size=16, symmetric=False)
+    W, H, scheme, result = gptq_case(setting, seed=5, rows=5, cols=40)
+    refit = refit_scales(W, H, result.weight, result.scale, result.zero, scheme, result.dampening)
+    Hd = (H + result.dampening * torch.diag(H).mean() * torch.eye(40)).double()
+    codes = quantize(result.weight, result.scale, result.zero, scheme).double()
+    for r in range(5):
+        A = torch.zeros(40, 3, dtype=torch.float64)
+        for g in range(3):
+            cols = slice(16 * g, min(40, 16 * (g + 1)))
+            A[cols, g] = codes[r, cols] - result.zero[r, g]
+        best = torch.linalg.solve(A.t() @ Hd @ A, A.t() @ Hd @ W[r].double())
+        torch.testing.assert_close(refit.scale[r].double(), best, rtol=3e-3, atol=0)
