@@ -31,8 +31,9 @@ from quantmill.quant.grid import MIN_SCALE, SCALE_DTYPE, dequantize, grouped, qu
 # The pull of each factor t towards 1, relative to its own diagonal term: keeps a row
 # whose groups are nearly collinear from trading huge opposite changes.
 RIDGE = 1e-4
-# Rows per chunk: about this many float32 values of the layer's weights (a few such
-# temporaries live at once).
+# Rows per chunk: about this many float32 values of the layer's weights, or of the
+# rows' [groups, groups] systems in float64 (a few such temporaries live at once: at an
+# 8B model's down_proj, 224 groups of 64, a chunk is 167 rows and its systems 67 MB).
 CHUNK_VALUES = 1 << 24
 
 
@@ -58,7 +59,7 @@ def refit_scales(
     H = H.to(W.device, torch.float32)
     damp = dampening * float(torch.diag(H).mean())
     n_groups = scale.shape[1]
-    chunk = max(1, CHUNK_VALUES // cols)
+    chunk = max(1, CHUNK_VALUES // max(cols, 2 * n_groups * n_groups))
     new_scale = scale.clone()
     new_weight = torch.empty(rows, cols, device=W.device)
     before = after = 0.0
@@ -117,7 +118,7 @@ class _Fit:
             part = grouped(part, None if group_size is None else size)  # [R, G − g, g]
             M[:, g, g:] = (part * Bg[:, g:, :]).sum(-1).double()
         M.diagonal(dim1=1, dim2=2).add_(damp * Bg.square().sum(-1).double())
-        self.M = M.triu() + M.triu(1).transpose(1, 2)
+        self.M = M.add_(M.triu(1).transpose(1, 2))  # the lower triangle was zero
 
     def solve(self) -> Tensor:
         """The least-error ``d`` with a pull of ``RIDGE`` times each diagonal term to 0;

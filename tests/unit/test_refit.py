@@ -118,3 +118,17 @@ def test_refit_reaches_the_least_squares_scales_per_group():
             A[cols, g] = codes[r, cols] - result.zero[r, g]
         best = torch.linalg.solve(A.t() @ Hd @ A, A.t() @ Hd @ W[r].double())
         torch.testing.assert_close(refit.scale[r].double(), best, rtol=3e-3, atol=0)
+
+
+def test_refit_in_chunks_of_rows_gives_the_same_scales(monkeypatch):
+    """Large layers are refitted a few rows at a time; the rows do not interact."""
+    from quantmill.quant import refit as refit_module
+
+    setting = dict(bits=4, group_size=16, symmetric=False)
+    W, H, scheme, result = gptq_case(setting, seed=7, rows=10, cols=48)
+    args = (W, H, result.weight, result.scale, result.zero, scheme, result.dampening)
+    whole = refit_scales(*args)
+    monkeypatch.setattr(refit_module, "CHUNK_VALUES", 3 * 48)  # chunks of 3 rows
+    chunked = refit_scales(*args)
+    torch.testing.assert_close(chunked.scale, whole.scale, rtol=0, atol=0)
+    assert chunked.rows_changed == whole.rows_changed
