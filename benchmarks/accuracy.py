@@ -35,6 +35,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.jsonfile import write_json  # noqa: E402
 from benchmarks.searches import current, recorded  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -151,10 +152,7 @@ def run_original(limit: int | None) -> dict[str, Any]:
 
 
 def save(out: Path, data: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, data)
 
 
 def checks(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:

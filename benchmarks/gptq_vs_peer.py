@@ -54,6 +54,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.jsonfile import write_json  # noqa: E402
 from benchmarks.peak_rss import run_measured  # noqa: E402
 from benchmarks.searches import EARLIER_MSE_SEARCH, mse_search, normal  # noqa: E402
 from benchmarks.searches import label as search_label  # noqa: E402
@@ -531,9 +532,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     """``report`` into ``out`` atomically. ``machine`` is what ran this command; the
     rows name their own CPU, and ``row_cpus`` lists them."""
     report["row_cpus"] = sorted({r.get("cpu") or "?" for r in report["rows"]})
-    tmp = out.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, report)
 
 
 def calibration_file(model_dir: Path, folder: Path, args) -> Path:

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 from benchmarks.gptq_vs_peer import SETTINGS  # noqa: E402  (the comparison's six)
+from benchmarks.jsonfile import write_json  # noqa: E402
 from benchmarks.machine import machine  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "observer_search.json"
@@ -249,9 +250,7 @@ def write(args, data: dict, windows, covered: float, seconds: float) -> None:
             "search; the four 4-bit settings",
             gptq_geomean=score, chosen_gptq={"search": best, "geomean": score.get(best)},
         )  # fmt: skip
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, data)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.gptq_vs_peer import SETTINGS  # noqa: E402
+from benchmarks.jsonfile import write_json  # noqa: E402
 from benchmarks.machine import machine  # noqa: E402
 from benchmarks.observer_search import (  # noqa: E402
     geomeans,
@@ -145,10 +146,7 @@ def write(args, data: dict, windows, covered: float, seconds: float) -> None:
         chosen={"grid": best, "geomean": gscore.get(best)} if len(gscore) == len(GRIDS) else None,
         last_invocation_seconds=round(seconds, 1), machine=machine(threads=2),
     )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, data)
 
 
 if __name__ == "__main__":
