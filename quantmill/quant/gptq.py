@@ -134,6 +134,7 @@ def gptq_quantize_weight(
     actorder: bool = True,
     static_groups: bool = False,
     consume: bool = False,
+    grid: tuple[Tensor, Tensor | None] | None = None,
 ) -> GPTQResult:
     """Quantize ``W`` ``[rows, cols]`` given the layer-input Hessian ``H`` ``[cols, cols]``.
 
@@ -144,7 +145,9 @@ def gptq_quantize_weight(
     original order (what compressed-tensors stores; the last may be partial).
     With ``static_groups`` their parameters come from the original weights;
     otherwise from the error-updated weights when the group's first column
-    is reached, which in activation order may be any of its columns.
+    is reached, which in activation order may be any of its columns. A given
+    ``grid`` (``scale``, ``zero``: ``[rows, n_groups]``, zero None when symmetric)
+    is used as it is, for every group.
     """
     if not all_finite(H):
         raise ValueError("the Hessian holds NaN or inf: calibration activations are not finite")
@@ -166,7 +169,12 @@ def gptq_quantize_weight(
     ready = [False] * n_groups
     # the imatrix observer's column importance: the Hessian's diagonal, 2·mean(x²)
     energy = torch.diag(H).clone() if scheme.observer == "imatrix" else None
-    if static_groups or scheme.group_size is None:
+    if grid is not None:
+        scale.copy_(grid[0])
+        if zero is not None:
+            zero.copy_(grid[1])
+        ready = [True] * n_groups
+    elif static_groups or scheme.group_size is None:
         s, z = compute_qparams(Wt.t(), scheme, energy)
         scale.copy_(s)
         if zero is not None and z is not None:

@@ -5,7 +5,7 @@ import torch
 
 from quantmill.config import QuantScheme
 from quantmill.quant.gptq import HessianAccumulator, gptq_quantize_weight
-from quantmill.quant.grid import SCALE_DTYPE, quantize
+from quantmill.quant.grid import SCALE_DTYPE, dequantize, quantize
 from quantmill.quant.refit import refit_scales
 from tests.unit.test_driver import calib, steps
 from tests.unit.test_gptq_math import SETTINGS, correlated_inputs
@@ -132,3 +132,38 @@ def test_refit_in_chunks_of_rows_gives_the_same_scales(monkeypatch):
     chunked = refit_scales(*args)
     torch.testing.assert_close(chunked.scale, whole.scale, rtol=1e-3, atol=0)  # a float16 step
     assert chunked.error_after == pytest.approx(whole.error_after, rel=1e-5)
+
+
+def test_gptq_on_a_given_grid_keeps_it():
+    """``grid``: GPTQ chooses integers on the scales and zero points it is given."""
+    setting = dict(bits=3, group_size=16, symmetric=False)
+    W, H, scheme, result = gptq_case(setting, seed=2, rows=8, cols=48)
+    scale, zero = result.scale * 1.1, result.zero.clone()
+    again = gptq_quantize_weight(W, H, scheme, block_size=32, grid=(scale, zero))
+    assert torch.equal(again.scale, scale) and torch.equal(again.zero, zero)
+    codes = quantize(again.weight, scale, zero, scheme)
+    torch.testing.assert_close(dequantize(codes, scale, zero, scheme), again.weight)
+
+
+def test_refit_rounds_keep_the_least_error_round(tiny_model):
+    """Further rounds (GPTQ again on the refitted grid, then refit) never leave a layer
+    worse than one refit, and lower some; the report says which round each kept."""
+    from quantmill.driver import quantize_model
+    from quantmill.methods.gptq import GPTQConfig
+
+    ids = calib(16, 32)
+    reports = {}
+    for rounds in (1, 3):
+        recipe = steps("gptq", bits=3, group_size=16)
+        recipe[0] = recipe[0].model_copy(update={"refit_rounds": rounds})
+        reports[rounds] = quantize_model(tiny_model("llama"), recipe, ids, 8, False).reports
+    one = [r.extra["refit_gain"] for r in reports[1]]
+    three = [r.extra["refit_gain"] for r in reports[3]]
+    rounds = [r.extra["refit_round"] for r in reports[3]]
+    assert "refit_round" not in reports[1][0].extra
+    assert set(rounds) <= {1, 2, 3} and max(rounds) > 1
+    # the first layer sees the same inputs either way: its kept error is no larger
+    assert three[0] >= one[0] - 1e-9
+    assert sum(three) > sum(one)
+    with pytest.raises(ValueError, match="refit_rounds: 2 rounds need refit_scales: true"):
+        GPTQConfig(weights={"bits": 4}, refit_rounds=2, refit_scales=False)
