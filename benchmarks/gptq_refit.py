@@ -12,7 +12,15 @@ with min-max. Rule fixed before the runs: refitting becomes the default
 (``GPTQConfig.refit_scales``) when its geometric-mean held-out perplexity over those
 settings is lower than without.
 
-    .venv/bin/python benchmarks/gptq_refit.py     # about 40 min on 2 cores
+``--rounds``: with the refit on, whether further rounds (``GPTQConfig.refit_rounds``:
+GPTQ again on the refitted grid, then refit, each layer keeping its round of least
+damped output error) lower held-out perplexity, at the same five settings, written
+to ``gptq_rounds.json``. Rule fixed before the runs: ``refit_rounds`` becomes 3 when
+its geometric-mean held-out perplexity over those settings is lower than one round's
+(2 rounds not measured, for time); the time each costs is recorded beside it.
+
+    .venv/bin/python benchmarks/gptq_refit.py            # about 40 min on 2 cores
+    .venv/bin/python benchmarks/gptq_refit.py --rounds   # about 35 min
 """
 
 from __future__ import annotations
@@ -30,21 +38,38 @@ from benchmarks.machine import machine  # noqa: E402
 from benchmarks.observer_search import geomeans, gptq_row, held_out_windows  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "gptq_refit.json"
+ROUNDS_OUT = REPO / "benchmarks" / "results" / "gptq_rounds.json"
 # (setting, observer): the comparison's pairings where ours was short or close
 CASES = (
-    ("w4g64a", "minmax"), ("w4g64s", "mse"), ("w4g64s", "minmax"),
-    ("w3g64s", "mse"), ("w4pcs", "minmax"),
+    ("w4g64a", "minmax"), ("w3g64s", "mse"), ("w4g64s", "mse"),
+    ("w4g64s", "minmax"), ("w4pcs", "minmax"),
 )  # fmt: skip
-VARIANTS = {"refit": True, "plain": False}
+# each stage's variants: GPTQ options, and the rule that picks the shipped one
+STAGES = {
+    "refit": {
+        "variants": {"refit": {"refit_scales": True}, "plain": {"refit_scales": False}},
+        "selection": "refit becomes the default when its geometric-mean held-out "
+        "perplexity over {cases} is lower than plain GPTQ's",
+    },
+    "rounds": {
+        "variants": {"rounds1": {"refit_rounds": 1}, "rounds3": {"refit_rounds": 3}},
+        "selection": "refit_rounds becomes 3 when its geometric-mean held-out perplexity "
+        "over {cases} is lower than one round's (2 rounds not measured, for time)",
+    },
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=6, help="held-out windows")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--rounds", action="store_true", help="the rounds stage")
+    parser.add_argument("--out", type=Path, help="default: the stage's results file")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "refit")
     args = parser.parse_args()
+    args.stage = "rounds" if args.rounds else "refit"
+    args.out = args.out or (ROUNDS_OUT if args.rounds else OUT)
+    variants = STAGES[args.stage]["variants"]
 
     import torch
 
@@ -59,16 +84,19 @@ def main() -> int:
     rows = data.setdefault("rows", {})
     began = time.perf_counter()
     for label, observer in CASES:
-        for name, refit in VARIANTS.items():
+        for name, options in variants.items():
             key = f"{label}/{observer}/{name}"
             if key in rows:
                 continue
             out = args.work / key.replace("/", "-")
-            row = gptq_row(label, MSE_SEARCH, out, windows, observer, refit_scales=refit)
-            if refit:
-                layers = json.loads((out / "quantmill_layers.json").read_text())
-                gains = [layer["extra"]["refit_gain"] for layer in layers]
+            row = gptq_row(label, MSE_SEARCH, out, windows, observer, **options)
+            layers = json.loads((out / "quantmill_layers.json").read_text())
+            gains = [layer["extra"].get("refit_gain") for layer in layers]
+            if None not in gains:
                 row["mean_layer_error_drop"] = round(sum(gains) / len(gains), 4)
+            kept = [layer["extra"].get("refit_round") for layer in layers]
+            if None not in kept:
+                row["layers_keeping_round"] = {r: kept.count(r) for r in sorted(set(kept))}
             rows[key] = row
             print(f"{key}: {row}", flush=True)
             write(args, data, windows, covered, time.perf_counter() - began)
@@ -79,22 +107,24 @@ def main() -> int:
 
 def write(args, data: dict, windows, covered: float, seconds: float) -> None:
     rows = data["rows"]
+    stage = STAGES[args.stage]
     cases = [f"{label}/{observer}" for label, observer in CASES]
-    score = geomeans(VARIANTS, cases, lambda key: rows.get(key, {}).get("perplexity"))
-    best = min(score, key=score.get) if len(score) == len(VARIANTS) else None
+    score = geomeans(stage["variants"], cases, lambda k: rows.get(k, {}).get("perplexity"))
+    best = min(score, key=score.get) if len(score) == len(stage["variants"]) else None
     data.update(
-        command="python benchmarks/gptq_refit.py",
+        command="python benchmarks/gptq_refit.py" + " --rounds" * (args.stage == "rounds"),
         held_out=f"{windows.shape[0]} windows of {args.seq_len} tokens of WikiText-2 "
         "validation that no calibration window (128 x 512, seed 0) overlaps "
         f"(calibration covers {covered:.1%} of the file); the test text is not read",
         method="GPTQ as gptq_vs_peer.py runs ours (dampening 0.01, block 128, actorder "
         "with static groups, bfloat16 forward passes, the shipped MSE search); refit: "
         "each row's scales then refitted by least squares on the damped Hessian "
-        "(quantmill/quant/refit.py)",
+        "(quantmill/quant/refit.py); rounds: GPTQ again on the refitted grid, then refit, "
+        "each layer keeping its round of least damped error",
         calibration_criterion="mean_layer_error_drop: the mean over layers of the fall "
-        "in the damped output error on the calibration inputs that the refit brings",
-        selection="refit becomes the default when its geometric-mean held-out "
-        f"perplexity over {', '.join(cases)} is lower than plain GPTQ's",
+        "in the damped output error on the calibration inputs that the refit (and its "
+        "rounds) bring, against GPTQ's first result",
+        selection=stage["selection"].format(cases=", ".join(cases)),
         geomean=score,
         chosen=None if best is None else {"variant": best, "geomean": score[best]},
         last_invocation_seconds=round(seconds, 1),
