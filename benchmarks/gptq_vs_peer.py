@@ -144,6 +144,8 @@ def recipe_file(folder: Path, method: str, label: str, observer: str, args) -> P
         # original weights (our actorder + static_groups); its dampening and block size
         step.update(actorder=True, static_groups=group is not None, dampening=0.01, block_size=128)
         step["refit_scales"] = args.refit_scales  # ours alone: the peer has no such step
+        if args.refit_scales:
+            step["refit_rounds"] = args.refit_rounds
     recipe = {
         "name": f"{method}-bench",
         "steps": [step],
@@ -313,9 +315,17 @@ def planned_row(label: str, observer: str, allocator: str, args) -> dict[str, An
         "observer": observer, "allocator": allocator,
         "dtypes": {"ours": args.dtype, "peer": args.peer_dtype},
         "refit_scales": args.refit_scales,
+        "refit_rounds": args.refit_rounds if args.refit_scales else 1,
         "searches": {"ours": ours_search(observer, sym),
                      "peer": PEER_MSE_SEARCH if observer == "mse" else None},
     }  # fmt: skip
+
+
+def shipped_rounds() -> int:
+    """The GPTQ + refit rounds our GPTQ ships with."""
+    from quantmill.methods.gptq import GPTQConfig
+
+    return int(GPTQConfig.model_fields["refit_rounds"].default)
 
 
 def refit_setting(choice: str) -> bool:
@@ -329,12 +339,13 @@ def refit_setting(choice: str) -> bool:
 
 def row_key(row: dict[str, Any]) -> tuple[str, ...]:
     """What makes two rows the same measurement: setting, observer (and our search
-    behind it), allocator, dtypes, whether our GPTQ refits its scales (rows from before
-    the option did not)."""
+    behind it), allocator, dtypes, whether our GPTQ refits its scales and in how many
+    rounds (rows from before the options did not refit, or in one round)."""
     dtypes = row["dtypes"]
     search = json.dumps(row_searches(row)["ours"], sort_keys=True)
     return (row["setting"], row["observer"], search, row["allocator"], dtypes["ours"],
-            dtypes.get("peer"), str(row.get("refit_scales", False)))  # fmt: skip
+            dtypes.get("peer"), str(row.get("refit_scales", False)),
+            str(row.get("refit_rounds", 1)))  # fmt: skip
 
 
 def table(report: dict[str, Any]) -> str:
@@ -374,7 +385,9 @@ def observer_label(row: dict[str, Any]) -> str:
     """Our search's range floor and error norm beside the observer: "mse (≥0.8, n3)"."""
     search = row_searches(row)["ours"]
     label = f"{row['observer']} ({search_label(search)})" if search else row["observer"]
-    return label + (", ours refit" if row.get("refit_scales") else "")
+    rounds = row.get("refit_rounds", 1)
+    refit = ", ours refit" + (f" ×{rounds}" if rounds > 1 else "")
+    return label + (refit if row.get("refit_scales") else "")
 
 
 def row_searches(row: dict[str, Any]) -> dict[str, Any]:
@@ -419,6 +432,9 @@ def main() -> None:
         "--refit-scales", choices=["shipped", "on", "off"], default="shipped",
         help="our GPTQ's refit of its scales (shipped: GPTQConfig's default)",
     )  # fmt: skip
+    parser.add_argument(
+        "--refit-rounds", type=int, help="our GPTQ's refit rounds (default: as shipped)"
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/gptq_vs_peer.json"))
     parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
     parser.add_argument("--work", help="work folder; default: a new temporary one")
@@ -429,6 +445,7 @@ def main() -> None:
         return
     allocators = ["pinned", "default"] if args.allocators == "both" else args.allocators.split(",")
     args.refit_scales = refit_setting(args.refit_scales)
+    args.refit_rounds = args.refit_rounds or shipped_rounds()
 
     from quantmill.data import ids_digest
     from quantmill.sources import resolve_model

@@ -71,12 +71,19 @@ def test_a_comparison_row_from_before_the_refit_is_not_a_refit_row(monkeypatch) 
 
     from benchmarks import gptq_vs_peer as bench
 
-    def planned(refit: bool) -> dict:
-        args = SimpleNamespace(dtype="bfloat16", peer_dtype="float32", refit_scales=refit)
+    def planned(refit: bool, rounds: int = 1) -> dict:
+        args = SimpleNamespace(
+            dtype="bfloat16", peer_dtype="float32", refit_scales=refit, refit_rounds=rounds
+        )
         return bench.planned_row("w4g64a", "minmax", "default", args)
 
-    stored = {k: v for k, v in planned(False).items() if k != "refit_scales"}
+    stored = {k: v for k, v in planned(False).items() if not k.startswith("refit_")}
     assert bench.row_key(stored) == bench.row_key(planned(False))
     assert bench.row_key(stored) != bench.row_key(planned(True))
+    # a refit row from before the rounds is a one-round row
+    one = {k: v for k, v in planned(True).items() if k != "refit_rounds"}
+    assert bench.row_key(one) == bench.row_key(planned(True, 1))
+    assert bench.row_key(one) != bench.row_key(planned(True, 3))
     assert bench.observer_label(planned(True)).endswith("ours refit")
+    assert bench.observer_label(planned(True, 3)).endswith("ours refit ×3")
     assert bench.refit_setting("on") and not bench.refit_setting("off")
