@@ -32,7 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import cpu_label, cpu_model, machine  # noqa: E402
 from benchmarks.peak_rss import run_measured  # noqa: E402
 from benchmarks.searches import current, label, recorded, search_of  # noqa: E402
 
@@ -148,8 +148,8 @@ def table(data: dict[str, Any]) -> str:
     wiki, lambada = first["original_perplexity"], first["original_lambada_perplexity"]
     lines = [
         f"| recipe | WikiText-2 (original {wiki:.2f}) | LAMBADA (original {lambada:.2f}) "
-        "| quantize s | row wall s | peak RSS MB | load | mse search |",
-        "|---|---|---|---|---|---|---|---|",
+        "| quantize s | row wall s | peak RSS MB | load | CPU | mse search |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in recipes():
         if name not in rows:
@@ -159,7 +159,7 @@ def table(data: dict[str, Any]) -> str:
             f"| {name} | {r['perplexity']:.2f} ({r['perplexity'] / wiki - 1:+.1%}) "
             f"| {r['lambada_perplexity']:.2f} | {r['quant_seconds']:.0f} "
             f"| {r['wall_seconds']:.0f} | {r['peak_rss_mb']} | {r['load_average']:.1f} "
-            f"| {label(search_of(r))} |"
+            f"| {cpu_label(r.get('cpu'))} | {label(search_of(r))} |"
         )
     return "\n".join(lines)
 
@@ -193,6 +193,7 @@ def main() -> int:
             "recipe": recipe, **recorded(recipe), **row,
             "wall_seconds": round(run["wall_seconds"], 1),
             "peak_rss_mb": round(run["peak_rss_kb"] / 1024), "load_average": os.getloadavg()[0],
+            "cpu": cpu_model(),
         }  # fmt: skip
         print(name, row["perplexity"], row["lambada_perplexity"], flush=True)
         data.update(

@@ -55,6 +55,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.jsonfile import write_json  # noqa: E402
+from benchmarks.machine import cpu_label, cpu_model  # noqa: E402
 from benchmarks.peak_rss import run_measured  # noqa: E402
 from benchmarks.searches import EARLIER_MSE_SEARCH, mse_search, normal  # noqa: E402
 from benchmarks.searches import label as search_label  # noqa: E402
@@ -398,19 +399,6 @@ def row_searches(row: dict[str, Any]) -> dict[str, Any]:
                                        "peer": PEER_MSE_SEARCH if mse else None}  # fmt: skip
     ours = searches["ours"] and normal(searches["ours"], row["symmetric"])
     return {**searches, "ours": ours}
-
-
-def cpu_label(cpu: str | None) -> str:
-    """A row's CPU in two words: "Intel Xeon", "AMD EPYC"."""
-    words = (cpu or "?").replace("(R)", "").split()
-    return " ".join(words[:2])
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
