@@ -167,3 +167,7 @@ def test_refit_rounds_keep_the_least_error_round(tiny_model):
     assert sum(three) > sum(one)
     with pytest.raises(ValueError, match="refit_rounds: 2 rounds need refit_scales: true"):
         GPTQConfig(weights={"bits": 4}, refit_rounds=2, refit_scales=False)
+    # without the refit the shipped rounds mean one GPTQ, and the saved config reloads
+    plain = GPTQConfig(weights={"bits": 4}, refit_scales=False)
+    assert plain.refit_rounds == 1
+    assert GPTQConfig.model_validate(plain.model_dump()) == plain
