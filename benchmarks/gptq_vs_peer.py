@@ -322,6 +322,15 @@ def planned_row(label: str, observer: str, allocator: str, args) -> dict[str, An
     }  # fmt: skip
 
 
+def current_rows(rows: list[dict[str, Any]], args) -> list[dict[str, Any]]:
+    """The rows a run of the shipped code at ``args.dtype`` would keep."""
+    args.refit_scales, args.refit_rounds = refit_setting("shipped"), shipped_rounds()
+    return [
+        r for r in rows
+        if row_key(r) == row_key(planned_row(r["setting"], r["observer"], r["allocator"], args))
+    ]  # fmt: skip
+
+
 def shipped_rounds() -> int:
     """The GPTQ + refit rounds our GPTQ ships with."""
     from quantmill.methods.gptq import GPTQConfig
@@ -425,11 +434,19 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/gptq_vs_peer.json"))
     parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
+    parser.add_argument(
+        "--current", action="store_true",
+        help="with --table: only rows measuring our GPTQ as it ships now (its search, refit "
+        "and rounds) at --dtype and --peer-dtype",
+    )  # fmt: skip
     parser.add_argument("--work", help="work folder; default: a new temporary one")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        report = json.loads(Path(args.table).read_text())
+        if args.current:
+            report["rows"] = current_rows(report["rows"], args)
+        print(table(report))
         return
     allocators = ["pinned", "default"] if args.allocators == "both" else args.allocators.split(",")
     args.refit_scales = refit_setting(args.refit_scales)

@@ -87,3 +87,23 @@ def test_a_comparison_row_from_before_the_refit_is_not_a_refit_row(monkeypatch) 
     assert bench.observer_label(planned(True)).endswith("ours refit")
     assert bench.observer_label(planned(True, 3)).endswith("ours refit ×3")
     assert bench.refit_setting("on") and not bench.refit_setting("off")
+
+
+def test_the_current_table_keeps_only_rows_of_the_shipped_gptq(monkeypatch) -> None:
+    """``--table --current``: rows measured with fewer refit rounds, or none, than ship
+    now are left out; a row of the shipped settings stays."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))
+    from types import SimpleNamespace
+
+    from benchmarks import gptq_vs_peer as bench
+
+    def planned(refit: bool, rounds: int) -> dict:
+        args = SimpleNamespace(
+            dtype="bfloat16", peer_dtype="float32", refit_scales=refit, refit_rounds=rounds
+        )
+        return bench.planned_row("w4g64s", "mse", "default", args)
+
+    shipped = planned(bench.refit_setting("shipped"), bench.shipped_rounds())
+    rows = [planned(False, 1), planned(True, bench.shipped_rounds() + 1), shipped]
+    args = SimpleNamespace(dtype="bfloat16", peer_dtype="float32")
+    assert bench.current_rows(rows, args) == [shipped]
