@@ -128,16 +128,17 @@ class GPTQ(Method):
             return self.layer_quant(scale, zero, scheme), report
         weight, scale, extra = result.weight, result.scale, {}
         if cfg.refit_scales:
-            weight, scale, extra = self._refit(W, H, result, scheme)
+            weight, scale, extra = self._refit(W, H, result, scheme, consume=last)
         set_weight(layer, weight, self.conv1d)
         report = self._timed_report(
             name, "gptq", result.loss, start, dampening=result.dampening, **extra, **choice
         )
         return self.layer_quant(scale, result.zero, scheme), report
 
-    def _refit(self, W, H, result, scheme):
+    def _refit(self, W, H, result, scheme, consume: bool):
         """The refit, and its further rounds (``refit_rounds``): the weights, scales and
-        report entries of the round of least damped output error."""
+        report entries of the round of least damped output error. ``consume``: as for
+        the first round (a Hessian no other layer shares is not copied again)."""
         cfg = self.config
         refit = refit_scales(W, H, result.weight, result.scale, result.zero, scheme,
                              result.dampening)  # fmt: skip
@@ -145,7 +146,7 @@ class GPTQ(Method):
         for round_ in range(2, cfg.refit_rounds + 1):
             again = gptq_quantize_weight(
                 W, H, scheme, cfg.block_size, cfg.dampening, cfg.actorder,
-                grid=(refit.scale, result.zero),
+                grid=(refit.scale, result.zero), consume=consume,
             )  # fmt: skip
             refit = refit_scales(W, H, again.weight, again.scale, again.zero, scheme,
                                  again.dampening)  # fmt: skip
