@@ -136,9 +136,22 @@ def run_row(name: str) -> None:
         "original_perplexity": summary["original"]["perplexity"],
         "lambada_perplexity": second["perplexity"],
         "original_lambada_perplexity": original["perplexity"],
-        "bits_per_weight": summary["quantized"].get("bits_per_weight"),
+        "bits_per_weight": summary["bits_per_weight"],  # as stored: scales, zeros counted
         "quant_seconds": round(summary["quant_seconds"], 1),
     }))  # fmt: skip
+
+
+def fill_stored_bits(rows: dict[str, dict[str, Any]]) -> None:
+    """Stored bits per weight for rows measured before the rows recorded them (read from
+    the row's checkpoint, still in the work folder, when the row is current)."""
+    from quantmill.evaluate import bits_per_weight
+
+    recipes_now = recipes()
+    for name, row in rows.items():
+        folder = WORK / name
+        if row.get("bits_per_weight") is None and (folder / "config.json").is_file():
+            if name in recipes_now and current(row, recipes_now[name]):
+                row["bits_per_weight"] = bits_per_weight(folder)
 
 
 def table(data: dict[str, Any]) -> str:
@@ -148,17 +161,18 @@ def table(data: dict[str, Any]) -> str:
     wiki, lambada = first["original_perplexity"], first["original_lambada_perplexity"]
     lines = [
         f"| recipe | WikiText-2 (original {wiki:.2f}) | LAMBADA (original {lambada:.2f}) "
-        "| quantize s | row wall s | peak RSS MB | load | CPU | mse search |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stored bits/weight | quantize s | row wall s | peak RSS MB | load | CPU | mse search |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, recipe in recipes().items():
         if name not in rows:
             continue
         r = rows[name]
         earlier = "" if current(r, recipe) else " (earlier code)"  # a rerun would differ
+        bits = "-" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.2f}"
         lines.append(
             f"| {name}{earlier} | {r['perplexity']:.2f} ({r['perplexity'] / wiki - 1:+.1%}) "
-            f"| {r['lambada_perplexity']:.2f} | {r['quant_seconds']:.0f} "
+            f"| {r['lambada_perplexity']:.2f} | {bits} | {r['quant_seconds']:.0f} "
             f"| {r['wall_seconds']:.0f} | {r['peak_rss_mb']} | {r['load_average']:.1f} "
             f"| {cpu_label(r.get('cpu'))} | {label(search_of(r))} |"
         )
@@ -208,6 +222,7 @@ def main() -> int:
         )
         OUT.write_text(json.dumps(data, indent=2) + "\n")
     rows = data["rows"]
+    fill_stored_bits(rows)
     checks, skipped = {}, []
 
     def check(title: str, name: str, other: str) -> None:
