@@ -323,11 +323,14 @@ def planned_row(label: str, observer: str, allocator: str, args) -> dict[str, An
 
 
 def current_rows(rows: list[dict[str, Any]], args) -> list[dict[str, Any]]:
-    """The rows a run of the shipped code at ``args.dtype`` would keep."""
-    args.refit_scales, args.refit_rounds = refit_setting("shipped"), shipped_rounds()
+    """The rows a run of the shipped code at ``args.dtype`` would keep (``args`` itself
+    is left as it is)."""
+    shipped = argparse.Namespace(
+        **{**vars(args), "refit_scales": refit_setting("shipped"), "refit_rounds": shipped_rounds()}
+    )
     return [
         r for r in rows
-        if row_key(r) == row_key(planned_row(r["setting"], r["observer"], r["allocator"], args))
+        if row_key(r) == row_key(planned_row(r["setting"], r["observer"], r["allocator"], shipped))
     ]  # fmt: skip
 
 
