@@ -46,7 +46,8 @@ def literal_text(node: ast.expr) -> str:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(literal_text(v) if isinstance(v, ast.Constant) else "\n" for v in node.values)
+        pieces = (literal_text(v) if isinstance(v, ast.Constant) else "\n" for v in node.values)
+        return "".join(pieces)
     if isinstance(node, ast.BinOp):  # "a" + f"b"
         return literal_text(node.left) + "\n" + literal_text(node.right)
     return ""
