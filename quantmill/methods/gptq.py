@@ -112,7 +112,7 @@ class GPTQ(Method):
             H = source.take() if last else source.hessian()
             result = gptq_quantize_weight(
                 W, H, scheme, cfg.block_size, cfg.dampening, cfg.actorder,
-                cfg.static_groups, consume=last,
+                cfg.static_groups, consume=last, keep_factor=cfg.refit_rounds > 1,
             )  # fmt: skip
         except (HessianNotPositiveDefinite, NoCalibrationInputs) as exc:
             # Fall back to round-to-nearest for this layer and say so in its report
@@ -128,17 +128,19 @@ class GPTQ(Method):
             return self.layer_quant(scale, zero, scheme), report
         weight, scale, extra = result.weight, result.scale, {}
         if cfg.refit_scales:
-            weight, scale, extra = self._refit(W, H, result, scheme, consume=last)
+            weight, scale, extra = self._refit(W, H, result, scheme)
+        result.factor = None  # the rounds' shared factorization: not needed any more
         set_weight(layer, weight, self.conv1d)
         report = self._timed_report(
             name, "gptq", result.loss, start, dampening=result.dampening, **extra, **choice
         )
         return self.layer_quant(scale, result.zero, scheme), report
 
-    def _refit(self, W, H, result, scheme, consume: bool):
+    def _refit(self, W, H, result, scheme):
         """The refit, and its further rounds (``refit_rounds``): the weights, scales and
-        report entries of the round of least damped output error. ``consume``: as for
-        the first round (a Hessian no other layer shares is not copied again)."""
+        report entries of the round of least damped output error. A later round reuses
+        the first's factorization of ``H`` (``result.factor``: the same results as
+        factorizing again, without the copy and the two Cholesky factorizations)."""
         cfg = self.config
         refit = refit_scales(W, H, result.weight, result.scale, result.zero, scheme,
                              result.dampening)  # fmt: skip
@@ -146,7 +148,7 @@ class GPTQ(Method):
         for round_ in range(2, cfg.refit_rounds + 1):
             again = gptq_quantize_weight(
                 W, H, scheme, cfg.block_size, cfg.dampening, cfg.actorder,
-                grid=(refit.scale, result.zero), consume=consume,
+                grid=(refit.scale, result.zero), factor=result.factor,
             )  # fmt: skip
             refit = refit_scales(W, H, again.weight, again.scale, again.zero, scheme,
                                  again.dampening)  # fmt: skip

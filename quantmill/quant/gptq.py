@@ -36,12 +36,30 @@ class HessianNotPositiveDefinite(RuntimeError):
 
 
 @dataclass
+class GPTQFactor:
+    """What GPTQ derives from a layer's Hessian alone, so that a later round on the same
+    Hessian (the refit's rounds) skips the permuted copy and the two factorizations:
+    the column order, the columns no input reached, each column's ``diag H`` (the
+    imatrix observer's importance) and the upper Cholesky factor ``Hinv`` of the damped
+    inverse in that order, with the settings that made them. GPTQ only reads it."""
+
+    perm: Tensor  # [cols]: the column order (activation order, or the identity)
+    dead: Tensor  # [cols] bool: diag H == 0
+    energy: Tensor  # [cols]: diag H, dead columns set to 1
+    Hinv: Tensor  # [cols, cols], permuted
+    damp: float  # the fraction of mean(diag H) actually added
+    dampening: float  # the fraction asked for
+    actorder: bool
+
+
+@dataclass
 class GPTQResult:
     weight: Tensor  # dequantized weights [rows, cols], float32
     scale: Tensor  # [rows, n_groups]
     zero: Tensor | None  # [rows, n_groups], None when symmetric
     loss: float  # Σ (w - q)² / [H^-1]_ii² / 2, the paper's reconstruction proxy
     dampening: float  # the fraction of mean(diag H) actually added
+    factor: GPTQFactor | None = None  # kept when asked (``keep_factor``)
 
 
 class NoCalibrationInputs(ValueError):
@@ -125,6 +143,31 @@ def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
     )
 
 
+def gptq_factor(
+    H: Tensor, dampening: float = 0.01, actorder: bool = True, consume: bool = False,
+    device: torch.device | str | None = None,
+) -> GPTQFactor:  # fmt: skip
+    """``H``'s part of GPTQ (``GPTQFactor``), made on ``device`` (``H``'s by default) in
+    float32. ``consume`` lets it overwrite ``H``; otherwise ``H`` is left as it was."""
+    if not all_finite(H):
+        raise ValueError("the Hessian holds NaN or inf: calibration activations are not finite")
+    given = H
+    H = H.detach().to(device or H.device, torch.float32)
+    if not consume and H.data_ptr() == given.data_ptr():
+        H = H.clone()  # ``to`` made no copy: do not change the caller's matrix
+    del given
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    energy = torch.diag(H).clone()
+    if actorder:
+        perm = torch.argsort(energy, descending=True)
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    H = H[perm[:, None], perm[None, :]]  # one gather: one new [cols, cols]
+    Hinv, damp = inverse_cholesky(H, dampening)
+    return GPTQFactor(perm, dead, energy, Hinv, damp, dampening, actorder)
+
+
 def gptq_quantize_weight(
     W: Tensor,
     H: Tensor,
@@ -135,6 +178,8 @@ def gptq_quantize_weight(
     static_groups: bool = False,
     consume: bool = False,
     grid: tuple[Tensor, Tensor | None] | None = None,
+    factor: GPTQFactor | None = None,
+    keep_factor: bool = False,
 ) -> GPTQResult:
     """Quantize ``W`` ``[rows, cols]`` given the layer-input Hessian ``H`` ``[cols, cols]``.
 
@@ -148,27 +193,30 @@ def gptq_quantize_weight(
     is reached, which in activation order may be any of its columns. A given
     ``grid`` (``scale``, ``zero``: ``[rows, n_groups]``, zero None when symmetric)
     is used as it is, for every group.
+
+    ``factor``: ``H``'s part from an earlier call on the same ``H`` with the same
+    ``dampening`` and ``actorder`` (``H`` is then not read; the result is the one
+    recomputing it gives); ``keep_factor`` returns this call's in the result.
     """
-    if not all_finite(H):
-        raise ValueError("the Hessian holds NaN or inf: calibration activations are not finite")
     rows, cols = W.shape
     device = W.device
-    given = H
-    H = H.detach().to(device, torch.float32)
-    if not consume and H.data_ptr() == given.data_ptr():
-        H = H.clone()  # ``to`` made no copy: do not change the caller's matrix
-    del given
+    if factor is None:
+        factor = gptq_factor(H, dampening, actorder, consume, device)
+    elif (factor.dampening, factor.actorder, factor.perm.numel()) != (dampening, actorder, cols):
+        raise ValueError(
+            f"the given GPTQ factor was made with dampening {factor.dampening}, actorder "
+            f"{factor.actorder} for {factor.perm.numel()} columns, not {dampening}, "
+            f"{actorder} for {cols}: pass none to compute this layer's"
+        )
     Wt = W.detach().float().t().contiguous()  # [cols, rows]: a column of W is a row here
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    Wt[dead, :] = 0
+    Wt[factor.dead, :] = 0
 
     n_groups = group_count(cols, scheme.group_size)
     scale = torch.empty(rows, n_groups, device=device)
     zero = None if scheme.symmetric else torch.empty(rows, n_groups, device=device)
     ready = [False] * n_groups
     # the imatrix observer's column importance: the Hessian's diagonal, 2·mean(x²)
-    energy = torch.diag(H).clone() if scheme.observer == "imatrix" else None
+    energy = factor.energy if scheme.observer == "imatrix" else None
     if grid is not None:
         scale.copy_(grid[0])
         if zero is not None:
@@ -181,18 +229,13 @@ def gptq_quantize_weight(
             zero.copy_(z)
         ready = [True] * n_groups
 
-    if actorder:
-        perm = torch.argsort(torch.diag(H), descending=True)
-    else:
-        perm = torch.arange(cols, device=device)
-    Wt, H = Wt[perm], H[perm[:, None], perm[None, :]]  # one gather: one new [cols, cols]
+    perm, Hinv = factor.perm, factor.Hinv
+    Wt = Wt[perm]
     group_at = (perm // (scheme.group_size or cols)).tolist()  # group of each permuted column
     members: dict[int, list[int]] = {}
     for position, group in enumerate(group_at):
         members.setdefault(group, []).append(position)
 
-    Hinv, damp = inverse_cholesky(H, dampening)
-    del H
     Qt = torch.empty_like(Wt)
     losses = torch.zeros(rows, device=device)
     for i1 in range(0, cols, block_size):
@@ -217,7 +260,8 @@ def gptq_quantize_weight(
 
     invperm = torch.argsort(perm)
     weight = Qt[invperm].t().contiguous()
-    return GPTQResult(weight, scale, zero, float(losses.sum()), damp)
+    kept = factor if keep_factor else None
+    return GPTQResult(weight, scale, zero, float(losses.sum()), factor.damp, kept)
 
 
 def _set_group_params(

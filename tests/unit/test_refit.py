@@ -145,6 +145,30 @@ def test_gptq_on_a_given_grid_keeps_it():
     torch.testing.assert_close(dequantize(codes, scale, zero, scheme), again.weight)
 
 
+@pytest.mark.parametrize("observer", ["minmax", "imatrix"])
+def test_a_later_round_on_the_kept_factor_matches_factorizing_again(observer):
+    """The refit's rounds reuse the first round's factorization of ``H``: the same
+    weights to the bit as GPTQ factorizing ``H`` again (a dead column included), without
+    reading ``H``; a factor made with other settings is refused."""
+    from quantmill.quant.gptq import gptq_factor
+
+    setting = dict(bits=3, group_size=16, symmetric=False, observer=observer)
+    W, H, scheme, _ = gptq_case(setting, seed=4, rows=8, cols=48)
+    H[5, :] = H[:, 5] = 0  # a column no input reached
+    first = gptq_quantize_weight(W, H, scheme, block_size=16, keep_factor=True)
+    assert first.factor is not None and bool(first.factor.dead[5])
+    grid = (first.scale * 1.05, first.zero)
+    fresh = gptq_quantize_weight(W, H.clone(), scheme, block_size=16, grid=grid)
+    nan = torch.full_like(H, float("nan"))  # not read when the factor is given
+    reused = gptq_quantize_weight(W, nan, scheme, block_size=16, grid=grid,
+                                  factor=first.factor)  # fmt: skip
+    assert torch.equal(reused.weight, fresh.weight) and reused.loss == fresh.loss
+    assert reused.factor is None  # not kept unless asked
+    assert torch.equal(gptq_factor(H).Hinv, first.factor.Hinv)
+    with pytest.raises(ValueError, match="made with dampening 0.01, actorder True"):
+        gptq_quantize_weight(W, H, scheme, dampening=0.1, factor=first.factor)
+
+
 def test_refit_rounds_keep_the_least_error_round(tiny_model):
     """Further rounds (GPTQ again on the refitted grid, then refit) never leave a layer
     worse than one refit, and lower some; the report says which round each kept."""
