@@ -105,7 +105,9 @@ def rtn8b(work: Path) -> dict[str, Any]:
     }
 
 
-def gptq1b(work: Path) -> dict[str, Any]:
+def gptq1b(work: Path, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``earlier``: a row whose peer figures are kept instead of running the peer again
+    (``--keep-peer``: the same machine's, said in the row with when they were measured)."""
     model = model_folder(work, "llama-3.2-1b")
     args = argparse.Namespace(samples=16, seq_len=512)
     calib = calibration_file(model, work, args)
@@ -126,16 +128,22 @@ def gptq1b(work: Path) -> dict[str, Any]:
         f"16 x 512 tokens, float32, {CALIB_BATCH_1B} samples per forward pass (peer: 1)",
         "ours_gptq": shipped_gptq(),
     }  # fmt: skip
-    if PEER_PY.is_file():
+    if earlier is not None:
+        row["peer"] = earlier["peer"]
+        row["peer_measured"] = earlier.get("peer_measured", earlier["measured"])
+        peer = earlier["peer"]
+    elif PEER_PY.is_file():
         peer_out = work / "peer-gptq1b"
         cmd = [str(PEER_PY), str(REPO / "benchmarks/peer/run_llmcompressor.py"),
                "--model-dir", str(model), "--calib", str(calib), "--method", "gptq",
                "--bits", "4", "--group-size", "128", "--symmetric", "--actorder", "static",
                "--out", str(peer_out)]  # fmt: skip
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-        peer = measured(cmd, work / "gptq1b-peer.log", env)
-        row["peer"] = {"wall_seconds": peer["wall_seconds"], "peak_rss_mb": peer["peak_rss_mb"],
-                       "quant_seconds": peer["result"].get("quant_seconds")}  # fmt: skip
+        run = measured(cmd, work / "gptq1b-peer.log", env)
+        peer = {"wall_seconds": run["wall_seconds"], "peak_rss_mb": run["peak_rss_mb"],
+                "quant_seconds": run["result"].get("quant_seconds")}  # fmt: skip
+        row["peer"] = peer
+    if "peer" in row:
         row["memory_ratio"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
         row["wall_ratio"] = ours["wall_seconds"] / peer["wall_seconds"]
         row["met"] = (ours["peak_rss_mb"] <= 1500 and row["memory_ratio"] <= 0.5
@@ -269,11 +277,28 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def same_machine_row(row: dict[str, Any] | None) -> dict[str, Any]:
+    """``row`` when it has peer figures from this machine's CPU; otherwise exit 2."""
+    here = machine(torch.get_num_threads())
+    if not row or "peer" not in row or row.get("machine") != here:
+        message = (
+            f"--keep-peer: the stored gptq1b row has no peer figures from this machine "
+            f"({here}); run without --keep-peer to measure the peer too"
+        )
+        print(message, file=sys.stderr)
+        raise SystemExit(2)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="models, checkpoints, logs")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--before", default=BEFORE, help="the commit to compare against")
+    parser.add_argument(
+        "--keep-peer", action="store_true",
+        help="gptq1b: keep the stored row's peer figures (this CPU's only)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -281,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
                           "platform": platform.platform()}  # fmt: skip
     for part in args.only:
         print(f"== {part}", flush=True)
-        row = smollm2(args.work, args.before) if part == "smollm2" else globals()[part](args.work)
+        if part == "smollm2":
+            row = smollm2(args.work, args.before)
+        elif part == "gptq1b" and args.keep_peer:
+            row = gptq1b(args.work, same_machine_row(results.get("gptq1b")))
+        else:
+            row = globals()[part](args.work)
         row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         row["machine"] = machine(torch.get_num_threads())
         results[part] = row

@@ -126,9 +126,10 @@ class GPTQ(Method):
                 **choice,
             )  # fmt: skip
             return self.layer_quant(scale, zero, scheme), report
-        weight, scale, extra = result.weight, result.scale, {}
         if cfg.refit_scales:
             weight, scale, extra = self._refit(W, H, result, scheme)
+        else:
+            weight, scale, extra = result.weight, result.scale, {}
         result.factor = None  # the rounds' shared factorization: not needed any more
         set_weight(layer, weight, self.conv1d)
         report = self._timed_report(
@@ -144,6 +145,7 @@ class GPTQ(Method):
         cfg = self.config
         refit = refit_scales(W, H, result.weight, result.scale, result.zero, scheme,
                              result.dampening)  # fmt: skip
+        result.weight = None  # a layer-sized tensor no round needs again
         first, best, chosen = refit.error_before, refit, 1
         for round_ in range(2, cfg.refit_rounds + 1):
             again = gptq_quantize_weight(
@@ -152,6 +154,7 @@ class GPTQ(Method):
             )  # fmt: skip
             refit = refit_scales(W, H, again.weight, again.scale, again.zero, scheme,
                                  again.dampening)  # fmt: skip
+            del again
             if refit.error_after < best.error_after:
                 best, chosen = refit, round_
         extra = {"refit_gain": 1 - best.error_after / max(first, 1e-30)}

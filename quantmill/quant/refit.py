@@ -33,8 +33,11 @@ from quantmill.quant.grid import MIN_SCALE, SCALE_DTYPE, dequantize, grouped, qu
 RIDGE = 1e-4
 # Rows per chunk: about this many float32 values of the layer's weights, or of the
 # rows' [groups, groups] systems in float64 (a few such temporaries live at once: at an
-# 8B model's down_proj, 224 groups of 64, a chunk is 167 rows and its systems 67 MB).
-CHUNK_VALUES = 1 << 24
+# 8B model's down_proj, 224 groups of 64, a chunk is 41 rows and its systems 16 MB).
+# At a 1B model's down_proj (2048 × 8192) chunks of 512 rows refit faster than the
+# whole layer at once (smaller temporaries stay in cache) and add next to nothing to
+# the layer's peak memory; SmolLM2's layers still fit in one chunk.
+CHUNK_VALUES = 1 << 22
 
 
 @dataclass
