@@ -107,3 +107,21 @@ def test_the_current_table_keeps_only_rows_of_the_shipped_gptq(monkeypatch) -> N
     rows = [planned(False, 1), planned(True, bench.shipped_rounds() + 1), shipped]
     args = SimpleNamespace(dtype="bfloat16", peer_dtype="float32")
     assert bench.current_rows(rows, args) == [shipped]
+
+
+def test_keep_peer_takes_only_this_machines_peer_figures(monkeypatch, capsys) -> None:
+    """``engine.py --keep-peer`` reuses a stored gptq1b row's peer figures only when the
+    same CPU made them; otherwise it exits 2 and says to measure the peer too."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))
+    import engine
+    from machine import machine
+
+    here = machine(engine.torch.get_num_threads())
+    row = {"peer": {"wall_seconds": 1.0}, "machine": here, "measured": "then"}
+    assert engine.same_machine_row(row) is row
+    for other in ({**row, "machine": {**here, "cpu": "another CPU"}}, {"machine": here}, None):
+        with pytest.raises(SystemExit) as stop:
+            engine.same_machine_row(other)
+        assert stop.value.code == 2
+        assert "run without --keep-peer" in capsys.readouterr().err
