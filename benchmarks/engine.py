@@ -11,6 +11,9 @@ and peak resident memory, ``ru_maxrss`` from ``wait4``):
   dampening 0.01, block 128, float32, 2 threads, and the same allocator setting
   (glibc's mmap threshold at 1 MiB: ours sets it, the peer gets it from
   ``MALLOC_MMAP_THRESHOLD_``);
+- ``gptq1b-no-refit``: ours alone as in ``gptq1b`` with ``refit_scales: false`` (one
+  GPTQ pass, no refit rounds), beside the peer's figures of the stored ``gptq1b`` row
+  (this machine's only);
 - ``smollm2``: GPTQ w4 g64 (``recipes/gptq-w4g64.yaml``, 128 × 512 tokens) with the
   code before the engine (a git worktree of ``--before``) and with this code: time,
   memory, and whether every tensor of the two checkpoints is bit-identical;
@@ -51,7 +54,7 @@ PEER_PY = REPO / "benchmarks" / "peer" / ".venv" / "bin" / "python"
 BEFORE = "aa682ad"  # the last commit before the streaming engine
 KILL_AT_BLOCK = 15
 CALIB_BATCH_1B = 4
-PARTS = ("rtn8b", "gptq1b", "smollm2", "resume")
+PARTS = ("rtn8b", "gptq1b", "gptq1b-no-refit", "smollm2", "resume")
 
 
 def quantize_cmd(
@@ -105,9 +108,10 @@ def rtn8b(work: Path) -> dict[str, Any]:
     }
 
 
-def gptq1b(work: Path, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+def gptq1b(work: Path, earlier: dict[str, Any] | None = None, refit: bool = True) -> dict[str, Any]:
     """``earlier``: a row whose peer figures are kept instead of running the peer again
-    (``--keep-peer``: the same machine's, said in the row with when they were measured)."""
+    (``--keep-peer``: the same machine's, said in the row with when they were measured);
+    ``refit`` False: our GPTQ without the scale refit and its rounds (one GPTQ pass)."""
     model = model_folder(work, "llama-3.2-1b")
     args = argparse.Namespace(samples=16, seq_len=512)
     calib = calibration_file(model, work, args)
@@ -115,7 +119,7 @@ def gptq1b(work: Path, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     # activations of a 1B model alone take 0.4 GB of the 1.5 GB budget
     recipe = recipe_file(work, "gptq-w4g128", "gptq", 128, 16, batch=CALIB_BATCH_1B,
                          actorder=True, static_groups=True, dampening=0.01,
-                         block_size=128)  # fmt: skip
+                         block_size=128, **({} if refit else {"refit_scales": False}))  # fmt: skip
     out = work / "ours-gptq1b"
     ours = measured(quantize_cmd(sys.executable, str(model), recipe, out, "--overwrite"),
                     work / "gptq1b-ours.log")  # fmt: skip
@@ -126,7 +130,7 @@ def gptq1b(work: Path, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
         "target_peak_rss_mb": 1500,
         "settings": "w4 g128 symmetric, min-max, actorder static, dampening 0.01, block 128, "
         f"16 x 512 tokens, float32, {CALIB_BATCH_1B} samples per forward pass (peer: 1)",
-        "ours_gptq": shipped_gptq(),
+        "ours_gptq": shipped_gptq() if refit else {"refit_scales": False, "refit_rounds": 1},
     }  # fmt: skip
     if earlier is not None:
         row["peer"] = earlier["peer"]
@@ -310,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             row = smollm2(args.work, args.before)
         elif part == "gptq1b" and args.keep_peer:
             row = gptq1b(args.work, same_machine_row(results.get("gptq1b")))
+        elif part == "gptq1b-no-refit":  # the peer's figures: gptq1b's, from this machine
+            row = gptq1b(args.work, same_machine_row(results.get("gptq1b")), refit=False)
         else:
             row = globals()[part](args.work)
         row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
