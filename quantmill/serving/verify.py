@@ -49,6 +49,23 @@ def vllm_python() -> Path:
     )
 
 
+def wna16_missing_reason() -> str | None:
+    """Why vLLM's CPU build cannot serve 4-bit weights on this machine, or None: on x86
+    without AVX-512 it loads its AVX2 kernels, which lack ``cpu_gemm_wna16``."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if torch.cpu._is_avx512_supported():
+        return None
+    return (
+        "vLLM's CPU build has no 4-bit (WNA16) kernel on this CPU: without AVX-512 it "
+        "loads its AVX2 kernels, which lack cpu_gemm_wna16"
+    )
+
+
 def probe_vllm(
     folders: list[str | Path],
     prompt: str = defaults.VERIFY_PROMPT,
