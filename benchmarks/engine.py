@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 import yaml
-from gptq_vs_peer import DATA, REPO, calibration_file, measured
+from gptq_vs_peer import DATA, REPO, calibration_file, measured, refit_setting, shipped_rounds
 from random_models import write_model
 
 from benchmarks.machine import machine
@@ -157,10 +157,7 @@ def gptq1b(work: Path, earlier: dict[str, Any] | None = None, refit: bool = True
 
 def shipped_gptq() -> dict[str, Any]:
     """What our GPTQ does beyond the peer's by default (the recipe leaves it alone)."""
-    from quantmill.methods.gptq import GPTQConfig
-
-    fields = GPTQConfig.model_fields
-    return {name: fields[name].default for name in ("refit_scales", "refit_rounds")}
+    return {"refit_scales": refit_setting("shipped"), "refit_rounds": shipped_rounds()}
 
 
 def smollm2(work: Path, before: str) -> dict[str, Any]:

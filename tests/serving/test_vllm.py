@@ -36,16 +36,23 @@ KINDS = {
 }
 
 
+def skip_without_4bit_vllm() -> None:
+    """Skip where vLLM is not installed (scripts/test.sh installs it; a bare pytest may
+    not have it) or its CPU build has no 4-bit kernel (one vLLM process loads every
+    checkpoint and stops at the first 4-bit one)."""
+    try:
+        vllm_python()
+    except Exception as exc:
+        pytest.skip(str(exc))
+    if reason := wna16_missing_reason():
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def verdicts(short_smollm2, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        vllm_python()
-    except Exception as exc:  # scripts/test.sh installs it; a bare pytest may not have it
-        pytest.skip(str(exc))
-    if reason := wna16_missing_reason():  # one process loads all: it stops at the first
-        pytest.skip(reason)
+    skip_without_4bit_vllm()
     root = tmp_path_factory.mktemp("vllm")
     tokenizer = AutoTokenizer.from_pretrained(short_smollm2)
     calib = tokenizer(["The capital of France is Paris. " * 8] * 4, return_tensors="pt").input_ids
@@ -114,12 +121,7 @@ def other_verdicts(smollm2_path, tmp_path_factory):
 
     from quantmill.serving.verify import probe_vllm
 
-    try:
-        vllm_python()
-    except Exception as exc:
-        pytest.skip(str(exc))
-    if reason := wna16_missing_reason():
-        pytest.skip(reason)
+    skip_without_4bit_vllm()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     configs = {
         "qwen3_moe": dict(
