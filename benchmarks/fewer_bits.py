@@ -1,5 +1,5 @@
 """Closer to the original at fewer bits, on SmolLM2-135M: rotations before RTN and
-GPTQ, and AutoRound, beside RTN and GPTQ alone.
+GPTQ and AutoRound, beside RTN, GPTQ and AutoRound alone.
 
 Each rotation pair differs only in a first ``rotate`` step (random Hadamard, seed 0,
 value heads too: the step's defaults, fixed before any figure was seen). AutoRound
@@ -68,7 +68,7 @@ def recipes() -> dict[str, dict[str, Any]]:
             if bits == "w4g64" and symmetric:
                 methods.insert(0, "rtn")
             for method in methods:
-                for rotate in (False, True) if method != "autoround" else (False,):
+                for rotate in (False, True):
                     data = json.loads(json.dumps(base))
                     step = data["steps"][0]
                     if method == "rtn":
