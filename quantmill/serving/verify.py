@@ -66,6 +66,18 @@ def wna16_missing_reason() -> str | None:
     )
 
 
+def weight_only(folder: str | Path) -> bool:
+    """Whether some layer of the checkpoint holds integer weights without quantized
+    activations: what vLLM serves with its WNA16 kernel."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    return any(
+        (group.get("weights") or {}).get("type", "int") == "int"
+        and not group.get("input_activations")
+        for group in groups.values()
+    )
+
+
 def probe_vllm(
     folders: list[str | Path],
     prompt: str = defaults.VERIFY_PROMPT,
@@ -169,8 +181,19 @@ def verify_vllm(
     prompt: str = defaults.VERIFY_PROMPT,
     tokens: int = defaults.VERIFY_TOKENS,
 ) -> list[dict[str, Any]]:
-    """``probe_vllm`` then, for each folder vLLM loaded, transformers on vLLM's tokens."""
-    results = probe_vllm(folders, prompt, tokens)
+    """``probe_vllm`` then, for each folder vLLM loaded, transformers on vLLM's tokens.
+    Where this vLLM has no WNA16 kernel, weight-only folders are refused with that reason
+    before vLLM runs (it would die on the first, leaving the rest untried)."""
+    missing = wna16_missing_reason()
+    refused = {i for i, f in enumerate(folders) if missing and weight_only(f)}
+    tried = [f for i, f in enumerate(folders) if i not in refused]
+    probed = iter(probe_vllm(tried, prompt, tokens) if tried else [])
+    results = [
+        {"folder": str(Path(f).resolve()), "loaded": False, "reason": missing, "kernels": []}
+        if i in refused
+        else next(probed)
+        for i, f in enumerate(folders)
+    ]
     return [
         verdict(f, r, transformers_check(f, prompt, r["token_ids"]) if r["loaded"] else None)
         for f, r in zip(folders, results, strict=True)
