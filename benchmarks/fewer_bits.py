@@ -5,8 +5,10 @@ Each rotation pair differs only in a first ``rotate`` step (random Hadamard, see
 value heads too: the step's defaults, fixed before any figure was seen). AutoRound
 runs 50 signed-gradient steps of 4 samples per block at its paper's step size
 1/iters (``AUTOROUND``: what a CPU run affords, fixed before any figure). Nothing is
-chosen on these figures. Weight schemes are the shipped recipes' (gptq-w4g64,
-gptq-w3g64), symmetric and asymmetric; RTN and AutoRound take the same scheme.
+chosen on these figures; the rotated w3 g64 asymmetric GPTQ row is measured a second
+time with the observer ``w3_observer.py`` chose on held-out validation text. Weight
+schemes are the shipped recipes' (gptq-w4g64, gptq-w3g64), symmetric and asymmetric;
+RTN and AutoRound take the same scheme.
 Calibration: 128 × 512 tokens of WikiText-2 validation. Perplexity on two domains:
 the first 8 windows of 2048 tokens of WikiText-2 test (the README's protocol), and
 of LAMBADA's passages (books: the zero-shot set's contexts with their last words,
@@ -225,7 +227,8 @@ def main() -> int:
             command="python benchmarks/fewer_bits.py",
             selection="none: the rotate step's defaults (hadamard, seed 0, heads true) and "
             f"AutoRound's {AUTOROUND} (CPU budget), fixed before any figure; each rotation "
-            "pair differs only in the rotate step",
+            "pair differs only in the rotate step; rotate-gptq-w3g64-asym-<observer>: the "
+            "observer benchmarks/w3_observer.py chose on held-out validation text",
             evaluation="first 8 windows x 2048 tokens of WikiText-2 test, and of LAMBADA's "
             "passages (second domain)",
             machine=machine(threads=2),
