@@ -21,6 +21,7 @@ missing ones.
 
     .venv/bin/python benchmarks/fewer_bits.py          # writes benchmarks/results/fewer_bits.json
     .venv/bin/python benchmarks/fewer_bits.py --only gptq-w4g64-sym rotate-gptq-w4g64-sym
+    .venv/bin/python benchmarks/fewer_bits.py --only autoround-w4g64-sym --again  # rerun
 """
 
 from __future__ import annotations
@@ -194,6 +195,9 @@ def table(data: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help="row names (default: every row)")
+    parser.add_argument(
+        "--again", action="store_true", help="rerun the --only rows even when current"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a child's one row
     parser.add_argument("--table", action="store_true", help="print the README's table")
     args = parser.parse_args()
@@ -208,7 +212,7 @@ def main() -> int:
     for name, recipe in recipes().items():
         if args.only and name not in args.only:
             continue
-        if current(data["rows"].get(name), recipe):
+        if current(data["rows"].get(name), recipe) and not (args.again and args.only):
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name]
         stdout, run = run_measured(cmd, WORK / f"{name}.log", cwd=REPO)
