@@ -60,6 +60,18 @@ def lambada_text() -> Path:
 AUTOROUND = {"iters": 50, "batch_size": 4}
 
 
+# the rotated 3-bit row whose observer benchmarks/w3_observer.py chooses
+W3_ROW = "rotate-gptq-w3g64-asym"
+
+
+def with_observer(recipe: dict[str, Any], observer: str) -> dict[str, Any]:
+    """A copy of a row's recipe with ``observer`` on its last step, named after it."""
+    data = json.loads(json.dumps(recipe))
+    data["steps"][-1]["weights"]["observer"] = observer
+    data["name"] = f"{recipe['name']}-{observer}"
+    return data
+
+
 def recipes() -> dict[str, dict[str, Any]]:
     from quantmill.recipe import find_recipe, load_recipe
 
@@ -91,11 +103,8 @@ def recipes() -> dict[str, dict[str, Any]]:
     # (benchmarks/w3_observer.py), when that is not the recipe's own
     choice = OUT.with_name("w3_observer.json")
     chosen = json.loads(choice.read_text()).get("chosen") if choice.is_file() else None
-    own = "rotate-gptq-w3g64-asym"
-    if chosen and chosen != rows[own]["steps"][-1]["weights"]["observer"]:
-        data = json.loads(json.dumps(rows[own]))
-        data["steps"][-1]["weights"]["observer"] = chosen
-        data["name"] = f"{own}-{chosen}"
+    if chosen and chosen != rows[W3_ROW]["steps"][-1]["weights"]["observer"]:
+        data = with_observer(rows[W3_ROW], chosen)
         rows[data["name"]] = data
     # Mixed precision at 3.5 bits per weight (scales included: w3 g64 costs 3.25, w4 g64
     # 4.25), GPTQ's w3g64 recipe otherwise; by measured error, and the same sizes at random

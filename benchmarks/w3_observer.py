@@ -23,22 +23,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.fewer_bits import W3_ROW as ROW  # noqa: E402
+from benchmarks.fewer_bits import recipes, with_observer  # noqa: E402
 from benchmarks.jsonfile import write_json  # noqa: E402
 from benchmarks.machine import machine  # noqa: E402
 from benchmarks.observer_search import held_out_windows  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "w3_observer.json"
-ROW = "rotate-gptq-w3g64-asym"
 CANDIDATES = ("mse", "minmax", "imatrix")  # the recipe's own first
 
 
 def candidate(observer: str) -> dict:
     """The fewer_bits row's recipe with ``observer`` on its GPTQ step, not evaluated."""
-    from benchmarks.fewer_bits import recipes
-
-    data = json.loads(json.dumps(recipes()[ROW]))
-    data["steps"][-1]["weights"]["observer"] = observer
-    data["name"] = f"{ROW}-{observer}"
+    data = with_observer(recipes()[ROW], observer)
     data.pop("evaluation", None)
     return data
 
