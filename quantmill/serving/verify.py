@@ -68,8 +68,12 @@ def wna16_missing_reason() -> str | None:
 
 def weight_only(folder: str | Path) -> bool:
     """Whether some layer of the checkpoint holds integer weights without quantized
-    activations: what vLLM serves with its WNA16 kernel."""
-    config = json.loads((Path(folder) / "config.json").read_text())
+    activations: what vLLM serves with its WNA16 kernel. A folder without a readable
+    ``config.json`` is not (vLLM itself then says what is wrong with it)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
     groups = (config.get("quantization_config") or {}).get("config_groups") or {}
     return any(
         (group.get("weights") or {}).get("type", "int") == "int"

@@ -59,3 +59,16 @@ def test_weight_only_reads_the_config_groups(tmp_path):
     dense.mkdir()
     (dense / "config.json").write_text("{}")
     assert not verify.weight_only(dense)
+
+
+def test_a_folder_without_a_config_goes_to_vllm_to_be_refused_there(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not verify.weight_only(empty)
+    (empty / "config.json").write_text("{not json")
+    assert not verify.weight_only(empty)
+    seen: list[str] = []
+    monkeypatch.setattr(verify, "wna16_missing_reason", lambda: "no WNA16 kernel here")
+    monkeypatch.setattr(verify, "probe_vllm", fake_probe(seen))
+    (result,) = verify.verify_vllm([empty])
+    assert seen == [str(empty)] and result["reason"] == "probed"
