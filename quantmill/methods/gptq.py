@@ -107,13 +107,13 @@ class GPTQ(Method):
         scheme, choice = self.scheme_for(name)
         W = get_weight(layer, self.conv1d).float()
         source = self._hessians.pop(name)
-        # the last layer of a group sharing one Hessian may let GPTQ overwrite it
+        # the last layer of a group sharing one Hessian takes it from the accumulator
         last = all(other is not source for other in self._hessians.values())
         try:
             H = source.take() if last else source.hessian()
             result = gptq_quantize_weight(
                 W, H, scheme, cfg.block_size, cfg.dampening, cfg.actorder,
-                cfg.static_groups, consume=last, keep_factor=cfg.refit_rounds > 1,
+                cfg.static_groups, keep_factor=cfg.refit_rounds > 1,
             )  # fmt: skip
         except (HessianNotPositiveDefinite, NoCalibrationInputs) as exc:
             # Fall back to round-to-nearest for this layer and say so in its report

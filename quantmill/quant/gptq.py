@@ -112,23 +112,31 @@ class HessianAccumulator:
         return H
 
 
-def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)^-1`` and the λ used.
+def inverse_cholesky(
+    H: Tensor, dampening: float, perm: Tensor | None = None, dead: Tensor | None = None
+) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of ``(P + λ·mean(diag P)·I)^-1`` and the λ used, where
+    ``P`` is ``H`` with rows and columns in the order ``perm`` (all of ``H`` by default)
+    and a diagonal of 1 at the ``dead`` columns (``dead``: ``[cols]`` bool, in ``H``'s
+    order; their rows and columns are zero).
 
-    When ``H + λI`` is not positive definite, λ grows tenfold up to
+    When ``P + λI`` is not positive definite, λ grows tenfold up to
     ``DAMP_TRIES`` times before ``HessianNotPositiveDefinite`` is raised.
-    ``H`` is left as it was. The work happens in one other matrix, in place and
-    in column-major order (what LAPACK works on, so it makes no copy of its
-    own): two ``[cols, cols]`` matrices at most, 0.5 GB at 8192 columns. The
-    factor comes back in that order (a transposed view); callers may copy it.
+    ``H`` is left as it was. ``P`` is written straight into the one other matrix the
+    work happens in, a few rows at a time, in place and in column-major order (what
+    LAPACK works on, so it makes no copy of its own): two ``[cols, cols]`` matrices at
+    most, ``H`` included (0.5 GB at 8192 columns). The factor comes back in that order
+    (a transposed view); callers may copy it.
     """
-    mean_diag = torch.diag(H).mean()
-    damp = dampening
     n = H.shape[0]
     work = torch.empty(n, n, dtype=H.dtype, device=H.device).t()  # column-major
     info = torch.empty((), dtype=torch.int32, device=H.device)
-    for _ in range(DAMP_TRIES):
-        work.copy_(H)
+    damp = dampening
+    _fill_permuted(work, H, perm, dead)
+    mean_diag = torch.diag(work).mean()
+    for attempt in range(DAMP_TRIES):
+        if attempt:
+            _fill_permuted(work, H, perm, dead)  # the last try's factorization overwrote it
         work.diagonal().add_(damp * mean_diag)
         torch.linalg.cholesky_ex(work, out=(work, info))
         if info.item() == 0:
@@ -143,28 +151,42 @@ def inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
     )
 
 
+# Rows of the permuted Hessian gathered at a time: two such [rows, cols] temporaries
+# (8 MB each at 8192 columns) instead of a whole permuted copy.
+FILL_ROWS = 256
+
+
+def _fill_permuted(work: Tensor, H: Tensor, perm: Tensor | None, dead: Tensor | None) -> None:
+    """``work`` ← ``H[perm][:, perm]`` (dead columns' diagonal 1), ``FILL_ROWS`` rows of
+    it at a time (``work`` may be column-major: each write is a short run per column)."""
+    if perm is None:
+        work.copy_(H)
+    else:
+        for r0 in range(0, H.shape[0], FILL_ROWS):
+            rows = perm[r0 : r0 + FILL_ROWS]
+            work[r0 : r0 + rows.numel()].copy_(H.index_select(0, rows).index_select(1, perm))
+    if dead is not None and bool(dead.any()):
+        diagonal = work.diagonal()
+        diagonal[dead if perm is None else dead[perm]] = 1
+
+
 def gptq_factor(
-    H: Tensor, dampening: float = 0.01, actorder: bool = True, consume: bool = False,
+    H: Tensor, dampening: float = 0.01, actorder: bool = True,
     device: torch.device | str | None = None,
 ) -> GPTQFactor:  # fmt: skip
     """``H``'s part of GPTQ (``GPTQFactor``), made on ``device`` (``H``'s by default) in
-    float32. ``consume`` lets it overwrite ``H``; otherwise ``H`` is left as it was."""
+    float32; ``H`` is left as it was, and no permuted copy of it is made."""
     if not all_finite(H):
         raise ValueError("the Hessian holds NaN or inf: calibration activations are not finite")
-    given = H
-    H = H.detach().to(device or H.device, torch.float32)
-    if not consume and H.data_ptr() == given.data_ptr():
-        H = H.clone()  # ``to`` made no copy: do not change the caller's matrix
-    del given
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    energy = torch.diag(H).clone()
+    H = H.detach().to(device or H.device, torch.float32)  # read only, never changed
+    energy = torch.diag(H)  # a copy
+    dead = energy == 0
+    energy[dead] = 1
     if actorder:
         perm = torch.argsort(energy, descending=True)
     else:
         perm = torch.arange(H.shape[0], device=H.device)
-    H = H[perm[:, None], perm[None, :]]  # one gather: one new [cols, cols]
-    Hinv, damp = inverse_cholesky(H, dampening)
+    Hinv, damp = inverse_cholesky(H, dampening, perm if actorder else None, dead)
     return GPTQFactor(perm, dead, energy, Hinv, damp, dampening, actorder)
 
 
@@ -176,15 +198,14 @@ def gptq_quantize_weight(
     dampening: float = 0.01,
     actorder: bool = True,
     static_groups: bool = False,
-    consume: bool = False,
     grid: tuple[Tensor, Tensor | None] | None = None,
     factor: GPTQFactor | None = None,
     keep_factor: bool = False,
 ) -> GPTQResult:
     """Quantize ``W`` ``[rows, cols]`` given the layer-input Hessian ``H`` ``[cols, cols]``.
 
-    Every tensor is made on ``W``'s device; ``H`` is moved there in float32.
-    ``consume`` lets the function overwrite ``H`` (one ``[cols, cols]`` copy fewer).
+    Every tensor is made on ``W``'s device; ``H`` is moved there in float32 and only
+    read.
 
     Groups are always contiguous runs of ``group_size`` input columns in the
     original order (what compressed-tensors stores; the last may be partial).
@@ -201,7 +222,7 @@ def gptq_quantize_weight(
     rows, cols = W.shape
     device = W.device
     if factor is None:
-        factor = gptq_factor(H, dampening, actorder, consume, device)
+        factor = gptq_factor(H, dampening, actorder, device)
     elif (factor.dampening, factor.actorder, factor.perm.numel()) != (dampening, actorder, cols):
         raise ValueError(
             f"the given GPTQ factor was made with dampening {factor.dampening}, actorder "
