@@ -31,8 +31,10 @@ recorded as a witness that nothing else ran.
     .venv/bin/python benchmarks/gptq_vs_peer.py --settings w4g64s,w4g64a --observers minmax
     .venv/bin/python benchmarks/gptq_vs_peer.py --table benchmarks/results/gptq_vs_peer.json
 
-Rows are keyed by setting, observer and allocator; a rerun with ``--resume`` keeps the
-rows already in ``--out``. Writes ``benchmarks/results/gptq_vs_peer.json``.
+Rows are keyed by setting, observer, allocator, dtypes and our GPTQ's refit settings; a
+rerun with ``--resume`` keeps the rows already in ``--out`` and skips those this CPU
+already measured (another CPU's row of the same key is measured again, and kept
+beside). Writes ``benchmarks/results/gptq_vs_peer.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -361,6 +363,12 @@ def row_key(row: dict[str, Any]) -> tuple[str, ...]:
             str(row.get("refit_rounds", 1)))  # fmt: skip
 
 
+def measured_on(rows: list[dict[str, Any]], cpu: str) -> set[tuple[str, ...]]:
+    """The row keys ``cpu`` has measured (``--resume`` skips them; another CPU's row of
+    the same key is measured again here)."""
+    return {row_key(r) for r in rows if r.get("cpu") == cpu}
+
+
 def table(report: dict[str, Any]) -> str:
     head = (
         "| setting | observer | allocator | dtype (ours / peer) | RTN ppl | GPTQ ppl "
@@ -482,7 +490,7 @@ def main() -> None:
         row["searches"] = row_searches(row)
         if "peer_gptq" in row:  # the comparison's rules as they are now, from the row's figures
             row["comparison"] = compare(row["ours_gptq"], row["peer_gptq"])
-    done = {row_key(r) for r in rows}
+    done = measured_on(rows, cpu_model())
     env = environment("pinned", args.threads, ours=True)
     original = previous.get("original_perplexity") or evaluate(
         args.model_dir, args, work / "eval-original.log", env

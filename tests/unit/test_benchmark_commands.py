@@ -89,6 +89,21 @@ def test_a_comparison_row_from_before_the_refit_is_not_a_refit_row(monkeypatch) 
     assert bench.refit_setting("on") and not bench.refit_setting("off")
 
 
+def test_resume_skips_only_rows_this_cpu_measured(monkeypatch) -> None:
+    """``--resume`` on another CPU measures a row again that only another CPU measured."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))
+    from types import SimpleNamespace
+
+    from benchmarks import gptq_vs_peer as bench
+
+    args = SimpleNamespace(dtype="bfloat16", peer_dtype="float32", refit_scales=True,
+                           refit_rounds=2)  # fmt: skip
+    row = {**bench.planned_row("w4g64a", "mse", "default", args), "cpu": "Intel Xeon"}
+    key = bench.row_key(row)
+    assert key in bench.measured_on([row], "Intel Xeon")
+    assert key not in bench.measured_on([row], "AMD EPYC")
+
+
 def test_the_current_table_keeps_only_rows_of_the_shipped_gptq(monkeypatch) -> None:
     """``--table --current``: rows measured with fewer refit rounds, or none, than ship
     now are left out; a row of the shipped settings stays."""
