@@ -279,8 +279,9 @@ def gptq_quantize_weight(
         losses.add_(Err1.square().sum(dim=0), alpha=0.5)
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
-    invperm = torch.argsort(perm)
-    weight = Qt[invperm].t().contiguous()
+    Wt = W1 = w = None  # let go of the updated weights (views included) before the output
+    weight = torch.empty(rows, cols, device=device)
+    weight.t().index_copy_(0, perm, Qt)  # column perm[i] of the result is Qt[i]: no copies
     kept = factor if keep_factor else None
     return GPTQResult(weight, scale, zero, float(losses.sum()), factor.damp, kept)
 
