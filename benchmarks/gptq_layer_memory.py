@@ -105,11 +105,13 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
+    before = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=REPO,
+                            check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         old = work / "gptq_before.py"
         old.write_text(subprocess.run(
-            ["git", "show", f"{args.before}:quantmill/quant/gptq.py"], cwd=REPO, check=True,
+            ["git", "show", f"{before}:quantmill/quant/gptq.py"], cwd=REPO, check=True,
             capture_output=True, text=True).stdout)  # fmt: skip
         sides = {"before": side("before", old, args, work),
                  "now": side("now", REPO / "quantmill/quant/gptq.py", args, work)}  # fmt: skip
@@ -121,9 +123,7 @@ def main() -> int:
         "machine": machine(2),
         "layer": {"rows": args.rows, "cols": args.cols, "scheme": "w4 g128 symmetric, "
                   "min-max, actorder, static groups, dampening 0.01, block 128, float32"},
-        "before_commit": subprocess.run(
-            ["git", "rev-parse", "--short", args.before], cwd=REPO, check=True,
-            capture_output=True, text=True).stdout.strip(),
+        "before_commit": before,
         "before": sides["before"],
         "now": sides["now"],
         "gptq_added_saved_mb": sides["before"]["gptq_added_mb"] - sides["now"]["gptq_added_mb"],
